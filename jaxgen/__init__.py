@@ -1,0 +1,7 @@
+"""jaxgen: pretrain, fine-tune and sample transformer language models with JAX/Flax."""
+
+from jaxgen.config import Config, load_config
+from jaxgen.errors import JaxgenError
+
+__all__ = ["Config", "JaxgenError", "load_config"]
+__version__ = "0.1.0"

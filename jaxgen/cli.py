@@ -1,0 +1,112 @@
+"""The `jaxgen` command: parse arguments, call one library function, print errors as one line.
+
+Heavy imports (JAX, orbax, TFDS) happen inside the handlers so `--help` stays instant.
+Each subcommand has its own `_cmd_*` handler; the library functions they call are the
+Python API (see README), so a notebook can do everything the CLI does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from jaxgen.errors import JaxgenError
+
+NOT_IMPLEMENTED = 2  # exit code for commands that later issues fill in
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (may `extends:` another)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+
+
+def _not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"jaxgen {name}: not implemented yet", file=sys.stderr)
+        return NOT_IMPLEMENTED
+
+    return handler
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from jaxgen.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxgen",
+        description="Pretrain, fine-tune and sample transformer language models with JAX/Flax.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, help_text in (
+        ("train", "pretrain a model from a config (resumes from the run directory)"),
+        ("finetune", "fine-tune a model from a config (SFT, LoRA, control tokens)"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+        p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+        p.set_defaults(handler=_not_implemented(name))
+
+    p = sub.add_parser("generate", help="sample text from a run directory or HF model directory")
+    p.add_argument("--run", required=True, help="run directory (or Hugging Face model directory)")
+    p.set_defaults(handler=_not_implemented("generate"))
+
+    p = sub.add_parser("eval", help="perplexity of a run; BLEU/ROUGE of generations")
+    p.set_defaults(handler=_not_implemented("eval"))
+
+    p = sub.add_parser("data", help="train tokenizers and prepare datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("tokenizer", "train (or load) the SentencePiece tokenizer of a config"),
+        ("prepare", "tokenize the config's sources into a TFDS array_record dataset"),
+    ):
+        q = data_sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(q)
+        q.set_defaults(handler=_not_implemented(f"data {name}"))
+
+    p = sub.add_parser("convert", help="import/export Hugging Face checkpoints")
+    p.set_defaults(handler=_not_implemented("convert"))
+
+    p = sub.add_parser("plan", help="compile ahead of time for a pod topology and report memory")
+    p.set_defaults(handler=_not_implemented("plan"))
+
+    p = sub.add_parser("bench", help="benchmarks printing one JSON line per setting")
+    p.set_defaults(handler=_not_implemented("bench"))
+
+    p = sub.add_parser("config", help="inspect configs")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = config_sub.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(q)
+    q.set_defaults(handler=_cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except JaxgenError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

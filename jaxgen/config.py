@@ -1,0 +1,387 @@
+"""The config tree: frozen pydantic models, YAML files with `extends:`, dotted overrides.
+
+One `Config` describes a whole experiment (model, mesh, data, tokenizer, optimizer,
+schedule, train, checkpoint, generate, eval). Every section forbids unknown keys,
+so a typo is an error that names the full dotted key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pathlib
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from jaxgen.errors import JaxgenError
+from jaxgen.model.presets import PRESETS
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = pydantic.PositiveInt
+NonNegInt = pydantic.NonNegativeInt
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelConfig(_Section):
+    """Decoder-only transformer hyper-parameters.
+
+    `preset` fills every field it knows; keys given next to it override the preset.
+    """
+
+    preset: str | None = None
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: PositiveInt = 512
+    num_layers: PositiveInt = 2
+    d_model: PositiveInt = 64
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt | None = None  # None: same as num_heads (no GQA)
+    head_dim: PositiveInt | None = None  # None: d_model // num_heads
+    mlp_dim: PositiveInt | None = None  # None: 4 * d_model
+    max_len: PositiveInt = 64  # learned positions (gpt2) / RoPE horizon (llama)
+    rope_theta: pydantic.PositiveFloat = 10000.0
+    norm_eps: pydantic.PositiveFloat = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool | None = None  # None: family default (gpt2 True, llama False)
+    mlp_bias: bool | None = None
+    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+    scan_layers: bool = True  # False: same params, layers fully unrolled (see README)
+    remat: Literal["none", "dots_saveable", "full"] = "none"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    param_dtype: DType = "float32"
+    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(_unknown("preset", name, PRESETS))
+            data = {**PRESETS[name], **data}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"num_heads: {self.num_heads} does not divide d_model={self.d_model}"
+                " (set head_dim explicitly or pick a divisor)"
+            )
+        if self.kv_heads > self.num_heads or self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_kv_heads: {self.kv_heads} does not divide num_heads={self.num_heads}"
+            )
+        return self
+
+    # Resolved views of the optional fields, so layers never repeat the defaulting.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim or 4 * self.d_model
+
+    @property
+    def use_attention_bias(self) -> bool:
+        return self.family == "gpt2" if self.attention_bias is None else self.attention_bias
+
+    @property
+    def use_mlp_bias(self) -> bool:
+        return self.family == "gpt2" if self.mlp_bias is None else self.mlp_bias
+
+
+class MeshConfig(_Section):
+    """Device mesh sizes; -1 takes the remaining devices (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> MeshConfig:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"{name}: {size} is not a positive size or -1 (the rest)")
+        if sum(s == -1 for s in sizes.values()) > 1:
+            raise ValueError("only one mesh axis may be -1")
+        return self
+
+
+class TokenizerConfig(_Section):
+    """SentencePiece tokenizer: load `path`, or train one into the data directory."""
+
+    path: str | None = None  # an existing tokenizer.model; None: train one
+    kind: Literal["bpe", "unigram", "char"] = "bpe"
+    vocab_size: PositiveInt = 1024
+    character_coverage: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    byte_fallback: bool = False
+    pad_id: int = 0
+    unk_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 3
+    control_tokens: tuple[str, ...] = ()  # e.g. ["<style=formal>"], kept as single pieces
+    max_sentence_length: PositiveInt = 16384
+    vocab_multiple: PositiveInt = 128  # model vocab = tokenizer vocab rounded up to this
+
+
+class DataConfig(_Section):
+    """Where text comes from and how it becomes batches."""
+
+    name: str = "default"  # the prepared dataset's name inside data_dir
+    data_dir: str = "data/prepared"
+    format: Literal["text", "jsonl", "sft"] = "text"
+    train_files: tuple[str, ...] = ()  # paths or globs; "tfds:NAME/CONFIG" for a catalog set
+    validation_files: tuple[str, ...] = ()
+    validation_fraction: float = pydantic.Field(0.1, ge=0.0, lt=1.0)  # tail of the train text
+    documents: Literal["blank_lines", "file", "line"] = "file"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    strict_utf8: bool = False
+    overlong: Literal["truncate", "drop"] = "truncate"
+    shuffle_seed: int = 0
+    num_epochs: PositiveInt | None = None  # None: repeat forever
+    worker_count: NonNegInt = 0
+    prefetch: PositiveInt = 4
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "adafactor", "lion", "sgd"] = "adamw"
+    learning_rate: pydantic.PositiveFloat = 3e-4
+    b1: float = pydantic.Field(0.9, ge=0.0, lt=1.0)
+    b2: float = pydantic.Field(0.95, ge=0.0, lt=1.0)
+    eps: pydantic.PositiveFloat = 1e-8
+    momentum: float = pydantic.Field(0.9, ge=0.0, lt=1.0)  # sgd
+    weight_decay: float = pydantic.Field(0.1, ge=0.0)
+    decay_norms: bool = False
+    decay_biases: bool = False
+    decay_embeddings: bool = False
+    clip_norm: float | None = pydantic.Field(1.0, gt=0.0)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "linear", "constant", "wsd", "rsqrt"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    decay_steps: PositiveInt | None = None  # None: train.steps
+    min_lr_ratio: float = pydantic.Field(0.1, ge=0.0, le=1.0)
+    decay_fraction: float = pydantic.Field(0.2, gt=0.0, le=1.0)  # wsd: final share spent decaying
+
+
+class TrainConfig(_Section):
+    steps: PositiveInt = 100
+    batch_size: PositiveInt = 8  # global, in sequences
+    seq_len: PositiveInt = 64
+    grad_accum: PositiveInt = 1
+    seed: int = 0
+    z_loss: float = pydantic.Field(0.0, ge=0.0)
+    loss_chunk: PositiveInt = 1024  # tokens per chunk of the vocab projection + CE
+    nan_policy: Literal["skip", "stop"] = "stop"
+    log_every: PositiveInt = 10
+    eval_every: PositiveInt | None = None  # None: only at the end
+    eval_batches: PositiveInt = 20
+    sample_every: PositiveInt | None = None
+    sample_prompt: str = ""
+    peak_tflops: pydantic.PositiveFloat | None = None  # overrides the per-device table
+
+
+class CheckpointConfig(_Section):
+    every: PositiveInt | None = 1000
+    keep: PositiveInt = 3
+    keep_every: PositiveInt | None = None
+    async_save: bool = True
+
+
+class GenerateConfig(_Section):
+    """Sampling defaults; every field is also a `generate` option and CLI flag."""
+
+    max_new_tokens: PositiveInt = 128
+    temperature: float = pydantic.Field(1.0, ge=0.0)
+    top_k: NonNegInt = 0  # 0: off
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: pydantic.PositiveFloat = 1.0
+    no_repeat_ngram_size: NonNegInt = 0
+    banned: tuple[str, ...] = ()
+    num_beams: PositiveInt = 1
+    num_return_sequences: PositiveInt = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    control: dict[str, str] = {}
+    control_template: str = "<{key}={value}>"
+    batch_size: PositiveInt = 32
+    prompt_buckets: tuple[PositiveInt, ...] = ()  # () : powers of two
+    truncate_prompt: bool = False  # True: drop the oldest tokens of an over-long prompt
+    strip: bool = True
+    min_length: NonNegInt = 0
+    banned_words: tuple[str, ...] = ()
+    deduplicate: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> GenerateConfig:
+        if self.num_return_sequences > self.num_beams and self.num_beams > 1:
+            raise ValueError(
+                f"num_return_sequences: {self.num_return_sequences} exceeds num_beams={self.num_beams}"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: PositiveInt = 8
+    max_batches: PositiveInt | None = None
+
+
+class Config(_Section):
+    """A whole experiment."""
+
+    name: str = "default"
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    generate: GenerateConfig = GenerateConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _unknown(key: str, value: Any, valid: Any) -> str:
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown value {value!r}{hint}"
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) -> dict:
+    """Reads a config file as a dict, following `extends:` (relative to the file)."""
+    path = pathlib.Path(path).resolve()
+    if path in _seen:
+        raise JaxgenError(f"{path}: circular extends")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise JaxgenError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise JaxgenError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise JaxgenError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        base = read_yaml(path.parent / parent, (*_seen, path))
+        data = _deep_merge(base, data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Applies `a.b.c=value` overrides; values are parsed as YAML scalars."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise JaxgenError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise JaxgenError(f"override {key}: cannot parse value {raw!r}") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None else child
+            if not isinstance(child, dict):
+                raise JaxgenError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _field_names(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section that `loc` points into (for 'did you mean')."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+            model = ann
+        else:
+            break
+    return list(model.model_fields)
+
+
+def _error_line(err: pydantic.ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = _field_names(Config, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?)" if close else ""
+        return f"{where}{key}: unknown key{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":  # our validators start with the field they judge
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier():
+            return f"{where}{key}.{field}: {rest}"
+        return f"{where}{key}: {msg}"
+    return f"{where}{key}: {msg} (got {first.get('input')!r})"
+
+
+def load_config(
+    path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Loads a YAML config (or the defaults when `path` is None) with dotted overrides.
+
+    Raises:
+        JaxgenError: one line naming the file, the dotted key and the bad value.
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    if path is not None and "name" not in data:
+        data["name"] = pathlib.Path(path).stem
+    return config_from_dict(data, where=f"{path}: " if path is not None else "")
+
+
+def config_from_dict(data: dict, where: str = "") -> Config:
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise JaxgenError(_error_line(e, where)) from None
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML, loadable again by `load_config`."""
+    data = config.model_dump(mode="json", exclude={"model": {"preset"}})
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,55 @@
+"""The decoding KV cache: a typed pytree passed into and returned from the model.
+
+Layout `[layers, batch, max_len, kv_heads, head_dim]` matches the scanned parameter
+layout, so the layer scan carries the whole cache and each layer writes only its new
+tokens in place (`dynamic_update_slice` at `[layer, :, index]`); reading and writing
+whole per-layer slices instead would copy the cache every step.
+
+Rows of different prompt lengths are *left-padded*: every row writes its next token
+at the same slot `index`, so one `dynamic_update_slice` serves the batch. `segment`
+marks each slot's owner (0 = padding or empty, 1 = this row's text); attention only
+sees keys of the query's own segment, so padding is invisible, and positions are
+passed separately per row (they start at 0 at each row's first real token).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxgen.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    segment: jax.Array  # [B, S] int32; 0 = padding / not yet written
+    index: jax.Array  # [] int32; the next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def lengths(self) -> jax.Array:
+        """[B] number of real (non-padding) tokens held per row."""
+        return jnp.sum(self.segment != 0, axis=-1)
+
+
+CACHE_NAMES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache. Call under `jax.jit(..., out_shardings=...)` to create it sharded."""
+    from jaxgen.model.layers import compute_dtype
+
+    dtype = dtype or compute_dtype(config)
+    shape = (config.num_layers, batch, max_len, config.kv_heads, config.dim_per_head)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )

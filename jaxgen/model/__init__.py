@@ -1,0 +1,1 @@
+"""The decoder-only transformer (import from the submodules: transformer, layers, ...)."""

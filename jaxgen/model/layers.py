@@ -1,0 +1,129 @@
+"""Building blocks: einsum projections, norms, MLPs, rotary embeddings.
+
+Every parameter is created with logical axis names (see jaxgen/sharding.py for the
+rules that map them to the mesh); layers never name mesh axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.config import ModelConfig
+
+Names = tuple[str | None, ...]
+
+# GPT-2's init: N(0, 0.02) everywhere; residual output projections are additionally
+# scaled by 1/sqrt(2 * layers) (see `Einsum.init_scale`).
+INIT_STD = 0.02
+
+
+def compute_dtype(config: ModelConfig) -> jnp.dtype:
+    """float32 on CPU (bf16 matmuls are emulated there and slower), bfloat16 elsewhere."""
+    if config.dtype != "auto":
+        return jnp.dtype(config.dtype)
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """Shards an activation by logical names (a no-op outside `sharding.activate`)."""
+    return nn.with_logical_constraint(x, names)
+
+
+class Einsum(nn.Module):
+    """A projection `y = einsum(eq, x, kernel) (+ bias)` with logically named params.
+
+    Attributes:
+        eq: shape-lettered einsum, e.g. "BTD,DNH->BTNH".
+        shape: kernel shape; names: its logical axes.
+        bias_dims: how many trailing kernel dims the bias has (0: no bias).
+        init_scale: multiplies INIT_STD (residual projections use 1/sqrt(2L)).
+    """
+
+    eq: str
+    shape: Sequence[int]
+    names: Names
+    bias_dims: int = 0
+    init_scale: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(INIT_STD * self.init_scale)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, self.names), tuple(self.shape), self.param_dtype
+        )
+        y = jnp.einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_dims:
+            bias_shape = tuple(self.shape[-self.bias_dims :])
+            bias_names = self.names[-self.bias_dims :]
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, bias_names),
+                bias_shape,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2: scale and bias) or RMSNorm (llama: scale only), in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), pdt)
+        x32 = x.astype(jnp.float32)
+        if cfg.family == "llama":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+            return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],), pdt)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class Mlp(nn.Module):
+    """gpt2: GELU(tanh) MLP with biases; llama: SwiGLU (silu(x W_gate) * x W_up) W_down."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        d, f = cfg.d_model, cfg.hidden_dim
+        bias = int(cfg.use_mlp_bias)
+        kw = dict(dtype=compute_dtype(cfg), param_dtype=jnp.dtype(cfg.param_dtype))
+        up = lambda name: Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), bias, name=name, **kw)  # noqa: E731
+        if cfg.family == "llama":
+            h = nn.silu(up("gate")(x)) * up("up")(x)
+        else:
+            h = nn.gelu(up("up")(x), approximate=True)
+        h = constrain(h, ("batch", "length", "act_mlp"))  # [B, T, F]
+        scale = (2 * cfg.num_layers) ** -0.5
+        return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), bias, scale, name="down", **kw)(h)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in Hugging Face's half-split layout (no weight permutation on import).
+
+    Args:
+        x: [B, T, N, H]; positions: [B, T] int.
+    """
+    h = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

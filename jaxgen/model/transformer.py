@@ -1,0 +1,158 @@
+"""The decoder-only transformer (GPT-2 and Llama families in one module tree).
+
+Parameters (after `init`, unboxed) for L layers:
+
+    embed/embedding              [V, D]     (vocab, embed)
+    pos_embed/embedding          [P, D]     gpt2 only
+    layers/attn_norm/scale       [L, D]     (+ bias for gpt2)
+    layers/attn/{query,key,value,out}/kernel  [L, D, N|K, H] / [L, N, H, D]
+    layers/mlp_norm/...          [L, D]
+    layers/mlp/{gate,up,down}/kernel          [L, D, F] / [L, F, D]  (gate: llama only)
+    final_norm/...               [D]
+    lm_head/kernel               [D, V]     untied only
+
+Layers are always stored stacked along a leading `layers` axis. `scan_layers=False`
+runs the same scan fully unrolled (lax.scan `unroll=L`), which gave unrolled-layer
+speed on an H100 (see README) while keeping one parameter layout, so checkpoints
+move freely between the two settings.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.config import ModelConfig
+from jaxgen.kvcache import KVCache
+from jaxgen.model.attention import Attention
+from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, carry, layer, positions, segment_ids, kv_segment, index):
+        x, kv = carry  # x: [B, T, D]; kv: (k, v) [L, B, S, K, H] or None
+        cfg = self.config
+        cache = None if kv is None else (*kv, index)
+        h, cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(x), positions, segment_ids, kv_segment, layer, cache
+        )
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return (x, None if cache is None else cache[:2]), None
+
+
+class Transformer(nn.Module):
+    """`apply({'params': p}, tokens, positions, segment_ids=None, cache=None) -> (logits, cache)`."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    def setup(self):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        emb_init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed"))
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=emb_init, param_dtype=pdt, name="embed")
+        if cfg.family == "gpt2":
+            pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.01), ("position", "embed"))
+            self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=pos_init, param_dtype=pdt)
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.deterministic)
+        self.final_norm = Norm(cfg)
+        if not cfg.tie_embeddings:
+            init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed", "vocab"))
+            self.lm_head = self.param("lm_head", init, (cfg.d_model, cfg.vocab_size), pdt)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array,  # [B, T] int32
+        segment_ids: jax.Array | None = None,  # [B, T] int32, 0 = padding
+        cache: KVCache | None = None,
+        *,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Returns logits [B, T, V] in the compute dtype (or final hidden states [B, T, D])."""
+        x = self.embed(tokens).astype(compute_dtype(self.config))  # [B, T, D]
+        if self.config.family == "gpt2":
+            x = x + self.pos_embed(positions).astype(x.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+
+        kv, kv_segment, index = None, None, None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones_like(tokens)
+            kv, index = (cache.k, cache.v), cache.index
+            kv_segment = jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32), (0, index))
+        layer_ids = jnp.arange(self.config.num_layers)
+        (x, kv), _ = self.layers((x, kv), layer_ids, positions, segment_ids, kv_segment, index)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache = KVCache(k=kv[0], v=kv[1], segment=kv_segment, index=index + tokens.shape[1])
+        if return_hidden:
+            return x, cache
+        return self.project(x), cache
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V]."""
+        if self.config.tie_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, self.embed.embedding.astype(x.dtype))
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head.astype(x.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def abstract_variables(config: ModelConfig):
+    """Boxed variable shapes (with logical axis metadata) without allocating anything."""
+    model = Transformer(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Unboxed float params. Jit this with `out_shardings` to create them sharded."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Transformer(config).init(rng, tokens, tokens))["params"]
+
+
+def param_count(config: ModelConfig) -> int:
+    leaves = jax.tree.leaves(nn.unbox(abstract_variables(config)))
+    return sum(leaf.size for leaf in leaves)
+
+
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 L N H T (PaLM appendix B; nanoGPT's estimate).
+
+    N counts only parameters that take part in matmuls: position embeddings are a
+    lookup, and so is the token embedding when the output head is untied.
+    """
+    n = param_count(config)
+    if config.family == "gpt2":
+        n -= config.max_len * config.d_model
+    if not config.tie_embeddings:
+        n -= config.vocab_size * config.d_model
+    attn = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
+    return 6 * n + attn
