@@ -1,0 +1,100 @@
+"""Model: published param counts (no allocation), FLOPs, scan == unrolled, cache == full."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.config import load_config
+from jaxgen.kvcache import init_cache
+from jaxgen.model.transformer import Transformer, init_params, model_flops_per_token, param_count
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("gpt2-124m", 124_439_808),
+        ("gpt2-350m", 354_823_168),
+        ("gpt2-774m", 774_030_080),
+        ("gpt2-1.5b", 1_557_611_200),
+        ("llama-1.1b", 1_100_048_384),
+        ("llama2-7b", 6_738_415_616),
+        ("llama3-8b", 8_030_261_248),
+    ],
+)
+def test_param_counts_match_published_figures(preset, expected):
+    # jax.eval_shape inside param_count: nothing is allocated, even for 8B.
+    assert param_count(load_config(None, [f"model.preset={preset}"]).model) == expected
+
+
+def test_flops_per_token_gpt2_124m_by_hand():
+    config = load_config(None, ["model.preset=gpt2-124m"]).model
+    n = 124_439_808 - 1024 * 768  # position embeddings are a lookup, not a matmul
+    attention = 12 * 12 * 12 * 64 * 1024  # 12 * layers * heads * head_dim * seq
+    assert model_flops_per_token(config, 1024) == 6 * n + attention == 855_166_464
+
+
+def _inputs(batch=2, length=12, vocab=512):
+    tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, vocab)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    return tokens, positions
+
+
+@pytest.mark.parametrize("family", ["tiny_config", "tiny_llama_config"])
+def test_scanned_and_unrolled_layers_share_params_and_outputs(family, request):
+    config = request.getfixturevalue(family).model
+    params = init_params(config, jax.random.key(0))
+    tokens, positions = _inputs()
+    scanned, _ = Transformer(config).apply({"params": params}, tokens, positions)
+    unrolled_cfg = config.model_copy(update={"scan_layers": False})
+    unrolled, _ = Transformer(unrolled_cfg).apply({"params": params}, tokens, positions)
+    np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
+    remat_cfg = config.model_copy(update={"remat": "full"})
+
+    def loss(p, cfg):  # mean next-token cross-entropy, as training differentiates it
+        logits = Transformer(cfg).apply({"params": p}, tokens, positions)[0]
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+    g1 = jax.grad(loss)(params, config)
+    g2 = jax.grad(loss)(params, remat_cfg)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g1, g2)
+
+
+def test_llama_has_rope_rmsnorm_swiglu_gqa_and_untied_head(tiny_llama_config):
+    params = init_params(tiny_llama_config.model, jax.random.key(0))
+    assert "pos_embed" not in params and "bias" not in params["final_norm"]
+    assert params["layers"]["attn"]["key"]["kernel"].shape == (2, 64, 2, 16)  # 2 kv heads
+    assert set(params["layers"]["mlp"]) == {"gate", "up", "down"}
+    assert params["lm_head"].shape == (64, 512)
+
+
+def test_segment_ids_block_attention_across_documents(tiny_config):
+    # Two documents packed in one row must give the same logits as each alone.
+    config = tiny_config.model
+    params = init_params(config, jax.random.key(0))
+    model = Transformer(config)
+    tokens, _ = _inputs(1, 12)
+    positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
+    segments = jnp.array([[1] * 5 + [2] * 7])
+    packed, _ = model.apply({"params": params}, tokens, positions, segments)
+    first, _ = model.apply({"params": params}, tokens[:, :5], positions[:, :5])
+    second, _ = model.apply({"params": params}, tokens[:, 5:], positions[:, 5:])
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], axis=1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["tiny_config", "tiny_llama_config"])
+def test_cached_prefill_and_decode_equal_full_forward(family, request):
+    config = request.getfixturevalue(family).model
+    params = init_params(config, jax.random.key(0))
+    model = Transformer(config)
+    tokens, positions = _inputs(2, 10)
+    full, _ = model.apply({"params": params}, tokens, positions)
+    cache = init_cache(config, batch=2, max_len=16)
+    logits, cache = model.apply({"params": params}, tokens[:, :6], positions[:, :6], cache=cache)
+    steps = [logits]
+    for t in range(6, 10):
+        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], positions[:, t : t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+    assert int(cache.index) == 10 and list(np.asarray(cache.lengths)) == [10, 10]
