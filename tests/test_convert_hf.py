@@ -1,0 +1,173 @@
+"""Hugging Face import/export: logit and decoding parity, round trips, file layout.
+
+The references in tests/fixtures/hf were computed by transformers itself (see the
+README there); tolerances are the fixed 1e-4 used against external references.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+
+from jaxgen import sampling
+from jaxgen.config import MeshConfig
+from jaxgen.convert import hf
+from jaxgen.generate import DecodeSpec, generate_ids
+from jaxgen.model.transformer import Transformer
+from jaxgen.sharding import make_mesh
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
+NAMES = ("gpt2-tiny", "llama-tiny")
+
+
+def cases(name: str) -> dict:
+    return json.loads((FIXTURES / name / "cases.json").read_text())
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def imported(request):
+    """(fixture name, Config, params) converted in memory in float32."""
+    config, params, tokenizer = hf.load_hf(FIXTURES / request.param, dtype="float32")
+    assert tokenizer is None  # the fixtures ship no tokenizer files
+    return request.param, config, params
+
+
+def forward(config, params, ids) -> np.ndarray:
+    ids = jnp.asarray(ids, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    logits, _ = Transformer(config.model).apply({"params": params}, ids, positions)
+    return np.asarray(logits)
+
+
+def leaves(params) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def assert_bit_identical(a, b) -> None:
+    la, lb = leaves(a), leaves(b)
+    assert la.keys() == lb.keys()
+    for key in la:
+        assert la[key].dtype == lb[key].dtype, key
+        np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+
+
+def test_config_mapping(imported):
+    name, config, _ = imported
+    m = config.model
+    assert (m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.norm_eps) == (512, 2, 64, 4, 1e-5)
+    assert (m.dtype, m.param_dtype) == ("float32", "float32")
+    if name == "gpt2-tiny":
+        assert (m.family, m.tie_embeddings, m.max_len, m.hidden_dim) == ("gpt2", True, 64, 256)
+    else:
+        assert (m.family, m.tie_embeddings, m.kv_heads, m.dim_per_head) == ("llama", False, 2, 16)
+        assert (m.hidden_dim, m.rope_theta, m.max_len) == (176, 10000.0, 128)
+
+
+def test_logits_match_transformers(imported):
+    name, config, params = imported
+    reference = np.load(FIXTURES / name / "logits.npy")  # [2, 16, 512]
+    np.testing.assert_allclose(
+        forward(config, params, cases(name)["input_ids"]), reference, rtol=0, atol=1e-4
+    )
+
+
+def test_greedy_ids_match_transformers(imported):
+    name, config, params = imported
+    greedy = cases(name)["greedy"]
+    spec = DecodeSpec(
+        strategy=sampling.Greedy(), stopping=sampling.Stopping(eos_ids=(cases(name)["eos_token_id"],))
+    )
+    (out,) = generate_ids(
+        config.model, params, [greedy["prompt"]], spec, max_new_tokens=greedy["max_new_tokens"]
+    )
+    assert greedy["prompt"] + out.tokens == greedy["output_ids"]
+
+
+def test_write_then_load_is_bit_identical_and_matches_transformers_layout(imported, tmp_path):
+    name, config, params = imported
+    files = hf.write_hf(tmp_path / "out", config.model, params, bos_id=511, eos_id=511)
+    assert files == ["config.json", "generation_config.json", "model.safetensors"]
+    with (
+        safetensors.safe_open(tmp_path / "out" / "model.safetensors", framework="numpy") as ours,
+        safetensors.safe_open(FIXTURES / name / "model.safetensors", framework="numpy") as theirs,
+    ):
+        assert sorted(ours.keys()) == sorted(theirs.keys())
+        assert ours.metadata() == {"format": "pt"}
+        for key in theirs.keys():
+            a, b = ours.get_tensor(key), theirs.get_tensor(key)
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), key
+            # Only transposes/reshapes happen, so the values come back exactly.
+            np.testing.assert_array_equal(a, b, err_msg=key)
+    again, params2, _ = hf.load_hf(tmp_path / "out", dtype="float32")
+    assert again.model == config.model
+    assert_bit_identical(params, params2)
+
+
+def test_exported_config_reads_back_as_the_fixture_config(imported, tmp_path):
+    name, config, params = imported
+    hf.write_hf(tmp_path / "out", config.model, params, bos_id=511, eos_id=511)
+    ours = json.loads((tmp_path / "out" / "config.json").read_text())
+    theirs = json.loads((FIXTURES / name / "config.json").read_text())
+    shared = [
+        "architectures",
+        "model_type",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ]
+    shared += ["n_layer", "n_embd", "n_head", "n_positions", "layer_norm_epsilon", "activation_function"]
+    shared += ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"]
+    shared += [
+        "intermediate_size",
+        "rms_norm_eps",
+        "rope_parameters",
+        "attention_bias",
+        "mlp_bias",
+        "hidden_act",
+    ]
+    for key in shared:
+        if key in theirs:
+            assert ours[key] == theirs[key], key
+
+
+def test_sharded_export_round_trips(tmp_path):
+    config, params, _ = hf.load_hf(FIXTURES / "llama-tiny", dtype="float32")
+    files = hf.write_hf(tmp_path / "out", config.model, params, max_shard_bytes=60_000)
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    sizes = [(tmp_path / "out" / f).stat().st_size for f in shards]
+    assert max(sizes) < 60_000 + 131_072 + 4096  # one oversized tensor (embed, 128 KiB) may stand alone
+    _, again, _ = hf.load_hf(tmp_path / "out", dtype="float32")
+    assert_bit_identical(params, again)
+
+
+def test_import_places_params_on_the_mesh_sharding():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    config, params, _ = hf.load_hf(FIXTURES / "llama-tiny", dtype="float32", mesh=mesh)
+    _, single, _ = hf.load_hf(FIXTURES / "llama-tiny", dtype="float32")
+    kernel = params["layers"]["mlp"]["gate"]["kernel"]  # [L, D, F]: embed -> fsdp, mlp -> tensor
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (2, 32, 88)
+    assert_bit_identical(params, single)
+
+
+def test_bfloat16_import_rounds_each_tensor_once():
+    config, params, _ = hf.load_hf(FIXTURES / "gpt2-tiny", dtype="bfloat16")
+    _, params32, _ = hf.load_hf(FIXTURES / "gpt2-tiny", dtype="float32")
+    assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "bfloat16")
+    for key, leaf in leaves(params).items():
+        assert leaf.dtype == jnp.bfloat16, key
+        np.testing.assert_array_equal(leaf, leaves(params32)[key].astype(jnp.bfloat16), err_msg=key)
+
+
+def test_dtype_defaults_to_the_checkpoint_dtype():
+    config = hf.read_config(FIXTURES / "llama-tiny")
+    assert config.model.param_dtype == "float32"  # config.json says "dtype": "float32"
