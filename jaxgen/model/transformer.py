@@ -132,6 +132,16 @@ def abstract_variables(config: ModelConfig):
     return jax.eval_shape(model.init, jax.random.key(0), tokens, tokens)
 
 
+def abstract_params(config: ModelConfig):
+    """Unboxed `jax.ShapeDtypeStruct`s of the params (no allocation, no mesh needed)."""
+    boxed = abstract_variables(config)["params"]
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
 def init_params(config: ModelConfig, rng: jax.Array):
     """Unboxed float params. Jit this with `out_shardings` to create them sharded."""
     tokens = jnp.zeros((1, 1), jnp.int32)
@@ -139,7 +149,7 @@ def init_params(config: ModelConfig, rng: jax.Array):
 
 
 def param_count(config: ModelConfig) -> int:
-    leaves = jax.tree.leaves(nn.unbox(abstract_variables(config)))
+    leaves = jax.tree.leaves(abstract_params(config))
     return sum(leaf.size for leaf in leaves)
 
 

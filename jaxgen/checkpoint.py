@@ -1,0 +1,157 @@
+"""Run directories and orbax checkpoints.
+
+A run directory holds everything needed to resume, evaluate or generate:
+
+    runs/<name>/
+      config.yaml          the resolved config (model.vocab_size already from the tokenizer)
+      tokenizer.model      (or tokenizer.json / vocab.json + merges.txt for HF imports)
+      metrics.jsonl        one JSON object per logged step / evaluation
+      events/              TensorBoard event files
+      checkpoints/<step>/  orbax items: params, opt (optimizer state, step, rng),
+                           data (input iterator state, JSON), meta (JSON)
+
+Params are their own item so generation and evaluation restore them alone, and an
+imported model (params only) is a valid run directory to fine-tune from.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxgen.config import Config, MeshConfig, load_config, to_yaml
+from jaxgen.errors import JaxgenError
+
+CONFIG_FILE = "config.yaml"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(run_dir).absolute() / "checkpoints"
+
+
+def write_run_config(run_dir: str | pathlib.Path, config: Config) -> None:
+    """Writes config.yaml atomically (temp file + rename)."""
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(to_yaml(config))
+    tmp.replace(run_dir / CONFIG_FILE)
+
+
+def read_run_config(run_dir: str | pathlib.Path) -> Config:
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise JaxgenError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    return load_config(path)
+
+
+def copy_tokenizer(source: str | pathlib.Path, run_dir: str | pathlib.Path) -> None:
+    """Copies a tokenizer file, or the tokenizer files of a directory, into the run."""
+    source, run_dir = pathlib.Path(source), pathlib.Path(run_dir)
+    files = [source] if source.is_file() else [source / n for n in TOKENIZER_FILES if (source / n).exists()]
+    for file in files:
+        target = run_dir / ("tokenizer.model" if file.suffix == ".model" else file.name)
+        if file.resolve() != target.resolve():
+            shutil.copyfile(file, target)
+
+
+def manager(run_dir: str | pathlib.Path, config: Config | None = None, *, read_only: bool = False):
+    """An orbax CheckpointManager over `run_dir/checkpoints` (async saves, keep policy)."""
+    ckpt = config.checkpoint if config is not None else None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=ckpt.keep if ckpt else None,
+        keep_period=ckpt.keep_every if ckpt else None,
+        enable_async_checkpointing=ckpt.async_save if ckpt else False,
+        create=not read_only,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], *, force: bool = False) -> bool:
+    """Saves `items` (pytrees for params/opt, JSON-able dicts for data/meta)."""
+    args = {
+        name: ocp.args.JsonSave(value) if name in ("data", "meta") else ocp.args.StandardSave(value)
+        for name, value in items.items()
+    }
+    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+    """Restores the named items. Array items take `(abstract_tree, shardings)`; orbax
+    reshards onto the target shardings, so a run may resume on a different mesh."""
+    args = {}
+    for name, target in targets.items():
+        if name in ("data", "meta"):
+            args[name] = ocp.args.JsonRestore()
+        else:
+            args[name] = ocp.args.StandardRestore(_abstract(*target))
+    try:
+        return dict(mngr.restore(step, args=ocp.args.Composite(**args)).items())
+    except (ValueError, KeyError) as e:
+        raise JaxgenError(
+            f"{checkpoint_dir(mngr.directory.parent)}/{step}: checkpoint does not match the model"
+            f" ({str(e).splitlines()[0][:200]})"
+        ) from None
+
+
+def save_params(
+    run_dir: str | pathlib.Path,
+    config: Config,
+    params,
+    *,
+    step: int = 0,
+    tokenizer_path: str | pathlib.Path | None = None,
+) -> pathlib.Path:
+    """Writes a complete run directory holding only params (e.g. an imported model)."""
+    run_dir = pathlib.Path(run_dir)
+    write_run_config(run_dir, config)
+    if tokenizer_path is not None:
+        copy_tokenizer(tokenizer_path, run_dir)
+    mngr = manager(run_dir)
+    save(mngr, step, {"params": params, "meta": {"step": step}}, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    return run_dir
+
+
+def load_params(
+    run_dir: str | pathlib.Path,
+    *,
+    step: int | None = None,
+    mesh=None,
+    dtype: str | None = None,
+) -> tuple[Config, Any]:
+    """Reads a run's config and the params of checkpoint `step` (default: the latest).
+
+    Params are placed with the model's shardings on `mesh` (default: all devices) and
+    cast to `dtype` when given (e.g. "bfloat16" for serving).
+    """
+    from jaxgen.model.transformer import abstract_params, abstract_variables
+    from jaxgen.sharding import make_mesh, param_shardings
+
+    config = read_run_config(run_dir)
+    mesh = mesh or make_mesh(MeshConfig())
+    mngr = manager(run_dir, read_only=True)
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        available = ", ".join(map(str, mngr.all_steps())) or "none"
+        raise JaxgenError(f"{checkpoint_dir(run_dir)}: no checkpoint {step} (available: {available})")
+    abstract = abstract_variables(config.model)
+    shardings = param_shardings(mesh, abstract)["params"]
+    shapes = abstract_params(config.model)
+    params = restore(mngr, step, {"params": (shapes, shardings)})["params"]
+    mngr.close()
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    return config, params

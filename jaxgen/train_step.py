@@ -1,0 +1,217 @@
+"""The pure core of training: train state, loss, and the sharded jitted step.
+
+Everything here is a function of pytrees; files, signals and logging live in
+jaxgen/train.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxgen.config import Config
+from jaxgen.model.transformer import Transformer, abstract_params, abstract_variables, init_params
+from jaxgen.optim import make_optimizer, make_schedule
+from jaxgen.sharding import batch_sharding, param_shardings
+
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array  # [] int32, number of updates applied
+    rng: jax.Array  # dropout key; folded with the step, so resume is exact
+
+
+@flax.struct.dataclass
+class StepMetrics:
+    loss: jax.Array  # mean token NLL over the (global) batch
+    z_loss: jax.Array
+    grad_norm: jax.Array
+    learning_rate: jax.Array
+    tokens: jax.Array  # tokens that counted in the loss
+    finite: jax.Array  # False: NaN/Inf loss or gradient, the update was not applied
+
+
+class Trainer:
+    """Holds the pieces one run needs: model, optimizer, shardings, jitted functions."""
+
+    def __init__(self, config: Config, mesh: Mesh):
+        self.config, self.mesh = config, mesh
+        self.model = Transformer(config.model, deterministic=config.model.dropout == 0.0)
+        self.eval_model = Transformer(config.model, deterministic=True)
+        self.schedule = make_schedule(config.schedule, config.optimizer.learning_rate, config.train.steps)
+        abstract = abstract_variables(config.model)
+        self.param_shardings = param_shardings(mesh, abstract)["params"]
+        self.abstract_params = abstract_params(config.model)
+        self.tx = make_optimizer(config.optimizer, self.schedule, self.abstract_params)
+        self.state_shardings = self._state_shardings()
+        self.batch_sharding = batch_sharding(mesh)
+        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.step = jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0,
+        )
+        self.eval_sums = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.batch_sharding))
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _init(self, rng: jax.Array) -> TrainState:
+        param_rng, dropout_rng = jax.random.split(rng)
+        params = init_params(self.config.model, param_rng)
+        return self.state_from_params(params, dropout_rng)
+
+    def state_from_params(self, params, rng: jax.Array) -> TrainState:
+        return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
+
+    def _state_shardings(self) -> TrainState:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+
+        # Optimizer moments have their param's shape and take its sharding; anything
+        # else (counts, Adafactor's factored rows/cols) is small and replicated.
+        def like_param(leaf, param, sharding):
+            return sharding if leaf.shape == param.shape else replicated
+
+        opt = optax.tree_map_params(
+            self.tx,
+            like_param,
+            abstract_opt,
+            self.abstract_params,
+            self.param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        )
+        return TrainState(params=self.param_shardings, opt_state=opt, step=replicated, rng=replicated)
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(self._init, jax.random.key(0))
+
+    # -- loss ----------------------------------------------------------------------------
+
+    def loss_sums(self, params, batch: dict, rng: jax.Array, model=None) -> tuple[jax.Array, tuple]:
+        """Summed (not averaged) NLL + z-loss over a (micro-)batch, and the token count.
+
+        Sums make gradient accumulation exact: the step divides once by the global count.
+        """
+        model = model or self.model
+        hidden, _ = model.apply(
+            {"params": params},
+            batch["tokens"],
+            batch["positions"],
+            batch["segment_ids"],
+            return_hidden=True,
+            rngs={"dropout": rng},
+        )  # [B, T, D]
+        project = lambda h: model.apply({"params": params}, h, method=Transformer.project)  # noqa: E731
+        mask = batch["loss_mask"].astype(jnp.float32)
+        nll, z = chunked_cross_entropy(project, hidden, batch["targets"], mask, self.config.train.loss_chunk)
+        return nll + self.config.train.z_loss * z, (nll, z, mask.sum())
+
+    def _eval_sums(self, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(summed NLL, token count) of one evaluation batch, dropout off."""
+        _, (nll, _, count) = self.loss_sums(params, batch, jax.random.key(0), self.eval_model)
+        return nll, count
+
+    # -- step ----------------------------------------------------------------------------
+
+    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, StepMetrics]:
+        accum = self.config.train.grad_accum
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(self.loss_sums, has_aux=True)
+        if accum == 1:
+            (_, (nll, z, count)), grads = grad_fn(state.params, batch, rng)
+        else:
+            grads, nll, z, count = accumulate(grad_fn, state.params, batch, rng, accum)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss, z = nll / count, z / count
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A NaN/Inf step leaves the state untouched; the loop skips or stops (train.nan_policy).
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = TrainState(
+            params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            step=state.step + finite.astype(jnp.int32),
+            rng=state.rng,
+        )
+        metrics = StepMetrics(
+            loss=loss,
+            z_loss=z,
+            grad_norm=grad_norm,
+            learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32),
+            tokens=count,
+            finite=finite,
+        )
+        return new_state, metrics
+
+
+def accumulate(grad_fn, params, batch: dict, rng: jax.Array, accum: int):
+    """Sums gradients over `accum` micro-batches with lax.scan (memory flat in `accum`).
+
+    Micro-batch i takes rows i, i+accum, i+2*accum, ... so every data shard
+    contributes equally to each micro-batch and no rows move between devices.
+    """
+
+    def split(x):  # [B, T] -> [A, B/A, T]
+        return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+    micro = jax.tree.map(split, batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    def body(carry, inputs):
+        grads, nll, z, count = carry
+        i, mb = inputs
+        (_, (mb_nll, mb_z, mb_count)), mb_grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, mb_grads)
+        return (grads, nll + mb_nll, z + mb_z, count + mb_count), None
+
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+    (grads, nll, z, count), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
+    return grads, nll, z, count
+
+
+def chunked_cross_entropy(project, hidden, targets, mask, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Sum of masked token NLL and of z-loss (logsumexp^2), in float32.
+
+    The sequence is cut into chunks of <= `chunk` positions and each chunk's logits are
+    recomputed in the backward pass (jax.checkpoint), so float32 logits for the whole
+    batch ([B, T, V], 3.3 GB for GPT-2 at 16 x 1024) never exist at once.
+
+    Args:
+        project: hidden [B, t, D] -> logits [B, t, V].
+        hidden: [B, T, D]; targets: [B, T] int; mask: [B, T] float32.
+    """
+    t = hidden.shape[1]
+    size = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
+
+    @jax.checkpoint
+    def piece(h, y, m):  # [B, c, D], [B, c], [B, c]
+        logits = project(h).astype(jnp.float32)  # [B, c, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
+
+    if size == t:
+        return piece(hidden, targets, mask)
+    n = t // size
+    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)  # noqa: E731
+
+    def body(carry, xs):
+        nll, z = piece(*xs)
+        return (carry[0] + nll, carry[1] + z), None
+
+    (nll, z), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (chunks(hidden), chunks(targets), chunks(mask)))
+    return nll, z
