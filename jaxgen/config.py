@@ -132,6 +132,7 @@ class TokenizerConfig(_Section):
     eos_id: int = 3
     control_tokens: tuple[str, ...] = ()  # e.g. ["<style=formal>"], kept as single pieces
     max_sentence_length: PositiveInt = 16384
+    train_sentences: PositiveInt = 2_000_000  # lines sampled for training (bounds memory)
     vocab_multiple: PositiveInt = 128  # model vocab = tokenizer vocab rounded up to this
 
 
@@ -149,12 +150,16 @@ class DataConfig(_Section):
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
-    strict_utf8: bool = False
-    overlong: Literal["truncate", "drop"] = "truncate"
+    turn_header: str = "{role}: "  # chat: text before each turn's content (never trained)
+    turn_separator: str = "\n"  # chat: text after each turn's content
+    trained_role: str = "assistant"  # chat: the role whose turns carry the loss
+    strict_utf8: bool = False  # False: invalid UTF-8 becomes U+FFFD (counted); True: an error
+    overlong: Literal["truncate", "drop"] = "truncate"  # sft records longer than seq_len + 1
     shuffle_seed: int = 0
     num_epochs: PositiveInt | None = None  # None: repeat forever
-    worker_count: NonNegInt = 0
-    prefetch: PositiveInt = 4
+    worker_count: NonNegInt = 0  # >0: grain worker processes; 0: reader threads in-process
+    read_threads: PositiveInt = 2
+    prefetch: PositiveInt = 4  # batches read ahead
 
 
 class OptimizerConfig(_Section):

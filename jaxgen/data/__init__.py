@@ -1,0 +1,23 @@
+"""Datasets: local sources -> a tokenized TFDS array_record dataset -> grain batches.
+
+info = prepare(config)                 # tokenizer + dataset, a no-op when up to date
+it = train_batches(config, mesh)       # next(it) -> {tokens, targets, positions, segment_ids, loss_mask}
+state = it.get_state(); it.set_state(state)
+for batch in eval_batches(config, mesh): ...
+split_stats(config, "validation").chars  # for nats per character
+"""
+
+from jaxgen.data.loader import Batches, as_numpy, eval_batches, train_batches
+from jaxgen.data.prepare import DatasetInfo, SplitStats, dataset_dir, prepare, split_stats
+
+__all__ = [
+    "Batches",
+    "DatasetInfo",
+    "SplitStats",
+    "as_numpy",
+    "dataset_dir",
+    "eval_batches",
+    "prepare",
+    "split_stats",
+    "train_batches",
+]

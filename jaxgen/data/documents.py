@@ -1,0 +1,139 @@
+"""Turning source files into documents (pretraining) or records (SFT), one split at a time.
+
+A split is a range of "units" over the concatenated inputs: characters for text files
+(so a validation fraction of one file is exactly its last characters, as nanoGPT's
+`data[int(n * 0.9):]`), non-empty lines (records) for JSONL. Documents stream as
+segments `(text, end)`: `end` marks the end of a document, where an eos goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+
+from jaxgen.data import sources
+
+Segment = tuple[str, bool]
+
+
+@dataclasses.dataclass
+class Counts:
+    """Running statistics of one split (see `SplitStats`)."""
+
+    examples: int = 0
+    tokens: int = 0
+    chars: int = 0
+    bytes: int = 0
+    replaced_chars: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+
+class Splitter:
+    """Cuts streamed text into document segments by `data.documents`.
+
+    file: the whole text is one document. line: each non-blank line is one.
+    blank_lines: runs of non-blank lines separated by blank lines (newlines inside kept).
+    """
+
+    def __init__(self, mode: str):
+        self._mode = mode
+        self._partial = ""  # an unfinished line (line / blank_lines modes)
+        self._in_doc = False
+
+    def feed(self, text: str) -> list[Segment]:
+        if self._mode == "file":
+            return [(text, False)] if text else []
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        return self._lines(lines)
+
+    def end(self) -> list[Segment]:
+        """Ends the current document (at the end of a file or of the split's range)."""
+        if self._mode == "file":
+            return [("", True)]
+        out = self._lines([self._partial]) if self._partial else []
+        self._partial = ""
+        if self._in_doc:
+            out.append(("", True))
+            self._in_doc = False
+        return out
+
+    def _lines(self, lines: list[str]) -> list[Segment]:
+        if self._mode == "line":
+            return [(line, True) for line in lines if line.strip()]
+        out = []
+        for line in lines:
+            if line.strip():
+                out.append(("\n" + line if self._in_doc else line, False))
+                self._in_doc = True
+            elif self._in_doc:
+                out.append(("", True))
+                self._in_doc = False
+        return out
+
+
+def text_segments(
+    files: Sequence[pathlib.Path],
+    data,
+    lo: int,
+    hi: int,
+    counts: Counts,
+    advance: Callable[[int], None],
+) -> Iterator[Segment]:
+    """Document segments of characters [lo, hi) of the concatenated text files."""
+    pos = 0
+    for path in files:
+        splitter = Splitter(data.documents)
+        for block in sources.read_blocks(path, data.strict_utf8):
+            advance(block.nbytes)
+            n = len(block.text)
+            a, b = max(lo - pos, 0), min(hi - pos, n)
+            pos += n
+            if a >= b:
+                if pos >= hi:
+                    break
+                continue
+            text = block.text if (a, b) == (0, n) else block.text[a:b]
+            if block.replaced:
+                counts.replaced_chars += min(block.replaced, text.count("\ufffd"))
+            yield from splitter.feed(text)
+        yield from splitter.end()
+        if pos >= hi:
+            return
+
+
+def jsonl_records(
+    files: Sequence[pathlib.Path],
+    data,
+    lo: int,
+    hi: int,
+    counts: Counts,
+    advance: Callable[[int], None],
+) -> Iterator[tuple[pathlib.Path, int, dict]]:
+    """(path, line, record) for records [lo, hi) of the concatenated JSONL files."""
+    index = 0
+    for path in files:
+        for lineno, record, replaced in sources.iter_jsonl(path, data.strict_utf8, advance):
+            if index >= hi:
+                return
+            if index >= lo:
+                counts.replaced_chars += replaced
+                yield path, lineno, record
+            index += 1
+
+
+def jsonl_segments(files, data, lo, hi, counts, advance) -> Iterator[Segment]:
+    """Pretraining documents from JSONL: one per record, its `data.text_field`."""
+    for path, lineno, record in jsonl_records(files, data, lo, hi, counts, advance):
+        yield sources.text_field(record, data.text_field, path, lineno), True
+
+
+def catalog_segments(config, patterns: Sequence[str], default_split: str) -> Iterator[Segment]:
+    """Pretraining documents from `tfds:` sources: one per example."""
+    from jaxgen.data.catalog import catalog_texts
+
+    for pattern in patterns:
+        for text in catalog_texts(config, pattern, default_split):
+            yield text, True

@@ -1,0 +1,181 @@
+"""The input pipeline: grain over the prepared TFDS array_record splits.
+
+Pretraining: the split is one token stream; window w is tokens [w*T, w*T + T + 1) and
+gives `tokens = window[:-1]`, `targets = window[1:]`. Positions are `arange(T)` and
+segment ids all 1 — documents are separated by eos and attend across it, as in GPT-2
+and nanoGPT (no per-document reset). Training draws windows in a seeded global
+shuffle (a fresh permutation each epoch); evaluation walks every window once in order
+(the last one padded), so each token of the split is a target exactly once.
+
+SFT: examples are first-fit packed into rows of T; segment ids 1..n per example
+(0 = padding), positions restart per example, loss_mask is 1 only on response targets.
+
+Global batch k is the same whatever the number of processes: process p of P takes rows
+[p*B/P, (p+1)*B/P) of it. So the iterator state (grain's, JSON) is just "where in the
+stream", and restoring it gives exactly the next batch of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import grain
+import numpy as np
+
+from jaxgen.data import builder
+from jaxgen.data.prepare import dataset_dir, read_metadata
+from jaxgen.errors import JaxgenError
+
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which rows of each global batch this process loads: [index*rows, (index+1)*rows)."""
+
+    index: int
+    count: int
+
+    def rows(self, batch_size: int) -> int:
+        return batch_size // self.count
+
+
+class WindowReader:
+    """Turns an array of window ids into a batch dict; id -1 is a padding row.
+
+    Picklable (opens the split lazily), so grain worker processes can run it.
+    """
+
+    def __init__(self, directory: str, split: str, seq_len: int, num_tokens: int):
+        self._dir, self._split = directory, split
+        self._t, self._n = seq_len, num_tokens
+        self._source = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+    def _chunks(self, first: int, last: int) -> np.ndarray:
+        if self._source is None:
+            self._source = builder.open_split(self._dir, self._split)
+        return np.concatenate([self._source[c]["tokens"] for c in range(first, last + 1)])
+
+    def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        t, c = self._t, builder.CHUNK_TOKENS
+        b = len(ids)
+        tokens = np.zeros((b, t + 1), np.int32)  # [B, T+1] window incl. the last target
+        valid = np.zeros((b, t + 1), bool)
+        for row, w in enumerate(ids):
+            if w < 0:
+                continue
+            start, end = int(w) * t, min(int(w) * t + t + 1, self._n)
+            chunk = self._chunks(start // c, (end - 1) // c)
+            offset = start // c * c
+            tokens[row, : end - start] = chunk[start - offset : end - offset]
+            valid[row, : end - start] = True
+        return {
+            "tokens": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "segment_ids": valid[:, :-1].astype(np.int32),
+            "loss_mask": valid[:, 1:].astype(np.float32),
+        }
+
+
+def _metadata(config, split: str) -> dict:
+    meta = read_metadata(config)
+    if meta is None:
+        raise JaxgenError(f"{dataset_dir(config)}: no prepared dataset (run `jaxgen data prepare`)")
+    if split not in meta["splits"]:
+        raise JaxgenError(f"{dataset_dir(config)}: no {split!r} split (has {sorted(meta['splits'])})")
+    return meta
+
+
+def check_batch(batch_size: int, shard: Shard, key: str) -> None:
+    if batch_size % shard.count:
+        raise JaxgenError(f"{key}: {batch_size} rows do not split evenly over {shard.count} processes")
+
+
+def _read_options(config) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch)
+
+
+def _finish(config, ds: grain.MapDataset) -> grain.IterDataset:
+    it = ds.to_iter_dataset(_read_options(config))
+    if config.data.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+    return it
+
+
+def pretrain_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int):
+    """grain IterDataset of this process's rows of each global batch (numpy dicts)."""
+    meta = _metadata(config, split)
+    t = config.train.seq_len
+    n = meta["splits"][split]["tokens"]
+    reader = WindowReader(str(dataset_dir(config)), split, t, n)
+    rows = shard.rows(batch_size)
+    if train:
+        windows = (n - 1) // t
+        if windows < 1:
+            raise JaxgenError(
+                f"data: the {split} split has {n} tokens, fewer than train.seq_len + 1 = {t + 1}"
+            )
+        ids = grain.MapDataset.range(windows).shuffle(seed=seed).repeat(config.data.num_epochs)
+        ids = ids.batch(rows, drop_remainder=True)
+        if config.data.num_epochs is not None:  # only whole global batches
+            ids = ids[: len(ids) // shard.count * shard.count]
+    else:
+        windows = math.ceil((n - 1) / t)
+        total = math.ceil(windows / batch_size) * batch_size
+        ids = grain.MapDataset.range(total).map(functools.partial(_or_padding, windows)).batch(rows)
+    return _finish(config, ids[shard.index :: shard.count].map(reader))
+
+
+def _or_padding(limit: int, i: int) -> int:
+    return i if i < limit else -1
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def _sft_example(record: dict) -> dict[str, np.ndarray]:
+    tokens, mask = record["tokens"], record["loss_mask"]
+    return {"tokens": tokens[:-1], "targets": tokens[1:], "loss_mask": mask[1:].astype(np.float32)}
+
+
+def _sft_rows(shard: Shard, batch_size: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a packed global batch (padded to batch_size rows) in FIELDS names."""
+    rows = shard.rows(batch_size)
+    out = {
+        "tokens": batch["tokens"],
+        "targets": batch["targets"],
+        "positions": batch["tokens_positions"],
+        "segment_ids": batch["tokens_segment_ids"],
+        "loss_mask": batch["loss_mask"] * (batch["tokens_segment_ids"] > 0),
+    }
+    pad = batch_size - len(out["tokens"])  # only the last eval batch is short
+    out = {k: np.pad(v, ((0, pad), (0, 0))) if pad else v for k, v in out.items()}
+    lo = shard.index * rows
+    return {k: np.ascontiguousarray(v[lo : lo + rows]) for k, v in out.items()}
+
+
+def sft_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int):
+    """Packed SFT batches: every process packs the same global stream, then keeps its rows.
+
+    Packing globally (rather than per process) keeps batch k independent of the process
+    count; SFT sets are small next to the model's compute, so reading them P times is cheap.
+    """
+    _metadata(config, split)
+    t = config.train.seq_len
+    source = builder.open_split(str(dataset_dir(config)), split)
+    ds = grain.MapDataset.source(source)
+    if train:
+        ds = ds.shuffle(seed=seed).repeat(config.data.num_epochs)
+    ds = _finish(config, ds.map(_sft_example))
+    lengths = {k: t for k in ("tokens", "targets", "loss_mask")}
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
+    )
+    ds = ds.batch(batch_size, drop_remainder=train)
+    return ds.map(functools.partial(_sft_rows, shard, batch_size))

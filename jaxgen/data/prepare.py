@@ -1,0 +1,339 @@
+"""`jaxgen data prepare`: tokenize the configured sources into a TFDS array_record dataset.
+
+Layout under `<data_dir>/<data.name>/`: `tokenizer.model` (when trained here) and
+`jaxgen_tokens/1.0.0/` (a TFDS dataset: shards, dataset_info.json, features.json,
+metadata.json with our fingerprint and per-split statistics).
+
+Pretraining splits hold one token stream `eos d1 eos d2 eos ...` in CHUNK_TOKENS
+records (the leading eos makes the first document's first token a target too, so
+every character of the split is predicted once). SFT splits hold one record per
+example: `tokens` (bos, prompt, response, eos) and `loss_mask` (1 on response and eos).
+
+Re-running on unchanged inputs is a no-op: the fingerprint covers input contents
+(size + mtime as a shortcut, sha256 otherwise), the tokenizer file and the config
+fields that change the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from jaxgen.data import builder, documents, sources
+from jaxgen.data.documents import Counts
+from jaxgen.data.sft import write_sft
+from jaxgen.errors import JaxgenError
+from jaxgen.tokenizer import (
+    load_tokenizer,
+    tokenizer_dir,
+    tokenizer_fingerprint,
+    tokenizer_path,
+    tokenizer_up_to_date,
+    train_tokenizer,
+)
+
+FORMAT_VERSION = 1
+_ENCODE_CHARS = 1 << 18  # text per encode_batch call: large enough to amortise the call
+# Fields that only steer the input pipeline: changing them must not rebuild the dataset.
+_PIPELINE_FIELDS = {
+    "name",
+    "data_dir",
+    "shuffle_seed",
+    "num_epochs",
+    "worker_count",
+    "read_threads",
+    "prefetch",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitStats:
+    """Size of a prepared split. chars/bytes count the split's text, for nats per char/byte.
+
+    examples: documents (pretraining) or kept records (SFT); tokens: tokens written
+    (with eos separators / bos+eos); replaced_chars: invalid UTF-8 replaced by U+FFFD;
+    dropped / truncated: SFT records longer than seq_len + 1 (per `data.overlong`).
+    """
+
+    examples: int = 0
+    tokens: int = 0
+    chars: int = 0
+    bytes: int = 0
+    replaced_chars: int = 0
+    dropped: int = 0
+    truncated: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    tokenizer_path: pathlib.Path
+    dataset_dir: pathlib.Path
+    splits: dict[str, SplitStats]
+    kind: str  # "pretrain" or "sft"
+    rebuilt: bool  # False when prepare found everything up to date
+
+
+def dataset_dir(config) -> pathlib.Path:
+    return tokenizer_dir(config) / builder.DATASET_NAME / builder.VERSION
+
+
+def read_metadata(config) -> dict | None:
+    """The prepared dataset's metadata.json, or None when there is none."""
+    path = dataset_dir(config) / "metadata.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def split_stats(config, split: str) -> SplitStats:
+    """Statistics of a prepared split, read back from the dataset's metadata."""
+    meta = read_metadata(config)
+    if meta is None:
+        raise JaxgenError(f"{dataset_dir(config)}: no prepared dataset (run `jaxgen data prepare`)")
+    if split not in meta["splits"]:
+        raise JaxgenError(f"{dataset_dir(config)}: no split {split!r} (has {sorted(meta['splits'])})")
+    return SplitStats(**meta["splits"][split])
+
+
+def _info(config, meta: dict, rebuilt: bool) -> DatasetInfo:
+    splits = {name: SplitStats(**s) for name, s in meta["splits"].items()}
+    return DatasetInfo(pathlib.Path(meta["tokenizer"]), dataset_dir(config), splits, meta["kind"], rebuilt)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare(config, *, progress: bool = True) -> DatasetInfo:
+    """Makes sure the tokenizer and the prepared dataset exist and match the inputs.
+
+    Trains the tokenizer first when `tokenizer.path` is None and the trained one is
+    missing or stale. Prints what it does when `progress` is True.
+
+    Raises:
+        JaxgenError: bad sources (missing/empty files, empty globs, bad UTF-8 when strict,
+            malformed JSONL), an unusable tokenizer, or a split without any text.
+    """
+    say = print if progress else (lambda *a, **k: None)
+    data = config.data
+    if not data.train_files:
+        raise JaxgenError("data.train_files: no training files configured")
+    old = read_metadata(config) or {}
+    scans = _scan(config, old.get("files", {}))
+    tok_path = _ensure_tokenizer(config, scans, say)
+    tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    fingerprint = _fingerprint(config, scans, tok_sha)
+    if old.get("fingerprint") == fingerprint and dataset_dir(config).is_dir():
+        say(f"dataset {dataset_dir(config)} is up to date")
+        return _info(config, old, rebuilt=False)
+
+    say(f"preparing {dataset_dir(config)} ...")
+    tokenizer = load_tokenizer(tok_path)
+    kind = "sft" if data.format == "sft" else "pretrain"
+    final = dataset_dir(config)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        infos, stats = _write_splits(config, tokenizer, scans, tmp, kind, progress)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "kind": kind,
+            "chunk_tokens": builder.CHUNK_TOKENS,
+            "seq_len": config.train.seq_len,
+            "tokenizer": str(tok_path),
+            "tokenizer_sha256": tok_sha,
+            "files": {path: dataclasses.asdict(scan) for path, scan in scans.items()},
+            "splits": {name: dataclasses.asdict(s) for name, s in stats.items()},
+        }
+        builder.write_metadata(tmp, kind, infos, meta)
+        builder.replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, s in stats.items():
+        say(f"  {name}: {s.examples:,} examples, {s.tokens:,} tokens, {s.chars:,} chars")
+        _report_problems(name, s, data, say)
+    return _info(config, meta, rebuilt=True)
+
+
+def _report_problems(name: str, s: SplitStats, data, say) -> None:
+    if s.replaced_chars:
+        say(f"  {name}: {s.replaced_chars:,} invalid UTF-8 sequences replaced by U+FFFD")
+    if s.truncated:
+        say(f"  {name}: {s.truncated:,} records longer than seq_len + 1 tokens truncated (data.overlong)")
+    if s.dropped:
+        say(f"  {name}: {s.dropped:,} records dropped (too long per data.overlong, or nothing to train on)")
+
+
+def _scan(config, known: dict) -> dict[str, sources.FileScan]:
+    data = config.data
+    out = {}
+    for key in ("train_files", "validation_files"):
+        for path in sources.resolve_files(getattr(data, key), f"data.{key}"):
+            out[str(path)] = sources.scan_file(path, data.strict_utf8, known.get(str(path)))
+    return out
+
+
+def _ensure_tokenizer(config, scans: dict, say) -> pathlib.Path:
+    if config.tokenizer.path is not None:
+        path = tokenizer_path(config)
+        if not path.exists():
+            raise JaxgenError(f"tokenizer.path: {path} not found")
+        return path
+    digests = {p: scans[p].sha256 for p in map(str, sources.resolve_files(config.data.train_files, "-"))}
+    for pattern in filter(sources.is_tfds, config.data.train_files):
+        from jaxgen.data.catalog import catalog_digest
+
+        digests[pattern] = catalog_digest(config, pattern)
+    fingerprint = tokenizer_fingerprint(config, digests)
+    if tokenizer_up_to_date(config, fingerprint):
+        return tokenizer_path(config)
+    say(f"training tokenizer {tokenizer_path(config)} ...")
+    return train_tokenizer(config, fingerprint=fingerprint)
+
+
+def _fingerprint(config, scans: dict, tokenizer_sha: str) -> str:
+    data = config.data.model_dump(mode="json", exclude=_PIPELINE_FIELDS)
+    blob = {
+        "version": FORMAT_VERSION,
+        "chunk": builder.CHUNK_TOKENS,
+        "data": data,
+        "files": {p: s.sha256 for p, s in scans.items()},
+        "tokenizer": tokenizer_sha,
+        "seq_len": config.train.seq_len if config.data.format == "sft" else None,
+    }
+    for pattern in filter(sources.is_tfds, (*config.data.train_files, *config.data.validation_files)):
+        from jaxgen.data.catalog import catalog_digest
+
+        blob[pattern] = catalog_digest(config, pattern)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+@dataclasses.dataclass
+class _Plan:
+    name: str
+    files: list[pathlib.Path]
+    lo: int
+    hi: int
+    catalog: list[str]
+    default_split: str
+
+
+def _plans(config, scans: dict) -> list[_Plan]:
+    """Train and (optionally) validation: explicit files, or the tail fraction of the train units."""
+    data = config.data
+    unit = "chars" if data.format == "text" else "records"
+    train_files = sources.resolve_files(data.train_files, "data.train_files")
+    total = sum(getattr(scans[str(p)], unit) for p in train_files)
+    train_catalog = [p for p in data.train_files if sources.is_tfds(p)]
+    if data.validation_files:
+        val_files = sources.resolve_files(data.validation_files, "data.validation_files")
+        val_catalog = [p for p in data.validation_files if sources.is_tfds(p)]
+        return [
+            _Plan("train", train_files, 0, total, train_catalog, "train"),
+            _Plan(
+                "validation",
+                val_files,
+                0,
+                sum(getattr(scans[str(p)], unit) for p in val_files),
+                val_catalog,
+                "validation",
+            ),
+        ]
+    if data.validation_fraction == 0 or total == 0:
+        return [_Plan("train", train_files, 0, total, train_catalog, "train")]
+    cut = int(total * (1.0 - data.validation_fraction))  # nanoGPT: data[:int(n * 0.9)]
+    return [
+        _Plan("train", train_files, 0, cut, train_catalog, "train"),
+        _Plan("validation", train_files, cut, total, [], "validation"),
+    ]
+
+
+def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, progress: bool):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    plans = _plans(config, scans)
+    total_bytes = sum(scans[str(p)].size for plan in plans for p in plan.files)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+    )
+    infos, stats = [], {}
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("tokenizing", total=total_bytes or None, tokens=0)
+        for plan in plans:
+            counts = Counts()
+
+            def advance(n: int, counts=counts) -> None:
+                bar.update(task, advance=n, tokens=counts.tokens)
+
+            writer = builder.SplitWriter(tmp, plan.name, builder.features(kind))
+            if kind == "sft":
+                info = write_sft(config, tokenizer, plan, writer, counts, advance)
+            else:
+                info = _write_pretrain(config, tokenizer, plan, writer, counts, advance)
+            if counts.tokens == 0 or counts.examples == 0:
+                raise JaxgenError(f"data: the {plan.name} split has no text to train on ({_describe(plan)})")
+            infos.append(info)
+            stats[plan.name] = SplitStats(**dataclasses.asdict(counts))
+    return infos, stats
+
+
+def _describe(plan: _Plan) -> str:
+    names = [str(p) for p in plan.files] + plan.catalog
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+
+def _pretrain_segments(config, plan: _Plan, counts: Counts, advance) -> Iterator[documents.Segment]:
+    fn = documents.text_segments if config.data.format == "text" else documents.jsonl_segments
+    yield from fn(plan.files, config.data, plan.lo, plan.hi, counts, advance)
+    yield from documents.catalog_segments(config, plan.catalog, plan.default_split)
+
+
+def _write_pretrain(config, tokenizer, plan: _Plan, writer, counts: Counts, advance):
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise JaxgenError(f"{tokenizer.path}: the tokenizer has no eos piece (tokenizer.eos_id)")
+    stream = builder.StreamWriter(writer)
+    stream.extend(np.array([eos], np.int32))
+    segments = _pretrain_segments(config, plan, counts, advance)
+    for batch in _batches(segments):
+        texts = [text for text, _ in batch]
+        ids = tokenizer.encode_batch(texts)
+        # Why itertools + fromiter: one pass from Python lists to int32, no list of arrays.
+        flat = itertools.chain.from_iterable(
+            itertools.chain(i, (eos,)) if end else i for i, (_, end) in zip(ids, batch, strict=True)
+        )
+        stream.extend(np.fromiter(flat, np.int32))
+        counts.examples += sum(end for _, end in batch)
+        counts.chars += sum(map(len, texts))
+        counts.bytes += sum(len(t.encode("utf-8")) for t in texts)
+        counts.tokens = stream.tokens
+    return stream.finish()
+
+
+def _batches(segments: Iterable[documents.Segment]) -> Iterator[list[documents.Segment]]:
+    batch, size = [], 0
+    for seg in segments:
+        batch.append(seg)
+        size += len(seg[0])
+        if size >= _ENCODE_CHARS or len(batch) >= 16384:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -1,0 +1,77 @@
+"""Supervised fine-tuning records: encoding with a loss mask, and over-long handling.
+
+A record's tokens are `bos? part_1 ... part_n eos?`; its `loss_mask` is 1 on tokens of
+trained parts (the response, or assistant turns) and on the final eos when the last
+part is trained, 0 elsewhere. The pipeline shifts both by one (targets = tokens[1:],
+loss_mask = mask[1:]), so the loss falls exactly on predicting response tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from jaxgen.data import documents, sources
+
+_RECORDS_PER_CALL = 256
+
+
+def encode_record(
+    tokenizer, parts: list[tuple[str, bool]], ids: list[list[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """([L] int32 tokens, [L] uint8 mask) of one record from its parts' token ids."""
+    tokens, mask = [], []
+    if tokenizer.bos_id is not None:
+        tokens.append(tokenizer.bos_id)
+        mask.append(0)
+    for (_, trained), piece in zip(parts, ids, strict=True):
+        tokens.extend(piece)
+        mask.extend([int(trained)] * len(piece))
+    if tokenizer.eos_id is not None:
+        tokens.append(tokenizer.eos_id)
+        mask.append(int(parts[-1][1]))
+    return np.asarray(tokens, np.int32), np.asarray(mask, np.uint8)
+
+
+def fit(tokens: np.ndarray, mask: np.ndarray, max_len: int, overlong: str, counts: documents.Counts):
+    """Applies `data.overlong` to a record longer than `max_len`; None when it is dropped.
+
+    A record left with no trained target (mask[1:] all 0) is dropped too.
+    """
+    if len(tokens) > max_len:
+        if overlong == "drop":
+            counts.dropped += 1
+            return None
+        tokens, mask = tokens[:max_len], mask[:max_len]
+        if not mask[1:].any():
+            counts.dropped += 1
+            return None
+        counts.truncated += 1
+    elif not mask[1:].any():
+        counts.dropped += 1
+        return None
+    return tokens, mask
+
+
+def write_sft(config, tokenizer, plan, writer, counts: documents.Counts, advance):
+    """Encodes the plan's SFT records into `writer`, one example per record."""
+    data = config.data
+    max_len = config.train.seq_len + 1  # one row holds seq_len inputs and seq_len targets
+    records = documents.jsonl_records(plan.files, data, plan.lo, plan.hi, counts, advance)
+    group = iter(lambda: list(itertools.islice(records, _RECORDS_PER_CALL)), [])
+    for chunk in group:
+        parts = [sources.sft_parts(rec, data, path, line) for path, line, rec in chunk]
+        texts = [text for record_parts in parts for text, _ in record_parts]
+        ids = iter(tokenizer.encode_batch(texts))
+        for record_parts in parts:
+            record_ids = list(itertools.islice(ids, len(record_parts)))
+            kept = fit(*encode_record(tokenizer, record_parts, record_ids), max_len, data.overlong, counts)
+            if kept is None:
+                continue
+            counts.chars += sum(len(t) for t, _ in record_parts)
+            counts.bytes += sum(len(t.encode("utf-8")) for t, _ in record_parts)
+            writer.write({"tokens": kept[0], "loss_mask": kept[1]})
+            counts.examples += 1
+            counts.tokens += len(kept[0])
+    return writer.finish()
