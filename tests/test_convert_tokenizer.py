@@ -48,7 +48,7 @@ def test_gpt2_specials_default_to_endoftext(gpt2_dirs):
     for directory in gpt2_dirs:
         tok = HFTokenizer(directory)
         eot = tok.piece_to_id(EOT)
-        assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (eot, eot, eot, -1)
+        assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (eot, eot, eot, None)
         assert tok.encode(f"hi{EOT}") == tok.encode("hi") + [eot]  # a special token, never split
         assert tok.decode(tok.encode("hi") + [eot]) == "hi"
 

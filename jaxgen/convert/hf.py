@@ -87,14 +87,10 @@ def load_hf(hf_dir: str | pathlib.Path, *, dtype: str | None = None, mesh: Mesh 
 
 def find_tokenizer(directory: str | pathlib.Path):
     """The tokenizer stored in an HF (or run) directory, or None when it has none."""
+    from jaxgen.tokenizer import load_tokenizer  # picks SentencePiece or HFTokenizer
+
     directory = pathlib.Path(directory)
-    if (directory / "tokenizer.json").exists() or (directory / "vocab.json").exists():
-        from jaxgen.convert.hf_tokenizer import HFTokenizer
-
-        return HFTokenizer(directory)
-    if (directory / "tokenizer.model").exists():
-        from jaxgen.tokenizer import load_tokenizer
-
+    if any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return load_tokenizer(directory)
     return None
 
@@ -183,22 +179,19 @@ def import_hf(
     hf_dir = pathlib.Path(hf_dir)
     config, params, _ = load_hf(hf_dir, dtype=dtype, mesh=mesh)
     with hf_files.staged_dir(out_run_dir) as tmp:
-        tokenizer_path = _copy_tokenizer(hf_dir, tmp)
+        _copy_tokenizer(hf_dir, tmp)
         if (hf_dir / GENERATION_CONFIG).exists():
             shutil.copy2(hf_dir / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
-        save_params(tmp, config, params, step=0, tokenizer_path=tokenizer_path)
+        save_params(tmp, config, params, step=0)
     return config
 
 
-def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path | None:
-    """Copies the HF tokenizer files; returns the main one (None: no tokenizer)."""
+def _copy_tokenizer(src: pathlib.Path, dst: pathlib.Path) -> list[str]:
+    """Copies whichever HF tokenizer files `src` has; returns their names."""
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in copied:
         shutil.copy2(src / name, dst / name)
-    for main in ("tokenizer.json", "vocab.json", "tokenizer.model"):
-        if main in copied:
-            return dst / main
-    return None
+    return copied
 
 
 def export_hf(
@@ -255,12 +248,12 @@ def write_hf(
         return np.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
 
     with hf_files.staged_dir(out_dir) as tmp:
-        files = hf_files.write_checkpoint(tmp, shapes, tensor, max_shard_bytes)
+        files = hf_files.write_checkpoint(tmp, shapes, tensor, max_shard_bytes) + [CONFIG, GENERATION_CONFIG]
         _write_json(tmp / CONFIG, hf)
         _write_json(tmp / GENERATION_CONFIG, {"bos_token_id": bos_id, "eos_token_id": eos_id})
         if extra_from is not None:
-            _copy_tokenizer(extra_from, tmp)
-    return sorted(files + [CONFIG, GENERATION_CONFIG])
+            files += _copy_tokenizer(extra_from, tmp)
+    return sorted(files)
 
 
 def _rules_by_name(model: ModelConfig, rule_list: list[hf_params.Rule]) -> dict[str, list]:

@@ -4,7 +4,7 @@ Reads a `tokenizer.json` (GPT-2 byte-level BPE, Llama 3, ...) or GPT-2's origina
 `vocab.json` + `merges.txt` with the `tokenizers` library. Special ids come from
 `tokenizer_config.json` / `special_tokens_map.json`, then from `config.json` /
 `generation_config.json`, then from GPT-2's `<|endoftext|>`; an id that is not
-defined is -1 (SentencePiece's convention for a disabled special piece).
+defined is None (as in jaxgen's SentencePiece `Tokenizer`).
 
 `encode` adds no special tokens (as jaxgen's SentencePiece tokenizer does not):
 callers that want a BOS prepend `bos_id` themselves.
@@ -55,7 +55,7 @@ class HFTokenizer:
     Attributes:
         path: the main file (tokenizer.json or vocab.json); directory: where it lives.
         vocab_size: number of ids, added tokens included.
-        pad_id, bos_id, eos_id, unk_id: special ids, -1 when undefined.
+        pad_id, bos_id, eos_id, unk_id: special ids, None when undefined.
     """
 
     def __init__(self, directory: str | pathlib.Path):
@@ -77,7 +77,7 @@ class HFTokenizer:
         ids = self._special_ids()
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[r] for r in _ROLES)
 
-    def _special_ids(self) -> dict[str, int]:
+    def _special_ids(self) -> dict[str, int | None]:
         settings = {
             **_read(self.directory / "special_tokens_map.json"),
             **_read(self.directory / "tokenizer_config.json"),
@@ -98,7 +98,7 @@ class HFTokenizer:
                 found = found[0] if isinstance(found, list) and found else found
             if found is None and role != "pad":
                 found = eot  # GPT-2's files name no specials: it uses <|endoftext|> for all three
-            ids[role] = found if isinstance(found, int) else -1
+            ids[role] = found if isinstance(found, int) and found >= 0 else None
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -113,7 +113,7 @@ class HFTokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
-    def piece_to_id(self, piece: str) -> int:
+    def piece_to_id(self, piece: str) -> int | None:
         """The id of one vocabulary piece (`unk_id` when it is not in the vocabulary)."""
         found = self._tok.token_to_id(piece)
         return self.unk_id if found is None else found
