@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Sequence
 
 from jaxgen.errors import JaxgenError
@@ -169,6 +170,8 @@ def train_tokenizer(config, *, fingerprint: str | None = None) -> pathlib.Path:
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_writer=out, **options)
     except RuntimeError as e:
+        if sentences.error is not None:  # our own error (a bad source) surfaced through SentencePiece
+            raise sentences.error from None
         raise JaxgenError(_training_error(config, str(e), sentences)) from None
     if sentences.count == 0:
         raise JaxgenError(f"data.train_files: {list(config.data.train_files)} contain no text")
@@ -179,18 +182,27 @@ def train_tokenizer(config, *, fingerprint: str | None = None) -> pathlib.Path:
 
 
 class _CountingIterator:
-    """Passes sentences through, counting them and their distinct characters."""
+    """Passes sentences through, counting them and their distinct characters.
+
+    SentencePiece turns an exception raised by its input iterator into a RuntimeError;
+    `error` keeps ours so the caller can re-raise the one-line message.
+    """
 
     def __init__(self, it: Iterable[str]):
         self._it = iter(it)
         self.count = 0
         self.chars: set[str] = set()
+        self.error: JaxgenError | None = None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
-        s = next(self._it)
+        try:
+            s = next(self._it)
+        except JaxgenError as e:
+            self.error = e
+            raise
         self.count += 1
         if len(self.chars) < 100_000:
             self.chars.update(s)
@@ -231,15 +243,19 @@ def _training_error(config, message: str, sentences: _CountingIterator) -> str:
     first = message.strip().splitlines()[-1] if message.strip() else "SentencePiece failed"
     if sentences.count == 0:
         return f"data.train_files: {list(config.data.train_files)} contain no text"
-    if "Vocabulary size" in message or "vocab_size" in message:
-        needed = len(sentences.chars) + len(tok.control_tokens) + 5
-        if tok.byte_fallback:
-            needed += 256
+    if "Vocabulary size too high" in message:
+        limit = message.rsplit("<=", 1)[-1].strip(" .")
         return (
-            f"tokenizer.vocab_size: {tok.vocab_size} is too small for the {len(sentences.chars)} "
-            f"distinct characters of the training text"
-            f"{' plus 256 byte pieces (byte_fallback)' if tok.byte_fallback else ''}"
-            f" (needs at least ~{needed}; SentencePiece: {first})"
+            f"tokenizer.vocab_size: {tok.vocab_size} is more than a {tok.kind} model of this training "
+            f"text can have (at most {limit}); lower it, or use kind: unigram"
+        )
+    match = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if match:
+        fallback = " plus 256 byte pieces (byte_fallback)" if tok.byte_fallback else ""
+        return (
+            f"tokenizer.vocab_size: {tok.vocab_size} is too small for the "
+            f"{len(sentences.chars)} distinct characters of the training text{fallback} "
+            f"and the special pieces: it needs at least {match.group(2)}"
         )
     return f"tokenizer: SentencePiece training failed: {first}"
 

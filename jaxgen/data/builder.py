@@ -39,13 +39,14 @@ def features(kind: str):
     return tfds.features.FeaturesDict(spec)
 
 
-def _template(dataset_dir: pathlib.Path, split: str):
+def template(dataset_dir: pathlib.Path, split: str, name: str = DATASET_NAME):
+    """TFDS's default shard naming: `NAME-SPLIT.array_record-0000X-of-0000N`."""
     import tensorflow_datasets as tfds
 
     return tfds.core.ShardedFileTemplate(
         data_dir=dataset_dir,
         template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-        dataset_name=DATASET_NAME,
+        dataset_name=name,
         split=split,
         filetype_suffix="array_record",
     )
@@ -54,8 +55,16 @@ def _template(dataset_dir: pathlib.Path, split: str):
 class SplitWriter:
     """Appends serialised examples to array_record shards of one split."""
 
-    def __init__(self, dataset_dir: pathlib.Path, split: str, spec, shard_bytes: int = 256 << 20):
+    def __init__(
+        self,
+        dataset_dir: pathlib.Path,
+        split: str,
+        spec,
+        shard_bytes: int = 256 << 20,
+        name: str = DATASET_NAME,
+    ):
         self._dir = dataset_dir
+        self._name = name
         self._split = split
         self._spec = spec
         self._shard_bytes = shard_bytes
@@ -93,14 +102,14 @@ class SplitWriter:
         import tensorflow_datasets as tfds
 
         self._close_shard()
-        template = _template(self._dir, self._split)
+        names = template(self._dir, self._split, self._name)
         for i, path in enumerate(self._paths):
-            os.replace(path, template.sharded_filepath(shard_index=i, num_shards=len(self._paths)))
+            os.replace(path, names.sharded_filepath(shard_index=i, num_shards=len(self._paths)))
         return tfds.core.SplitInfo(
             name=self._split,
             shard_lengths=self._lengths,
             num_bytes=self._num_bytes,
-            filename_template=template,
+            filename_template=names,
         )
 
 
@@ -139,7 +148,7 @@ def write_metadata(dataset_dir: pathlib.Path, kind: str, split_infos: list, meta
         data_dir=dataset_dir,
         features=features(kind),
         split_infos=split_infos,
-        filename_template=_template(dataset_dir, split_infos[0].name),
+        filename_template=template(dataset_dir, split_infos[0].name),
         check_data=False,
         disable_shuffling=True,
         description="Tokenized by jaxgen (`jaxgen data prepare`).",
