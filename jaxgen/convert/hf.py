@@ -136,15 +136,19 @@ def _insert(tree: dict, path: tuple[str, ...], value) -> None:
 
 def _read_leaf(reader, rule: hf_params.Rule, leaf, sharding: NamedSharding, num_layers: int) -> jax.Array:
     dtype = np.dtype(leaf.dtype)
-    read = lambda name: rule.to_jax(reader.read(name, rule.part, rule.parts), leaf.shape[rule.stacked :])
+
+    def read(name: str) -> np.ndarray:  # one HF tensor in the leaf's (per-layer) shape and dtype
+        block = rule.to_jax(reader.read(name, rule.part, rule.parts), leaf.shape[rule.stacked :])
+        return block.astype(dtype, copy=False)  # no second copy when the dtype already matches
+
     if not rule.stacked:
-        return jax.device_put(read(rule.name).astype(dtype), sharding)
+        return jax.device_put(read(rule.name), sharding)
     # The stacked leaf lives only on the mesh; the host holds one layer at a time.
     layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
     stacked = jnp.zeros(leaf.shape, dtype, device=sharding)
     set_layer = _layer_setter(sharding)
     for i, name in enumerate(rule.names(num_layers)):
-        layer = jax.device_put(read(name).astype(dtype), layer_sharding)
+        layer = jax.device_put(read(name), layer_sharding)
         stacked = set_layer(stacked, layer, i)
     return stacked
 

@@ -31,42 +31,49 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 class SafetensorsReader:
     """The tensors of one HF checkpoint directory, read lazily by name.
 
-    Use as a context manager so the memory-mapped files are closed.
+    Headers (names, shapes, dtypes) are read once; each `read` maps the file only
+    for as long as it copies one tensor out, so pages already converted do not stay
+    resident (a file kept mapped would grow the process by the whole checkpoint).
     """
 
     def __init__(self, hf_dir: str | pathlib.Path):
         self.dir = pathlib.Path(hf_dir)
         self._files = _weight_map(self.dir)  # tensor name -> file name
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, object] = {}
+        self._info: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, stored dtype)
+        for file in sorted(set(self._files.values())):
+            with self._open(file) as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    self._info[name] = (tuple(view.get_shape()), view.get_dtype())
+        absent = sorted(n for n in self._files if n not in self._info)
+        if absent:
+            raise JaxgenError(f"{self.dir / INDEX}: {absent[0]} is not in {self._files[absent[0]]}")
 
     def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        pass
 
-    def _handle(self, name: str):
-        file = self._files[name]
-        if file not in self._handles:
-            path = self.dir / file
-            try:
-                self._handles[file] = self._stack.enter_context(
-                    safetensors.safe_open(path, framework="numpy")
-                )
-            except Exception as e:  # safetensors raises several types for a bad header
-                raise JaxgenError(f"{path}: cannot read safetensors ({e})") from None
-        return self._handles[file]
+    @contextlib.contextmanager
+    def _open(self, file: str):
+        path = self.dir / file
+        try:
+            handle = safetensors.safe_open(path, framework="numpy")
+        except Exception as e:  # safetensors raises several types for a bad header
+            raise JaxgenError(f"{path}: cannot read safetensors ({e})") from None
+        with handle as f:
+            yield f
 
     def names(self) -> list[str]:
         return sorted(self._files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._info[name][0]
 
     def dtype(self, name: str) -> str:
         """The stored dtype as a numpy dtype name (float32, bfloat16, ...)."""
-        stored = self._handle(name).get_slice(name).get_dtype()
+        stored = self._info[name][1]
         if stored not in _DTYPES:
             raise JaxgenError(f"{self.dir / self._files[name]}: {name}: unsupported dtype {stored}")
         return _DTYPES[stored]
@@ -74,12 +81,13 @@ class SafetensorsReader:
     def read(self, name: str, part: int = 0, parts: int = 1) -> np.ndarray:
         """One tensor, or block `part` of `parts` equal blocks of its last axis."""
         self.dtype(name)  # rejects integer/bool tensors with a clear line
-        if parts == 1:
-            return self._handle(name).get_tensor(name)
-        width = self.shape(name)[-1] // parts
-        view = self._handle(name).get_slice(name)
-        index = (slice(None),) * (len(self.shape(name)) - 1) + (slice(part * width, (part + 1) * width),)
-        return view[index]
+        shape = self.shape(name)
+        with self._open(self._files[name]) as f:
+            if parts == 1:
+                return f.get_tensor(name)
+            width = shape[-1] // parts
+            index = (slice(None),) * (len(shape) - 1) + (slice(part * width, (part + 1) * width),)
+            return f.get_slice(name)[index]
 
 
 def _weight_map(hf_dir: pathlib.Path) -> dict[str, str]:
