@@ -63,6 +63,39 @@ def _cmd_convert_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- data
+
+
+def _cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from jaxgen.config import load_config
+    from jaxgen.data.prepare import ensure_tokenizer
+    from jaxgen.tokenizer import load_tokenizer, model_vocab_size
+
+    config = load_config(args.config, args.overrides)
+    tok = load_tokenizer(ensure_tokenizer(config, print))
+    multiple = config.tokenizer.vocab_multiple
+    print(f"{tok.path}: {tok.vocab_size} pieces (model vocab {model_vocab_size(tok, multiple)})")
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxgen.config import load_config
+    from jaxgen.data import prepare
+
+    prepare(load_config(args.config, args.overrides))
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from jaxgen.data.bench import run
+
+    run(mb=args.mb, batches=args.batches, kind=args.kind, workdir=args.workdir)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -98,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         q = data_sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(q)
-        q.set_defaults(handler=_not_implemented(f"data {name}"))
+        q.set_defaults(handler=_cmd_data_tokenizer if name == "tokenizer" else _cmd_data_prepare)
 
     p = sub.add_parser("convert", help="import/export Hugging Face checkpoints")
     convert_sub = p.add_subparsers(dest="convert_command", required=True, metavar="ACTION")
@@ -118,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_not_implemented("plan"))
 
     p = sub.add_parser("bench", help="benchmarks printing one JSON line per setting")
-    p.set_defaults(handler=_not_implemented("bench"))
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    q = bench_sub.add_parser("data", help="prepare MB/s and peak RSS; pipeline batches/s")
+    q.add_argument("--mb", type=float, default=200.0, help="size of the synthetic corpus")
+    q.add_argument("--batches", type=int, default=500, help="pipeline batches to time (16 x 1024)")
+    q.add_argument("--kind", default="bpe", help="tokenizer kind(s), comma-separated: bpe,unigram,char")
+    q.add_argument("--workdir", help="where the corpus and dataset go (default: a temp dir)")
+    q.set_defaults(handler=_cmd_bench_data)
 
     p = sub.add_parser("config", help="inspect configs")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -155,6 +155,7 @@ class DataConfig(_Section):
     trained_role: str = "assistant"  # chat: the role whose turns carry the loss
     strict_utf8: bool = False  # False: invalid UTF-8 becomes U+FFFD (counted); True: an error
     overlong: Literal["truncate", "drop"] = "truncate"  # sft records longer than seq_len + 1
+    prepare_workers: NonNegInt = 0  # tokenizing processes; 0: all cores for inputs over 16 MB, else 1
     shuffle_seed: int = 0
     num_epochs: PositiveInt | None = None  # None: repeat forever
     worker_count: NonNegInt = 0  # >0: grain worker processes; 0: reader threads in-process

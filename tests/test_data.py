@@ -279,3 +279,13 @@ def test_vocab_too_small_for_byte_fallback_through_prepare(tmp_path):
     )
     with pytest.raises(JaxgenError, match=r"^tokenizer.vocab_size: 300 is too small .*needs at least \d+"):
         prepare(config, progress=False)
+
+
+def test_worker_processes_write_the_same_dataset(tmp_path):
+    corpus = _write(tmp_path / "corpus.txt", "\n\n".join(PARAGRAPHS * 400))
+    one = _config(tmp_path / "one", [corpus], "data.documents=blank_lines", "data.prepare_workers=1")
+    two = _config(tmp_path / "two", [corpus], "data.documents=blank_lines", "data.prepare_workers=2")
+    a, b = prepare(one, progress=False), prepare(two, progress=False)
+    assert a.splits == b.splits and a.splits["train"].examples > 1000
+    for split in ("train", "validation"):
+        assert np.array_equal(_stream(one, a, split), _stream(two, b, split))

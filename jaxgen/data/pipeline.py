@@ -154,7 +154,7 @@ def _sft_rows(shard: Shard, batch_size: int, batch: dict[str, np.ndarray]) -> di
         "segment_ids": batch["tokens_segment_ids"],
         "loss_mask": batch["loss_mask"] * (batch["tokens_segment_ids"] > 0),
     }
-    pad = batch_size - len(out["tokens"])  # only the last eval batch is short
+    pad = batch_size - len(out["tokens"])  # only the last batch of a finite stream is short
     out = {k: np.pad(v, ((0, pad), (0, 0))) if pad else v for k, v in out.items()}
     lo = shard.index * rows
     return {k: np.ascontiguousarray(v[lo : lo + rows]) for k, v in out.items()}
@@ -177,5 +177,6 @@ def sft_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
     )
-    ds = ds.batch(batch_size, drop_remainder=train)
+    # The last batch of a finite stream is padded, not dropped: an SFT epoch sees every example.
+    ds = ds.batch(batch_size, drop_remainder=False)
     return ds.map(functools.partial(_sft_rows, shard, batch_size))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ import numpy as np
 
 from jaxgen.data import builder, documents, sources
 from jaxgen.data.documents import Counts
+from jaxgen.data.encode import encode_all
 from jaxgen.data.sft import write_sft
 from jaxgen.errors import JaxgenError
 from jaxgen.tokenizer import (
@@ -42,6 +42,7 @@ from jaxgen.tokenizer import (
 
 FORMAT_VERSION = 1
 _ENCODE_CHARS = 1 << 18  # text per encode_batch call: large enough to amortise the call
+_PARALLEL_BYTES = 16 << 20  # below this, starting worker processes costs more than it saves
 # Fields that only steer the input pipeline: changing them must not rebuild the dataset.
 _PIPELINE_FIELDS = {
     "name",
@@ -128,7 +129,7 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
         raise JaxgenError("data.train_files: no training files configured")
     old = read_metadata(config) or {}
     scans = _scan(config, old.get("files", {}))
-    tok_path = _ensure_tokenizer(config, scans, say)
+    tok_path = ensure_tokenizer(config, say, scans)
     tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
     fingerprint = _fingerprint(config, scans, tok_sha)
     if old.get("fingerprint") == fingerprint and dataset_dir(config).is_dir():
@@ -183,12 +184,15 @@ def _scan(config, known: dict) -> dict[str, sources.FileScan]:
     return out
 
 
-def _ensure_tokenizer(config, scans: dict, say) -> pathlib.Path:
+def ensure_tokenizer(config, say=print, scans: dict | None = None) -> pathlib.Path:
+    """The config's tokenizer file: `tokenizer.path`, or the trained one (retrained when stale)."""
     if config.tokenizer.path is not None:
         path = tokenizer_path(config)
         if not path.exists():
             raise JaxgenError(f"tokenizer.path: {path} not found")
         return path
+    if scans is None:
+        scans = _scan(config, (read_metadata(config) or {}).get("files", {}))
     digests = {p: scans[p].sha256 for p in map(str, sources.resolve_files(config.data.train_files, "-"))}
     for pattern in filter(sources.is_tfds, config.data.train_files):
         from jaxgen.data.catalog import catalog_digest
@@ -311,20 +315,22 @@ def _write_pretrain(config, tokenizer, plan: _Plan, writer, counts: Counts, adva
         raise JaxgenError(f"{tokenizer.path}: the tokenizer has no eos piece (tokenizer.eos_id)")
     stream = builder.StreamWriter(writer)
     stream.extend(np.array([eos], np.int32))
-    segments = _pretrain_segments(config, plan, counts, advance)
-    for batch in _batches(segments):
-        texts = [text for text, _ in batch]
-        ids = tokenizer.encode_batch(texts)
-        # Why itertools + fromiter: one pass from Python lists to int32, no list of arrays.
-        flat = itertools.chain.from_iterable(
-            itertools.chain(i, (eos,)) if end else i for i, (_, end) in zip(ids, batch, strict=True)
-        )
-        stream.extend(np.fromiter(flat, np.int32))
-        counts.examples += sum(end for _, end in batch)
-        counts.chars += sum(map(len, texts))
-        counts.bytes += sum(len(t.encode("utf-8")) for t in texts)
+    batches = _batches(_pretrain_segments(config, plan, counts, advance))
+    for flat, chars, nbytes, docs in encode_all(tokenizer, batches, _workers(config, plan)):
+        stream.extend(flat)
+        counts.examples += docs
+        counts.chars += chars
+        counts.bytes += nbytes
         counts.tokens = stream.tokens
     return stream.finish()
+
+
+def _workers(config, plan: _Plan) -> int:
+    if config.data.prepare_workers:
+        return config.data.prepare_workers
+    text = config.data.format == "text"  # then the plan's range is in characters, ~bytes
+    size = plan.hi - plan.lo if text else sum(p.stat().st_size for p in plan.files)
+    return min(os.cpu_count() or 1, 8) if size > _PARALLEL_BYTES else 1
 
 
 def _batches(segments: Iterable[documents.Segment]) -> Iterator[list[documents.Segment]]:

@@ -1,0 +1,146 @@
+"""`jaxgen bench data`: prepare throughput and peak RSS, pipeline batches/s. One JSON line each.
+
+Prepare runs in a child process so its peak RSS is measured alone (ru_maxrss of the
+child); the tokenizer is trained first (timed separately), so `prepare` measures
+reading, tokenizing and writing only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+_WORDS = 20_000
+
+
+def synthetic_corpus(directory: pathlib.Path, mb: float, files: int = 4, seed: int = 0) -> list[pathlib.Path]:
+    """Zipf-distributed pseudo-words in lines and paragraphs: `mb` megabytes over `files` files."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    lengths = rng.integers(1, 10, _WORDS)
+    vocab = np.array(
+        ["".join(rng.choice(letters, n)) for n in lengths] + ["\n", "\n\n", ", ", ". "], dtype=object
+    )
+    weights = 1.0 / np.arange(1, len(vocab) + 1)
+    weights[-4:] = [0.08, 0.01, 0.05, 0.05]  # line and paragraph breaks, punctuation
+    weights /= weights.sum()
+    paths = []
+    per_file = int(mb * 1e6 / files)
+    for i in range(files):
+        path = directory / f"corpus-{i}.txt"
+        with open(path, "w", encoding="utf-8") as f:
+            written = 0
+            while written < per_file:
+                words = vocab[rng.choice(len(vocab), 200_000, p=weights)]
+                text = " ".join(words)
+                f.write(text)
+                written += len(text)
+        paths.append(path)
+    return paths
+
+
+def _config(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]):
+    from jaxgen.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"data.train_files={json.dumps([str(p) for p in files])}",
+            f"data.data_dir={workdir / 'prepared'}",
+            f"data.name=bench-{kind}",
+            "data.documents=blank_lines",
+            f"tokenizer.kind={kind}",
+            "tokenizer.vocab_size=1024",
+            "tokenizer.train_sentences=200000",
+            "train.seq_len=1024",
+            "train.batch_size=16",
+        ],
+    )
+
+
+def _child_prepare(workdir: str, kind: str) -> None:
+    """Runs in the child: prepare (the tokenizer already exists), print seconds as JSON."""
+    from jaxgen.data import prepare
+
+    files = sorted(pathlib.Path(workdir, "corpus").glob("*.txt"))
+    start = time.perf_counter()
+    info = prepare(_config(pathlib.Path(workdir), kind, files), progress=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(s.tokens for s in info.splits.values())
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "rebuilt": info.rebuilt, "peak_mb": peak_mb}))
+
+
+def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -> dict:
+    from jaxgen.data import dataset_dir
+    from jaxgen.tokenizer import train_tokenizer
+
+    config = _config(workdir, kind, files)
+    start = time.perf_counter()
+    train_tokenizer(config)
+    tok_seconds = time.perf_counter() - start
+    shutil.rmtree(dataset_dir(config), ignore_errors=True)  # measure a full build
+    code = f"from jaxgen.data.bench import _child_prepare; _child_prepare({str(workdir)!r}, {kind!r})"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    mb = sum(p.stat().st_size for p in files) / 1e6
+    return {
+        "bench": "data_prepare",
+        "tokenizer": kind,
+        "corpus_mb": round(mb, 1),
+        "tokenizer_train_s": round(tok_seconds, 2),
+        "prepare_s": round(child["seconds"], 2),
+        "mb_per_s": round(mb / child["seconds"], 2),
+        "processes": 1,
+        "tokens": child["tokens"],
+        "peak_rss_mb": round(child["peak_mb"], 1),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def bench_pipeline(workdir: pathlib.Path, kind: str, files: list[pathlib.Path], batches: int) -> dict:
+    import jax
+
+    from jaxgen.data import train_batches
+    from jaxgen.sharding import make_mesh
+
+    config = _config(workdir, kind, files)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    out = {"bench": "data_pipeline", "tokenizer": kind, "batch": "16x1024"}
+    for name, m in (("numpy", None), ("jax_array", mesh)):
+        it = train_batches(config, m)
+        for _ in range(20):  # warm up threads and the read-ahead buffer
+            next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        out[f"{name}_batches_per_s"] = round(batches / (time.perf_counter() - start), 1)
+    out["read_threads"] = config.data.read_threads
+    return out
+
+
+def run(mb: float = 200.0, batches: int = 500, kind: str = "bpe", workdir: str | None = None) -> list[dict]:
+    """Prints (and returns) one JSON line per measurement."""
+    with tempfile.TemporaryDirectory(prefix="jaxgen-bench-data-") as tmp:
+        root = pathlib.Path(workdir or tmp)
+        (root / "corpus").mkdir(parents=True, exist_ok=True)
+        files = sorted((root / "corpus").glob("*.txt"))
+        if abs(sum(p.stat().st_size for p in files) / 1e6 - mb) > 0.05 * mb + 1:
+            for p in files:
+                p.unlink()
+            files = synthetic_corpus(root / "corpus", mb)
+        results = []
+        for k in kind.split(","):
+            for line in (bench_prepare(root, k, files), bench_pipeline(root, k, files, batches)):
+                print(json.dumps(line), flush=True)
+                results.append(line)
+        return results
