@@ -1,0 +1,346 @@
+"""Autoregressive decoding: prefill, decode steps and one jitted loop with a KV cache.
+
+The whole generation (prefill, a `lax.while_loop` of decode steps, per-row stopping)
+is one compiled function, so the host is not involved per token. Streaming runs the
+same loop in chunks of steps: `start` (prefill + first token) and `advance` (up to N
+more steps, the state donated so the cache is updated in place) are compiled once
+and reused for every chunk.
+
+Rows are left-padded to a common prompt length P (see jaxgen/kvcache.py), so every
+row's next token goes to the same slot `P + step`. Prompt lengths, batch sizes and
+the generated-token buffer are bucketed (powers of two, or configured buckets), so a
+new prompt length rarely compiles a new program; the real limit on new tokens is a
+traced value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import sampling
+from jaxgen.config import ModelConfig
+from jaxgen.errors import JaxgenError
+from jaxgen.kvcache import CACHE_NAMES, KVCache, init_cache
+from jaxgen.model.layers import constrain
+from jaxgen.model.transformer import Transformer
+
+FINISH_REASONS = (None, "length", "eos", "stop")  # index = the code kept in the state
+LENGTH, EOS, STOP = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about one decoding program (a jit static argument)."""
+
+    strategy: sampling.Strategy = sampling.Greedy()
+    processors: sampling.Processors = sampling.Processors()
+    stopping: sampling.Stopping = sampling.Stopping()
+    buffer: int = 16  # generated-token slots (a bucket >= max_new_tokens)
+
+
+@flax.struct.dataclass
+class SamplingState:
+    """What the decoding loop carries from step to step."""
+
+    tokens: jax.Array  # [B, S] int32: prompt left-padded into [0, P), generated from P
+    valid: jax.Array  # [B, S] bool: real text (not padding, not after the row stopped)
+    cache: KVCache
+    step: jax.Array  # [] int32: tokens generated so far; the next goes to slot P + step
+    prompt_lengths: jax.Array  # [B] int32
+    done: jax.Array  # [B] bool
+    finish: jax.Array  # [B] int32 code into FINISH_REASONS
+    num_tokens: jax.Array  # [B] int32 completion tokens kept (eos / stop sequence excluded)
+    keys: jax.Array  # [B] per-row PRNG keys
+    limit: jax.Array  # [] int32 max new tokens
+    prompt_len: int = flax.struct.field(pytree_node=False)  # P
+
+
+@dataclasses.dataclass
+class Completion:
+    """One row's result (host side)."""
+
+    tokens: list[int]
+    finish_reason: str
+    score: float | None = None  # beam search: HF's sequence score
+
+
+def bucket(n: int, buckets: Sequence[int] = (), cap: int | None = None) -> int:
+    """The smallest configured bucket >= n, else the next power of two (at most `cap`)."""
+    fits = [b for b in sorted(buckets) if b >= n]
+    size = fits[0] if fits else 1 << max(n - 1, 0).bit_length()
+    return max(n, min(size, cap)) if cap else size
+
+
+# ----------------------------------------------------------------------------- model calls
+
+
+def prefill(model: Transformer, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache):
+    """Runs left-padded prompts [B, P] (real lengths [B]) through the model once.
+
+    Returns:
+        float32 logits of each row's last prompt token [B, V], and the filled cache.
+    """
+    p = prompt.shape[1]
+    start = (p - lengths)[:, None]  # [B, 1] first real slot
+    slots = jnp.arange(p)[None]  # [1, P]
+    segment = (slots >= start).astype(jnp.int32)
+    positions = jnp.maximum(slots - start, 0)  # 0 at each row's first real token
+    logits, cache = model.apply({"params": params}, prompt, positions, segment, cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+def decode_step(model: Transformer, params, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+    """One token per row (tokens, positions [B]) -> float32 logits [B, V] and the cache."""
+    tokens, positions = tokens[:, None], positions[:, None]
+    logits, cache = model.apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache=cache)
+    return logits[:, 0].astype(jnp.float32), cache
+
+
+def new_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache laid out by logical axes (batch on data, kv heads on tensor)."""
+    cache = init_cache(config, batch, length)
+    return cache.replace(
+        k=constrain(cache.k, CACHE_NAMES),
+        v=constrain(cache.v, CACHE_NAMES),
+        segment=constrain(cache.segment, ("batch", "cache_length")),
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _append(state: SamplingState, token: jax.Array, stopping: sampling.Stopping) -> SamplingState:
+    """Writes each running row's new token at slot P + step and applies stopping."""
+    slot = state.prompt_len + state.step
+    running = ~state.done
+    token = jnp.where(running, token, 0)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, slot))
+    valid = jax.lax.dynamic_update_slice(state.valid, running[:, None], (0, slot))
+    num = state.num_tokens + running
+    finish = state.finish
+    done = state.done
+    if stopping.eos_ids:
+        eos = running & jnp.isin(token, jnp.asarray(stopping.eos_ids, jnp.int32))
+        finish, done, num = jnp.where(eos, EOS, finish), done | eos, num - eos
+    for seq in stopping.stop:
+        hit = ~done & sampling.ends_with(tokens, valid, slot + 1, seq)
+        finish, done = jnp.where(hit, STOP, finish), done | hit
+        num = jnp.where(hit, jnp.maximum(num - len(seq), 0), num)
+    step = state.step + 1
+    out_of_room = ~done & (step >= state.limit)
+    finish, done = jnp.where(out_of_room, LENGTH, finish), done | out_of_room
+    return state.replace(tokens=tokens, valid=valid, step=step, done=done, finish=finish, num_tokens=num)
+
+
+def _next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> jax.Array:
+    end = state.prompt_len + state.step
+    scores = sampling.process(logits, state.tokens, state.valid, end, spec.processors)
+    return sampling.choose(scores, spec.strategy, state.keys, state.step)
+
+
+def start(model, params, prompt, lengths, row_ids, seed, limit, spec: DecodeSpec) -> SamplingState:
+    """Prefill and pick the first new token: the loop's initial state."""
+    b, p = prompt.shape
+    cache = new_cache(model.config, b, p + spec.buffer)
+    logits, cache = prefill(model, params, prompt, lengths, cache)
+    tokens = jnp.zeros((b, p + spec.buffer), jnp.int32).at[:, :p].set(prompt)
+    valid = jnp.arange(p + spec.buffer)[None] >= (p - lengths)[:, None]
+    valid &= jnp.arange(p + spec.buffer)[None] < p
+    state = SamplingState(
+        tokens=tokens,
+        valid=valid,
+        cache=cache,
+        step=jnp.zeros((), jnp.int32),
+        prompt_lengths=lengths,
+        done=jnp.zeros((b,), bool),
+        finish=jnp.zeros((b,), jnp.int32),
+        num_tokens=jnp.zeros((b,), jnp.int32),
+        keys=sampling.row_keys(seed, row_ids),
+        limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
+        prompt_len=p,
+    )
+    return _append(state, _next_token(state, logits, spec), spec.stopping)
+
+
+def advance(model, params, state: SamplingState, until: jax.Array, spec: DecodeSpec) -> SamplingState:
+    """Decodes until every row is done or `step == until` (a traced bound)."""
+
+    def cond(s: SamplingState):
+        return (s.step < until) & ~jnp.all(s.done)
+
+    def body(s: SamplingState):
+        last = s.prompt_len + s.step - 1
+        token = jax.lax.dynamic_slice_in_dim(s.tokens, last, 1, axis=1)[:, 0]
+        logits, cache = decode_step(model, params, token, s.prompt_lengths + s.step - 1, s.cache)
+        s = s.replace(cache=cache)
+        return _append(s, _next_token(s, logits, spec), spec.stopping)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _outputs(state: SamplingState):
+    return state.tokens[:, state.prompt_len :], state.num_tokens, state.finish
+
+
+@functools.lru_cache(maxsize=64)
+def compiled(config: ModelConfig, spec: DecodeSpec):
+    """The jitted programs for one model config and decoding spec (cached; jit caches shapes).
+
+    Returns:
+        (generate, start, advance): `generate(params, prompt, lengths, row_ids, seed, limit)`
+        -> (tokens [B, buffer], num_tokens [B], finish [B]); `start` -> SamplingState;
+        `advance(params, state, until)` -> SamplingState with the state donated.
+    """
+    model = Transformer(config)
+
+    def whole(params, prompt, lengths, row_ids, seed, limit):
+        state = start(model, params, prompt, lengths, row_ids, seed, limit, spec)
+        return _outputs(advance(model, params, state, state.limit, spec))
+
+    return (
+        jax.jit(whole),
+        jax.jit(functools.partial(start, model, spec=spec)),
+        jax.jit(functools.partial(advance, model, spec=spec), donate_argnums=(1,)),
+    )
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Prompts laid out for the device: left-padded, batch and length bucketed."""
+
+    prompt: np.ndarray  # [B, P] int32
+    lengths: np.ndarray  # [B] int32
+    row_ids: np.ndarray  # [B] int32
+    count: int  # real rows (the rest are padding rows)
+
+
+def make_batch(
+    prompts: Sequence[Sequence[int]], row_ids: Sequence[int], *, buckets=(), batch_multiple=1, max_len=None
+) -> Batch:
+    """Left-pads token lists into a bucketed [B, P] batch; padding rows hold one token."""
+    longest = max(len(p) for p in prompts)
+    p = bucket(longest, buckets, cap=max_len)
+    b = bucket(len(prompts))
+    b = -(-b // batch_multiple) * batch_multiple
+    prompt = np.zeros((b, p), np.int32)
+    lengths = np.ones((b,), np.int32)
+    ids = np.zeros((b,), np.int32)
+    for i, (toks, rid) in enumerate(zip(prompts, row_ids, strict=True)):
+        if not toks:
+            raise JaxgenError(f"prompt {rid}: empty (give at least one token, e.g. the bos token)")
+        prompt[i, p - len(toks) :] = toks
+        lengths[i], ids[i] = len(toks), rid
+    return Batch(prompt, lengths, ids, len(prompts))
+
+
+def check_room(config: ModelConfig, prompt_len: int, max_new_tokens: int, where: str = "prompt") -> None:
+    if prompt_len + max_new_tokens > config.max_len:
+        raise JaxgenError(
+            f"{where}: {prompt_len} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's "
+            f"max_len={config.max_len} (shorten the prompt, lower max_new_tokens"
+            " or set generate.truncate_prompt)"
+        )
+
+
+def _device_args(batch: Batch, seed: int, limit: int, mesh):
+    args = (batch.prompt, batch.lengths, batch.row_ids)
+    if mesh is not None:
+        from jaxgen.sharding import batch_sharding
+
+        args = tuple(jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in args)
+    return (*args, np.int32(seed), np.int32(limit))
+
+
+def _completions(tokens, num, finish, count) -> list[Completion]:
+    tokens, num, finish = np.asarray(tokens), np.asarray(num), np.asarray(finish)
+    return [Completion(tokens[i, : num[i]].tolist(), FINISH_REASONS[finish[i]]) for i in range(count)]
+
+
+def _mesh_context(mesh):
+    if mesh is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from jaxgen.sharding import activate
+
+    return activate(mesh)
+
+
+def _prepare(config, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    for rid, prompt in zip(row_ids, prompts, strict=True):
+        check_room(config, len(prompt), max_new_tokens, f"prompt {rid}")
+    multiple = 1 if mesh is None else _dp_size(mesh)
+    return make_batch(prompts, row_ids, buckets=buckets, batch_multiple=multiple, max_len=config.max_len)
+
+
+def generate_ids(
+    config, params, prompts, spec: DecodeSpec, *, max_new_tokens, seed=0, row_ids=None, mesh=None, buckets=()
+) -> list[Completion]:
+    """Generates for token-id prompts in one batch; one `Completion` per prompt, in order.
+
+    Args:
+        config: the ModelConfig of `params` (placed with the model's shardings on `mesh`).
+        prompts: token-id lists, each non-empty.
+        spec: the decoding program; `spec.buffer` must be >= max_new_tokens.
+        row_ids: each row's identity (default 0..n-1): equal id and seed give equal text,
+            whatever else is in the batch.
+        mesh: shard the batch over its data axes (None: one device).
+        buckets: prompt-length buckets (empty: powers of two).
+    """
+    batch = _prepare(config, prompts, max_new_tokens, row_ids, mesh, buckets)
+    whole, _, _ = compiled(config, spec)
+    with _mesh_context(mesh):
+        out = whole(params, *_device_args(batch, seed, max_new_tokens, mesh))
+    return _completions(*out, batch.count)
+
+
+def stream_ids(
+    config,
+    params,
+    prompts,
+    spec: DecodeSpec,
+    *,
+    max_new_tokens,
+    chunk=8,
+    seed=0,
+    row_ids=None,
+    mesh=None,
+    buckets=(),
+) -> Iterator[list[list[int]]]:
+    """Like `generate_ids`, yielding each row's newly kept tokens after every chunk of steps.
+
+    Tokens of a stop sequence may be yielded before the sequence is complete; the final
+    `Completion`s (with the stop sequence removed) are the generator's return value.
+    """
+    batch = _prepare(config, prompts, max_new_tokens, row_ids, mesh, buckets)
+    _, begin, advance_fn = compiled(config, spec)
+    sent = [0] * batch.count
+    with _mesh_context(mesh):
+        state = begin(params, *_device_args(batch, seed, max_new_tokens, mesh))
+        while True:
+            # Running rows keep every token so far; finished ones exclude eos and padding.
+            tokens, num = np.asarray(state.tokens[:, batch.prompt.shape[1] :]), np.asarray(state.num_tokens)
+            new = [tokens[i, sent[i] : num[i]].tolist() for i in range(batch.count)]
+            sent = [max(sent[i], int(num[i])) for i in range(batch.count)]
+            yield new
+            if bool(np.all(np.asarray(state.done))):
+                break
+            state = advance_fn(params, state, state.step + chunk)
+    return _completions(*_outputs(state), batch.count)
+
+
+def _dp_size(mesh) -> int:
+    from jaxgen.sharding import data_parallel_size
+
+    return data_parallel_size(mesh)

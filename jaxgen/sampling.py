@@ -1,0 +1,259 @@
+"""Decoding strategies (small frozen dataclasses) and logits processors (pure functions).
+
+A strategy is chosen once per `generate` call and is a static argument of the jitted
+loop, so each distinct strategy compiles its own loop and nothing is decided per
+token on the host. Processors follow Hugging Face's semantics so outputs can be
+compared with it:
+
+- repetition penalty: a token already in the prompt or the generated text has its
+  score divided by the penalty when positive and multiplied when negative;
+- no-repeat n-gram: a token that would complete an n-gram already present is banned;
+- banned sequences: the last token of a banned sequence is banned when the text ends
+  with the rest of it (single-token sequences are always banned);
+- top-p keeps the smallest set of most probable tokens whose mass reaches p;
+- min-p drops tokens whose probability is below `min_p` times the top probability.
+
+Histories are the left-padded token buffer `tokens [B, S]` with `valid [B, S]`
+marking real tokens; every row's text ends at the same slot `end` (left padding),
+so "the last n tokens" is one slice for the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.errors import JaxgenError
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    """Always the most probable token (after the processors)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Ancestral sampling with the usual warpers, applied in Hugging Face's order."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearch:
+    """Hugging Face beam search: score = sum of log-probs / generated_len ** length_penalty."""
+
+    num_beams: int = 4
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never" (as in Hugging Face)
+
+
+Strategy = Greedy | Sample | BeamSearch
+
+
+@dataclasses.dataclass(frozen=True)
+class Processors:
+    """Score processors applied before the strategy picks tokens."""
+
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    banned: tuple[tuple[int, ...], ...] = ()  # token sequences that must not be produced
+
+
+@dataclasses.dataclass(frozen=True)
+class Stopping:
+    """Per-row stopping: any of `eos_ids`, or the text ending with a `stop` sequence."""
+
+    eos_ids: tuple[int, ...] = ()
+    stop: tuple[tuple[int, ...], ...] = ()
+
+
+def make_strategy(
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+) -> Strategy:
+    """Validates user-facing sampling options and picks the strategy they describe.
+
+    Raises:
+        JaxgenError: naming the first invalid option.
+    """
+    if not temperature >= 0:
+        raise JaxgenError(f"temperature: {temperature} must be >= 0 (0 means greedy)")
+    if not 0 < top_p <= 1:
+        raise JaxgenError(f"top_p: {top_p} must be in (0, 1]")
+    if not 0 <= min_p <= 1:
+        raise JaxgenError(f"min_p: {min_p} must be in [0, 1]")
+    if top_k < 0:
+        raise JaxgenError(f"top_k: {top_k} must be >= 0 (0 means off)")
+    if num_beams < 1:
+        raise JaxgenError(f"num_beams: {num_beams} must be >= 1")
+    if num_return_sequences < 1 or (num_return_sequences > num_beams and num_beams > 1):
+        raise JaxgenError(f"num_return_sequences: {num_return_sequences} must be within [1, {num_beams=}]")
+    if num_return_sequences > 1 and num_beams == 1:
+        raise JaxgenError("num_return_sequences: > 1 needs num_beams > 1 (repeat the prompt to sample more)")
+    if early_stopping not in (True, False, "never"):
+        raise JaxgenError(f"early_stopping: {early_stopping!r} must be true, false or 'never'")
+    if num_beams > 1:
+        return BeamSearch(num_beams, num_return_sequences, float(length_penalty), early_stopping)
+    if temperature == 0:
+        return Greedy()
+    return Sample(float(temperature), int(top_k), float(top_p), float(min_p))
+
+
+def check_processors(processors: Processors, vocab_size: int) -> None:
+    if not processors.repetition_penalty > 0:
+        raise JaxgenError(f"repetition_penalty: {processors.repetition_penalty} must be > 0")
+    if processors.no_repeat_ngram_size < 0:
+        raise JaxgenError(f"no_repeat_ngram_size: {processors.no_repeat_ngram_size} must be >= 0")
+    for seq in processors.banned:
+        if not seq or not all(0 <= t < vocab_size for t in seq):
+            raise JaxgenError(f"banned: token sequence {list(seq)} is empty or outside the vocabulary")
+
+
+# ----------------------------------------------------------------------------- processors
+
+
+def _last(tokens: jax.Array, valid: jax.Array, end: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The last `n` slots before `end`: tokens [B, n] and whether all of them are real [B]."""
+    b = tokens.shape[0]
+    start = end - n
+    safe = jnp.maximum(start, 0)  # n > end only early in short rows: masked by `ok`
+    last = jax.lax.dynamic_slice(tokens, (0, safe), (b, n))
+    ok = jnp.all(jax.lax.dynamic_slice(valid, (0, safe), (b, n)), axis=-1) & (start >= 0)
+    return last, ok
+
+
+def ends_with(tokens: jax.Array, valid: jax.Array, end: jax.Array, seq: tuple[int, ...]) -> jax.Array:
+    """[B] bool: the text before slot `end` ends with the token sequence `seq`."""
+    last, ok = _last(tokens, valid, end, len(seq))
+    return ok & jnp.all(last == jnp.asarray(seq, jnp.int32)[None], axis=-1)
+
+
+def repetition_penalty(scores: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF's penalty on every token in `seen [B, V]`: positive / penalty, negative * penalty."""
+    penalised = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    return jnp.where(seen, penalised, scores)
+
+
+def seen_tokens(tokens: jax.Array, valid: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] bool: which vocabulary entries occur among the real tokens of each row."""
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    return jnp.zeros((tokens.shape[0], vocab_size), bool).at[rows, tokens].max(valid)
+
+
+def no_repeat_ngram_banned(tokens: jax.Array, valid: jax.Array, end: jax.Array, n: int, vocab_size: int):
+    """[B, V] bool: tokens that would repeat an n-gram already in the row's text.
+
+    An n-gram starting at slot j is (tokens[j .. j+n-1]); it bans tokens[j+n-1] when its
+    first n-1 tokens equal the row's last n-1 tokens and all n slots are real text.
+    """
+    b, s = tokens.shape
+    if n == 1:  # every token already present is banned (HF: the empty prefix always matches)
+        return seen_tokens(tokens, valid & (jnp.arange(s)[None] < end), vocab_size)
+    prefix, prefix_ok = _last(tokens, valid, end, n - 1)  # [B, n-1]
+    width = s - n + 1  # number of n-gram start slots
+    match = prefix_ok[:, None] & (jnp.arange(width)[None] + n - 1 < end)  # [B, W]
+    for i in range(n):  # n is small and static
+        match &= valid[:, i : i + width]
+        if i < n - 1:
+            match &= tokens[:, i : i + width] == prefix[:, i : i + 1]
+    rows = jnp.arange(b)[:, None]
+    return jnp.zeros((b, vocab_size), bool).at[rows, tokens[:, n - 1 :]].max(match)
+
+
+def banned_sequences(tokens: jax.Array, valid: jax.Array, end: jax.Array, banned, vocab_size: int):
+    """[B, V] bool: last tokens of banned sequences whose prefix ends the row's text."""
+    mask = jnp.zeros((tokens.shape[0], vocab_size), bool)
+    for seq in banned:
+        hit = jnp.ones(tokens.shape[0], bool) if len(seq) == 1 else ends_with(tokens, valid, end, seq[:-1])
+        mask = mask.at[:, seq[-1]].set(mask[:, seq[-1]] | hit)
+    return mask
+
+
+def process(scores, tokens, valid, end, processors: Processors) -> jax.Array:
+    """Applies the processors to `scores [B, V]` given the history before slot `end`."""
+    v = scores.shape[-1]
+    if processors.repetition_penalty != 1.0:
+        seen = seen_tokens(tokens, valid & (jnp.arange(tokens.shape[1])[None] < end), v)
+        scores = repetition_penalty(scores, seen, processors.repetition_penalty)
+    if processors.no_repeat_ngram_size > 0:
+        banned = no_repeat_ngram_banned(tokens, valid, end, processors.no_repeat_ngram_size, v)
+        scores = jnp.where(banned, NEG_INF, scores)
+    if processors.banned:
+        scores = jnp.where(banned_sequences(tokens, valid, end, processors.banned, v), NEG_INF, scores)
+    return scores
+
+
+# ----------------------------------------------------------------------------- warpers
+
+
+def top_k_filter(scores: jax.Array, k: int) -> jax.Array:
+    kth = jax.lax.top_k(scores, k)[0][:, -1:]  # [B, 1]
+    return jnp.where(scores < kth, NEG_INF, scores)
+
+
+def top_p_filter(scores: jax.Array, p: float) -> jax.Array:
+    """Keeps the smallest set of most probable tokens whose probability mass reaches `p`.
+
+    A token is kept when the mass of the tokens ranked above it is still below p; the
+    rank order resolves ties, so exactly one such set is kept (at least one token).
+    """
+    order = jnp.argsort(-scores, axis=-1, stable=True)  # [B, V] most probable first
+    probs = jax.nn.softmax(jnp.take_along_axis(scores, order, axis=-1), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    drop_sorted = mass_before >= p
+    rows = jnp.arange(scores.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    return jnp.where(drop, NEG_INF, scores)
+
+
+def min_p_filter(scores: jax.Array, min_p: float) -> jax.Array:
+    probs = jax.nn.softmax(scores, axis=-1)
+    threshold = min_p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, NEG_INF, scores)
+
+
+def warp(scores: jax.Array, strategy: Sample) -> jax.Array:
+    """Temperature, top-k, top-p, min-p: Hugging Face's warper order."""
+    if strategy.temperature != 1.0:
+        scores = scores / strategy.temperature
+    if strategy.top_k > 0:
+        scores = top_k_filter(scores, min(strategy.top_k, scores.shape[-1]))
+    if strategy.top_p < 1.0:
+        scores = top_p_filter(scores, strategy.top_p)
+    if strategy.min_p > 0.0:
+        scores = min_p_filter(scores, strategy.min_p)
+    return scores
+
+
+def row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
+    """[B] PRNG keys that depend only on the seed and each row's identity (its prompt id),
+    so a row samples the same text whatever else shares its batch."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(row_ids)
+
+
+def choose(scores: jax.Array, strategy: Greedy | Sample, keys: jax.Array, step: jax.Array) -> jax.Array:
+    """Picks one token per row from processed float32 scores [B, V] -> [B] int32."""
+    if isinstance(strategy, Greedy):
+        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    scores = warp(scores, strategy)
+
+    def one(key, row):
+        return jax.random.categorical(jax.random.fold_in(key, step), row)
+
+    return jax.vmap(one)(keys, scores).astype(jnp.int32)
