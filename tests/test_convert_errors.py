@@ -180,3 +180,20 @@ def test_transformers_4_rope_theta_and_rotary_buffers(tmp_path):
 
     config, _, _ = hf.load_hf(variant(tmp_path, "llama-tiny", v4, buffers), dtype="float32")
     assert config.model.rope_theta == 500000.0
+
+
+def test_tied_llama_has_no_lm_head(tmp_path):
+    """Llama 3.2-style tied embeddings: the file has no lm_head.weight and none is made."""
+    path = variant(
+        tmp_path,
+        "llama-tiny",
+        lambda c: c.update(tie_word_embeddings=True),
+        lambda t: t.pop("lm_head.weight"),
+    )
+    config, params, _ = hf.load_hf(path, dtype="float32")
+    assert config.model.tie_embeddings and "lm_head" not in params
+
+
+def test_untied_llama_without_lm_head_is_missing_it(tmp_path):
+    path = variant(tmp_path, "llama-tiny", edit_tensors=lambda t: t.pop("lm_head.weight"))
+    assert load_error(path).endswith("missing tensors for this config: lm_head.weight")

@@ -45,8 +45,10 @@ def read_config(hf_dir: str | pathlib.Path, dtype: str | None = None) -> Config:
     """The jaxgen Config equivalent to `hf_dir/config.json`.
 
     Args:
-        dtype: parameter and compute dtype; None: the dtype the checkpoint was saved
-            in (config.json `dtype`/`torch_dtype`), float32 when it names none.
+        dtype: parameter dtype; None: the dtype the checkpoint was saved in
+            (config.json `dtype`/`torch_dtype`), float32 when it names none. float32
+            also computes in float32 everywhere (exact parity with transformers);
+            16-bit params compute in `auto` (float32 on CPU, bfloat16 on accelerators).
     """
     path = pathlib.Path(hf_dir) / CONFIG
     hf = hf_config.read_json(path)
@@ -56,7 +58,7 @@ def read_config(hf_dir: str | pathlib.Path, dtype: str | None = None) -> Config:
         dtype = saved if saved in _DTYPES else "float32"
     if dtype not in _DTYPES:
         raise JaxgenError(f"dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
-    fields.update(dtype=dtype, param_dtype=dtype)
+    fields.update(dtype="float32" if dtype == "float32" else "auto", param_dtype=dtype)
     name = pathlib.Path(hf_dir).resolve().name or "hf"
     return config_from_dict({"name": name, "model": fields}, where=f"{path}: ")
 
