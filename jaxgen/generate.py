@@ -252,7 +252,7 @@ def check_room(config: ModelConfig, prompt_len: int, max_new_tokens: int, where:
         )
 
 
-def _device_args(batch: Batch, seed: int, limit: int, mesh):
+def device_args(batch: Batch, seed: int, limit: int, mesh):
     args = (batch.prompt, batch.lengths, batch.row_ids)
     if mesh is not None:
         from jaxgen.sharding import batch_sharding
@@ -266,7 +266,7 @@ def _completions(tokens, num, finish, count) -> list[Completion]:
     return [Completion(tokens[i, : num[i]].tolist(), FINISH_REASONS[finish[i]]) for i in range(count)]
 
 
-def _mesh_context(mesh):
+def mesh_context(mesh):
     if mesh is None:
         import contextlib
 
@@ -276,7 +276,7 @@ def _mesh_context(mesh):
     return activate(mesh)
 
 
-def _prepare(config, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:
+def prepare_batch(config, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     for rid, prompt in zip(row_ids, prompts, strict=True):
         check_room(config, len(prompt), max_new_tokens, f"prompt {rid}")
@@ -298,10 +298,10 @@ def generate_ids(
         mesh: shard the batch over its data axes (None: one device).
         buckets: prompt-length buckets (empty: powers of two).
     """
-    batch = _prepare(config, prompts, max_new_tokens, row_ids, mesh, buckets)
+    batch = prepare_batch(config, prompts, max_new_tokens, row_ids, mesh, buckets)
     whole, _, _ = compiled(config, spec)
-    with _mesh_context(mesh):
-        out = whole(params, *_device_args(batch, seed, max_new_tokens, mesh))
+    with mesh_context(mesh):
+        out = whole(params, *device_args(batch, seed, max_new_tokens, mesh))
     return _completions(*out, batch.count)
 
 
@@ -323,11 +323,11 @@ def stream_ids(
     Tokens of a stop sequence may be yielded before the sequence is complete; the final
     `Completion`s (with the stop sequence removed) are the generator's return value.
     """
-    batch = _prepare(config, prompts, max_new_tokens, row_ids, mesh, buckets)
+    batch = prepare_batch(config, prompts, max_new_tokens, row_ids, mesh, buckets)
     _, begin, advance_fn = compiled(config, spec)
     sent = [0] * batch.count
-    with _mesh_context(mesh):
-        state = begin(params, *_device_args(batch, seed, max_new_tokens, mesh))
+    with mesh_context(mesh):
+        state = begin(params, *device_args(batch, seed, max_new_tokens, mesh))
         while True:
             # Running rows keep every token so far; finished ones exclude eos and padding.
             tokens, num = np.asarray(state.tokens[:, batch.prompt.shape[1] :]), np.asarray(state.num_tokens)
