@@ -223,7 +223,7 @@ class GenerateConfig(_Section):
     num_beams: PositiveInt = 1
     num_return_sequences: PositiveInt = 1
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | Literal["never"] = False  # as in Hugging Face
     stop: tuple[str, ...] = ()
     seed: int = 0
     control: dict[str, str] = {}
