@@ -14,6 +14,7 @@ import pytest
 import safetensors
 
 from jaxgen import sampling
+from jaxgen.beam import beam_ids
 from jaxgen.config import MeshConfig
 from jaxgen.convert import hf
 from jaxgen.generate import DecodeSpec, generate_ids
@@ -86,6 +87,21 @@ def test_greedy_ids_match_transformers(imported):
         config.model, params, [greedy["prompt"]], spec, max_new_tokens=greedy["max_new_tokens"]
     )
     assert greedy["prompt"] + out.tokens == greedy["output_ids"]
+
+
+def test_beam_search_matches_transformers(imported):
+    name, config, params = imported
+    case = cases(name)["beam"]
+    strategy = sampling.BeamSearch(
+        num_beams=case["num_beams"],
+        num_return_sequences=case["num_return_sequences"],
+        length_penalty=case["length_penalty"],
+        early_stopping=case["early_stopping"],
+    )
+    spec = DecodeSpec(strategy=strategy, stopping=sampling.Stopping(eos_ids=(cases(name)["eos_token_id"],)))
+    (row,) = beam_ids(config.model, params, [case["prompt"]], spec, max_new_tokens=case["max_new_tokens"])
+    assert [case["prompt"] + c.tokens for c in row] == case["output_ids"]
+    np.testing.assert_allclose([c.score for c in row], case["sequences_scores"], rtol=0, atol=1e-4)
 
 
 def test_write_then_load_is_bit_identical_and_matches_transformers_layout(imported, tmp_path):
