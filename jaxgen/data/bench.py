@@ -1,8 +1,9 @@
 """`jaxgen bench data`: prepare throughput and peak RSS, pipeline batches/s. One JSON line each.
 
-Prepare runs in a child process so its peak RSS is measured alone (ru_maxrss of the
-child); the tokenizer is trained first (timed separately), so `prepare` measures
-reading, tokenizing and writing only.
+Prepare runs in a child process so its memory is measured alone (VmHWM of the child,
+and the sampled sum over the child and its tokenizing workers); the tokenizer is
+trained first (timed separately), so `prepare` measures reading, tokenizing and
+writing only.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -40,10 +41,9 @@ def synthetic_corpus(directory: pathlib.Path, mb: float, files: int = 4, seed: i
         with open(path, "w", encoding="utf-8") as f:
             written = 0
             while written < per_file:
-                words = vocab[rng.choice(len(vocab), 200_000, p=weights)]
-                text = " ".join(words)
+                text = " ".join(vocab[rng.choice(len(vocab), 100_000, p=weights)])[: per_file - written]
                 f.write(text)
-                written += len(text)
+                written += len(text)  # ASCII: characters are bytes
         paths.append(path)
     return paths
 
@@ -67,21 +67,64 @@ def _config(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]):
     )
 
 
+def _status_mb(pid: str, key: str) -> float:
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:  # the process just exited
+        pass
+    return 0.0
+
+
+def _children() -> list[str]:
+    pids = []
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        pids += (task / "children").read_text().split()
+    return pids
+
+
+class _PeakRSS:
+    """Samples the RSS of this process plus its children (tokenizing workers) every 0.1 s.
+
+    Why not ru_maxrss: Linux carries a parent's peak across fork + exec into the child's.
+    """
+
+    def __init__(self):
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            total = _status_mb("self", "VmRSS") + sum(_status_mb(p, "VmRSS") for p in _children())
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def _child_prepare(workdir: str, kind: str) -> None:
-    """Runs in the child: prepare (the tokenizer already exists), print seconds as JSON."""
+    """Runs in the child: prepare (the tokenizer already exists), print figures as JSON."""
     from jaxgen.data import prepare
 
     files = sorted(pathlib.Path(workdir, "corpus").glob("*.txt"))
+    sampler = _PeakRSS()
     start = time.perf_counter()
     info = prepare(_config(pathlib.Path(workdir), kind, files), progress=False)
     seconds = time.perf_counter() - start
+    total_mb = sampler.stop()
     tokens = sum(s.tokens for s in info.splits.values())
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"seconds": seconds, "tokens": tokens, "rebuilt": info.rebuilt, "peak_mb": peak_mb}))
+    main_mb = _status_mb("self", "VmHWM")  # this process's own peak since exec
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "main_mb": main_mb, "total_mb": total_mb}))
 
 
 def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -> dict:
     from jaxgen.data import dataset_dir
+    from jaxgen.data.prepare import tokenizing_workers
     from jaxgen.tokenizer import train_tokenizer
 
     config = _config(workdir, kind, files)
@@ -100,9 +143,10 @@ def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -
         "tokenizer_train_s": round(tok_seconds, 2),
         "prepare_s": round(child["seconds"], 2),
         "mb_per_s": round(mb / child["seconds"], 2),
-        "processes": 1,
+        "workers": tokenizing_workers(config, int(mb * 1e6)),
         "tokens": child["tokens"],
-        "peak_rss_mb": round(child["peak_mb"], 1),
+        "peak_rss_mb": round(child["main_mb"], 1),
+        "peak_rss_with_workers_mb": round(child["total_mb"], 1),
         "cpu_count": os.cpu_count(),
     }
 

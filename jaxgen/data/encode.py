@@ -45,18 +45,19 @@ def _job(batch: list[Segment]) -> tuple[np.ndarray, int, int, int]:
 
 
 def encode_all(
-    tokenizer, batches: Iterable[list[Segment]], workers: int
+    tokenizer, path, batches: Iterable[list[Segment]], workers: int
 ) -> Iterator[tuple[np.ndarray, int, int, int]]:
-    """`encode_segments` of each batch, in order; in `workers` processes when > 1."""
+    """`encode_segments` of each batch, in order; in `workers` processes when > 1.
+
+    `path` is what `load_tokenizer` loads the same tokenizer from in a worker.
+    """
     if workers <= 1:
         for batch in batches:
             yield encode_segments(tokenizer, batch)
         return
     # spawn, not fork: the caller may have started JAX's threads, which fork would copy.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init, initargs=(str(tokenizer.path),)
-    ) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=(str(path),)) as pool:
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append(pool.submit(_job, batch))

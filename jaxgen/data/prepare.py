@@ -130,7 +130,7 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
     old = read_metadata(config) or {}
     scans = _scan(config, old.get("files", {}))
     tok_path = ensure_tokenizer(config, say, scans)
-    tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    tok_sha = _tokenizer_digest(tok_path)
     fingerprint = _fingerprint(config, scans, tok_sha)
     if old.get("fingerprint") == fingerprint and dataset_dir(config).is_dir():
         say(f"dataset {dataset_dir(config)} is up to date")
@@ -205,6 +205,15 @@ def ensure_tokenizer(config, say=print, scans: dict | None = None) -> pathlib.Pa
     return train_tokenizer(config, fingerprint=fingerprint)
 
 
+def _tokenizer_digest(path: pathlib.Path) -> str:
+    """sha256 of a tokenizer file, or of the files of a tokenizer directory (Hugging Face)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def _fingerprint(config, scans: dict, tokenizer_sha: str) -> str:
     data = config.data.model_dump(mode="json", exclude=_PIPELINE_FIELDS)
     blob = {
@@ -268,6 +277,9 @@ def _plans(config, scans: dict) -> list[_Plan]:
 def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, progress: bool):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+    # Import TFDS before rich's refresh thread starts: TFDS swaps `__import__` for a lazy
+    # importer while it loads, and rich's thread importing `.markup` then would fail.
+    spec = builder.features(kind)
     plans = _plans(config, scans)
     total_bytes = sum(scans[str(p)].size for plan in plans for p in plan.files)
     columns = (
@@ -286,7 +298,7 @@ def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, 
             def advance(n: int, counts=counts) -> None:
                 bar.update(task, advance=n, tokens=counts.tokens)
 
-            writer = builder.SplitWriter(tmp, plan.name, builder.features(kind))
+            writer = builder.SplitWriter(tmp, plan.name, spec)
             if kind == "sft":
                 info = write_sft(config, tokenizer, plan, writer, counts, advance)
             else:
@@ -310,13 +322,14 @@ def _pretrain_segments(config, plan: _Plan, counts: Counts, advance) -> Iterator
 
 
 def _write_pretrain(config, tokenizer, plan: _Plan, writer, counts: Counts, advance):
+    tok_path = tokenizer_path(config)
     eos = tokenizer.eos_id
     if eos is None:
         raise JaxgenError(f"{tokenizer.path}: the tokenizer has no eos piece (tokenizer.eos_id)")
     stream = builder.StreamWriter(writer)
     stream.extend(np.array([eos], np.int32))
     batches = _batches(_pretrain_segments(config, plan, counts, advance))
-    for flat, chars, nbytes, docs in encode_all(tokenizer, batches, _workers(config, plan)):
+    for flat, chars, nbytes, docs in encode_all(tokenizer, tok_path, batches, _workers(config, plan)):
         stream.extend(flat)
         counts.examples += docs
         counts.chars += chars
@@ -326,11 +339,16 @@ def _write_pretrain(config, tokenizer, plan: _Plan, writer, counts: Counts, adva
 
 
 def _workers(config, plan: _Plan) -> int:
-    if config.data.prepare_workers:
-        return config.data.prepare_workers
     text = config.data.format == "text"  # then the plan's range is in characters, ~bytes
     size = plan.hi - plan.lo if text else sum(p.stat().st_size for p in plan.files)
-    return min(os.cpu_count() or 1, 8) if size > _PARALLEL_BYTES else 1
+    return tokenizing_workers(config, size)
+
+
+def tokenizing_workers(config, nbytes: int) -> int:
+    """Processes that tokenize `nbytes` of input: `data.prepare_workers`, or by size."""
+    if config.data.prepare_workers:
+        return config.data.prepare_workers
+    return min(os.cpu_count() or 1, 8) if nbytes > _PARALLEL_BYTES else 1
 
 
 def _batches(segments: Iterable[documents.Segment]) -> Iterator[list[documents.Segment]]:
