@@ -101,6 +101,18 @@ def test_resume_mid_epoch_and_across_epochs_equals_uninterrupted(pretrain):
     assert not _same(straight[:2], straight[per_epoch : per_epoch + 2])
 
 
+def test_worker_processes_give_the_same_batches_and_state(pretrain):
+    config, _ = pretrain
+    threads = _take(train_batches(config, None), 6)
+    workers = config.model_copy(update={"data": config.data.model_copy(update={"worker_count": 1})})
+    with train_batches(workers, None) as it:
+        assert _same(_take(it, 3), threads[:3])
+        state = json.loads(json.dumps(it.get_state()))
+    with train_batches(workers, None) as resumed:
+        resumed.set_state(state)
+        assert _same(_take(resumed, 3), threads[3:])
+
+
 def test_state_of_another_stream_is_rejected(pretrain):
     config, _ = pretrain
     state = train_batches(config, None, seed=3).get_state()

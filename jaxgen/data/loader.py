@@ -53,6 +53,18 @@ class Batches(Iterator):
             for k in pipeline.FIELDS
         }
 
+    def close(self) -> None:
+        """Stops reader threads / worker processes now rather than at garbage collection."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def get_state(self) -> dict:
         """Where the iterator is: restoring it with `set_state` yields the same next batch."""
         return {"version": _STATE_VERSION, "what": self._what, "grain": self._it.get_state()}

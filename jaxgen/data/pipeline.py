@@ -104,6 +104,11 @@ def _read_options(config) -> grain.ReadOptions:
 def _finish(config, ds: grain.MapDataset) -> grain.IterDataset:
     it = ds.to_iter_dataset(_read_options(config))
     if config.data.worker_count > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; jaxgen has none, so defaults are parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
     return it
 
