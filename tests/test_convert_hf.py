@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 import safetensors
 
-from jaxgen import sampling
-from jaxgen.beam import beam_ids
+import jaxgen
 from jaxgen.config import MeshConfig
 from jaxgen.convert import hf
-from jaxgen.generate import DecodeSpec, generate_ids
-from jaxgen.model.transformer import Transformer
 from jaxgen.sharding import make_mesh
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -31,17 +28,10 @@ def cases(name: str) -> dict:
 
 @pytest.fixture(scope="module", params=NAMES)
 def imported(request):
-    """(fixture name, Config, params) converted in memory in float32."""
-    config, params, tokenizer = hf.load_hf(FIXTURES / request.param, dtype="float32")
-    assert tokenizer is None  # the fixtures ship no tokenizer files
-    return request.param, config, params
-
-
-def forward(config, params, ids) -> np.ndarray:
-    ids = jnp.asarray(ids, jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    logits, _ = Transformer(config.model).apply({"params": params}, ids, positions)
-    return np.asarray(logits)
+    """(fixture name, LanguageModel) converted in memory in float32 by `jaxgen.load`."""
+    lm = jaxgen.load(FIXTURES / request.param, dtype="float32")
+    assert lm.tokenizer is None  # the fixtures ship no tokenizer files
+    return request.param, lm
 
 
 def leaves(params) -> dict:
@@ -58,10 +48,11 @@ def assert_bit_identical(a, b) -> None:
 
 
 def test_config_mapping(imported):
-    name, config, _ = imported
-    m = config.model
+    name, lm = imported
+    m = lm.config.model
     assert (m.vocab_size, m.num_layers, m.d_model, m.num_heads, m.norm_eps) == (512, 2, 64, 4, 1e-5)
     assert (m.dtype, m.param_dtype) == ("float32", "float32")
+    assert lm.config.generate.temperature == 0.0  # no do_sample: transformers decodes greedily
     if name == "gpt2-tiny":
         assert (m.family, m.tie_embeddings, m.max_len, m.hidden_dim) == ("gpt2", True, 64, 256)
     else:
@@ -70,42 +61,36 @@ def test_config_mapping(imported):
 
 
 def test_logits_match_transformers(imported):
-    name, config, params = imported
+    name, lm = imported
     reference = np.load(FIXTURES / name / "logits.npy")  # [2, 16, 512]
-    np.testing.assert_allclose(
-        forward(config, params, cases(name)["input_ids"]), reference, rtol=0, atol=1e-4
-    )
+    np.testing.assert_allclose(lm.logits(cases(name)["input_ids"]), reference, rtol=0, atol=1e-4)
 
 
 def test_greedy_ids_match_transformers(imported):
-    name, config, params = imported
+    name, lm = imported
     greedy = cases(name)["greedy"]
-    spec = DecodeSpec(
-        strategy=sampling.Greedy(), stopping=sampling.Stopping(eos_ids=(cases(name)["eos_token_id"],))
-    )
-    (out,) = generate_ids(
-        config.model, params, [greedy["prompt"]], spec, max_new_tokens=greedy["max_new_tokens"]
-    )
-    assert greedy["prompt"] + out.tokens == greedy["output_ids"]
+    (result,) = lm.generate([greedy["prompt"]], max_new_tokens=greedy["max_new_tokens"])
+    assert greedy["prompt"] + result.tokens == greedy["output_ids"]
 
 
 def test_beam_search_matches_transformers(imported):
-    name, config, params = imported
+    name, lm = imported
     case = cases(name)["beam"]
-    strategy = sampling.BeamSearch(
+    (result,) = lm.generate(
+        [case["prompt"]],
+        max_new_tokens=case["max_new_tokens"],
         num_beams=case["num_beams"],
         num_return_sequences=case["num_return_sequences"],
         length_penalty=case["length_penalty"],
         early_stopping=case["early_stopping"],
     )
-    spec = DecodeSpec(strategy=strategy, stopping=sampling.Stopping(eos_ids=(cases(name)["eos_token_id"],)))
-    (row,) = beam_ids(config.model, params, [case["prompt"]], spec, max_new_tokens=case["max_new_tokens"])
-    assert [case["prompt"] + c.tokens for c in row] == case["output_ids"]
-    np.testing.assert_allclose([c.score for c in row], case["sequences_scores"], rtol=0, atol=1e-4)
+    assert [case["prompt"] + c for c in result.completions] == case["output_ids"]
+    np.testing.assert_allclose(result.scores, case["sequences_scores"], rtol=0, atol=1e-4)
 
 
 def test_write_then_load_is_bit_identical_and_matches_transformers_layout(imported, tmp_path):
-    name, config, params = imported
+    name, lm = imported
+    config, params = lm.config, lm.params
     files = hf.write_hf(tmp_path / "out", config.model, params, bos_id=511, eos_id=511)
     assert files == ["config.json", "generation_config.json", "model.safetensors"]
     with (
@@ -125,28 +110,14 @@ def test_write_then_load_is_bit_identical_and_matches_transformers_layout(import
 
 
 def test_exported_config_reads_back_as_the_fixture_config(imported, tmp_path):
-    name, config, params = imported
-    hf.write_hf(tmp_path / "out", config.model, params, bos_id=511, eos_id=511)
+    name, lm = imported
+    hf.write_hf(tmp_path / "out", lm.config.model, lm.params, bos_id=511, eos_id=511)
     ours = json.loads((tmp_path / "out" / "config.json").read_text())
     theirs = json.loads((FIXTURES / name / "config.json").read_text())
-    shared = [
-        "architectures",
-        "model_type",
-        "vocab_size",
-        "tie_word_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-    ]
-    shared += ["n_layer", "n_embd", "n_head", "n_positions", "layer_norm_epsilon", "activation_function"]
-    shared += ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"]
-    shared += [
-        "intermediate_size",
-        "rms_norm_eps",
-        "rope_parameters",
-        "attention_bias",
-        "mlp_bias",
-        "hidden_act",
-    ]
+    shared = """architectures model_type vocab_size tie_word_embeddings bos_token_id eos_token_id
+        n_layer n_embd n_head n_positions layer_norm_epsilon activation_function
+        num_hidden_layers hidden_size num_attention_heads num_key_value_heads head_dim
+        intermediate_size rms_norm_eps rope_parameters attention_bias mlp_bias hidden_act""".split()
     for key in shared:
         if key in theirs:
             assert ours[key] == theirs[key], key
@@ -187,3 +158,13 @@ def test_bfloat16_import_rounds_each_tensor_once():
 def test_dtype_defaults_to_the_checkpoint_dtype():
     config = hf.read_config(FIXTURES / "llama-tiny")
     assert config.model.param_dtype == "float32"  # config.json says "dtype": "float32"
+
+
+def test_generation_config_maps_to_hf_default_decoding():
+    from jaxgen.convert.hf_config import generate_fields
+
+    assert generate_fields({}) == {"temperature": 0.0}  # transformers: greedy unless do_sample
+    llama = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 64}
+    assert generate_fields(llama) == {"temperature": 0.6, "top_k": 50, "top_p": 0.9, "max_new_tokens": 64}
+    beams = {"num_beams": 5, "early_stopping": True, "length_penalty": 0.8, "no_repeat_ngram_size": 3}
+    assert generate_fields(beams) == {"temperature": 0.0, **beams}

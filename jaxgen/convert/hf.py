@@ -42,7 +42,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def read_config(hf_dir: str | pathlib.Path, dtype: str | None = None) -> Config:
-    """The jaxgen Config equivalent to `hf_dir/config.json`.
+    """The jaxgen Config equivalent to `hf_dir/config.json` (+ generation_config.json).
 
     Args:
         dtype: parameter dtype; None: the dtype the checkpoint was saved in
@@ -59,8 +59,11 @@ def read_config(hf_dir: str | pathlib.Path, dtype: str | None = None) -> Config:
     if dtype not in _DTYPES:
         raise JaxgenError(f"dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
     fields.update(dtype="float32" if dtype == "float32" else "auto", param_dtype=dtype)
+    gen_path = pathlib.Path(hf_dir) / GENERATION_CONFIG
+    gen = hf_config.read_json(gen_path) if gen_path.exists() else {}
     name = pathlib.Path(hf_dir).resolve().name or "hf"
-    return config_from_dict({"name": name, "model": fields}, where=f"{path}: ")
+    data = {"name": name, "model": fields, "generate": hf_config.generate_fields(gen)}
+    return config_from_dict(data, where=f"{hf_dir}: ")
 
 
 def default_mesh() -> Mesh:

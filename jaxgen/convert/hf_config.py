@@ -157,6 +157,31 @@ def model_fields(hf: dict, where: str) -> dict:
     return _gpt2_model(hf, where) if arch == GPT2 else _llama_model(hf, where)
 
 
+def generate_fields(gen: dict) -> dict:
+    """The `generate:` section that decodes as transformers' `generate` does by default.
+
+    transformers decodes greedily unless generation_config.json sets `do_sample`, and
+    then with top_k 50 unless it says otherwise; jaxgen's own defaults (sampling at
+    temperature 1) differ, so an imported model carries HF's settings over.
+    """
+    out: dict = {"temperature": 0.0}
+    if gen.get("do_sample"):
+        out = {"temperature": gen.get("temperature", 1.0), "top_k": gen.get("top_k", 50) or 0}
+        out["top_p"] = gen.get("top_p", 1.0)
+    mapping = {
+        "num_beams": "num_beams",
+        "length_penalty": "length_penalty",
+        "early_stopping": "early_stopping",
+        "repetition_penalty": "repetition_penalty",
+        "no_repeat_ngram_size": "no_repeat_ngram_size",
+        "max_new_tokens": "max_new_tokens",
+    }
+    for hf_key, key in mapping.items():
+        if gen.get(hf_key) is not None:
+            out[key] = gen[hf_key]
+    return out
+
+
 # ----------------------------------------------------------------------------- export
 
 
