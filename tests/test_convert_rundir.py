@@ -140,3 +140,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and err.endswith("config.json: not found") and "\n" not in err
     assert main(["convert", "export-hf", str(tmp_path), str(tmp_path / "out")]) == 1
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_classic_gpt2_recipe_end_to_end(gpt2_with_tokenizer):
+    """`jaxgen.load(HF_DIR).generate(prompt, max_length=..., num_beams=5, early_stopping=True)`."""
+    import jaxgen
+
+    lm = jaxgen.load(gpt2_with_tokenizer, dtype="float32")
+    (result,) = lm.generate(["hello world, the"], max_length=20, num_beams=5, early_stopping=True)
+    prompt = lm.tokenizer.encode("hello world, the")
+    assert result.prompt_tokens == prompt
+    assert 1 <= len(result.tokens) <= 20 - len(prompt)
+    assert result.text == lm.tokenizer.decode(result.tokens)
+    assert result.finish_reason in ("length", "eos") and result.scores is not None
