@@ -130,10 +130,12 @@ class LanguageModel:
             num_beams=opts.num_beams, num_return_sequences=opts.num_return_sequences,
             length_penalty=opts.length_penalty, early_stopping=opts.early_stopping,
         )  # fmt: skip
+        vocab_limit = None if self.tokenizer is None else self.tokenizer.vocab_size
         processors = sampling.Processors(
             opts.repetition_penalty,
             opts.no_repeat_ngram_size,
             tuple(self._encode_piece(b) for b in opts.banned),
+            vocab_limit if vocab_limit is not None and vocab_limit < self.config.model.vocab_size else None,
         )
         sampling.check_processors(processors, self.config.model.vocab_size)
         eos = () if self.tokenizer is None or self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)

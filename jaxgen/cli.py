@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from jaxgen import cli_generate
 from jaxgen.errors import JaxgenError
 
 NOT_IMPLEMENTED = 2  # exit code for commands that later issues fill in
@@ -116,12 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
         p.set_defaults(handler=_not_implemented(name))
 
-    p = sub.add_parser("generate", help="sample text from a run directory or HF model directory")
-    p.add_argument("--run", required=True, help="run directory (or Hugging Face model directory)")
-    p.set_defaults(handler=_not_implemented("generate"))
-
-    p = sub.add_parser("eval", help="perplexity of a run; BLEU/ROUGE of generations")
-    p.set_defaults(handler=_not_implemented("eval"))
+    cli_generate.add_generate_parser(sub)
+    cli_generate.add_eval_parser(sub)
 
     p = sub.add_parser("data", help="train tokenizers and prepare datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -158,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", default="bpe", help="tokenizer kind(s), comma-separated: bpe,unigram,char")
     q.add_argument("--workdir", help="where the corpus and dataset go (default: a temp dir)")
     q.set_defaults(handler=_cmd_bench_data)
+    cli_generate.add_bench_generate(bench_sub)
 
     p = sub.add_parser("config", help="inspect configs")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

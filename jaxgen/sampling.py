@@ -65,6 +65,9 @@ class Processors:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     banned: tuple[tuple[int, ...], ...] = ()  # token sequences that must not be produced
+    # Ids >= this are never produced: the model's vocab is the tokenizer's rounded up
+    # (padding ids the tokenizer cannot decode). None: every id is allowed.
+    vocab_limit: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +190,8 @@ def banned_sequences(tokens: jax.Array, valid: jax.Array, end: jax.Array, banned
 def process(scores, tokens, valid, end, processors: Processors) -> jax.Array:
     """Applies the processors to `scores [B, V]` given the history before slot `end`."""
     v = scores.shape[-1]
+    if processors.vocab_limit is not None and processors.vocab_limit < v:
+        scores = jnp.where(jnp.arange(v)[None] >= processors.vocab_limit, NEG_INF, scores)
     if processors.repetition_penalty != 1.0:
         seen = seen_tokens(tokens, valid & (jnp.arange(tokens.shape[1])[None] < end), v)
         scores = repetition_penalty(scores, seen, processors.repetition_penalty)

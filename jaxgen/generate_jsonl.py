@@ -1,0 +1,232 @@
+"""Offline generation from a JSONL file of prompts, resumable and crash-safe.
+
+Input lines: `{"id": ..., "prompt": "text" | [token ids], ...per-line option overrides}`.
+Output lines: `{"id", "prompt", "completions": [...], "finish_reason", "tokens"}` where
+`finish_reason` is the best completion's, `tokens` counts generated tokens of all
+returned sequences, and completions are post-processed (strip, min_length,
+banned_words, deduplicate from the `generate` config).
+
+Resuming: ids already in the output are skipped. Each batch is appended, flushed and
+fsynced, so a kill loses at most the batch in flight; a torn last line (killed while
+writing) is cut off on restart. Sampling keys come from (seed, line id), so a resumed
+run writes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+from jaxgen.config import GenerateConfig
+from jaxgen.errors import JaxgenError
+
+_RECORD_KEYS = ("id", "prompt")
+
+
+@dataclasses.dataclass
+class Summary:
+    written: int = 0
+    skipped: int = 0  # already in the output
+    tokens: int = 0
+    seconds: float = 0.0
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_prompts(path: pathlib.Path, failures: list[str]) -> list[dict]:
+    """Valid records of `path`; a malformed line is reported in `failures` and skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise JaxgenError(f"{path}: cannot read prompts ({getattr(e, 'strerror', None) or e})") from None
+    records, seen = [], set()
+    options = set(GenerateConfig.model_fields)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            failures.append(f"{where}: invalid JSON ({e.msg})")
+            continue
+        problem = _check_record(record, seen, options)
+        if problem:
+            failures.append(f"{where}: {problem}")
+            continue
+        seen.add(_key(record["id"]))
+        records.append(record | {"_line": where})
+    return records
+
+
+def _check_record(record, seen: set, options: set) -> str | None:
+    if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+        return 'expected an object with "id" and "prompt"'
+    if not isinstance(record["id"], str | int) or isinstance(record["id"], bool):
+        return "id must be a string or an integer"
+    if _key(record["id"]) in seen:
+        return f"duplicate id {record['id']!r}"
+    prompt = record["prompt"]
+    if not isinstance(prompt, str) and not (
+        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return "prompt must be a string or a list of token ids"
+    unknown = set(record) - set(_RECORD_KEYS) - options
+    if unknown:
+        return f"unknown option {sorted(unknown)[0]!r}"
+    return None
+
+
+def _key(record_id) -> str:
+    return json.dumps(record_id)
+
+
+def done_ids(path: pathlib.Path) -> set[str]:
+    """Ids already written to `path`; a torn (unterminated or unparsable) last line is cut off."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+    lines = data[:good].splitlines()
+    while lines:  # the last complete line can only be torn if the newline came from an older run
+        try:
+            json.loads(lines[-1])
+            break
+        except json.JSONDecodeError:
+            good -= len(lines.pop()) + 1
+    if good != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    ids = set()
+    for number, line in enumerate(lines, 1):
+        try:
+            ids.add(_key(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise JaxgenError(f"{path}:{number}: not an output line of jaxgen generate") from None
+    return ids
+
+
+def postprocess(texts: list, opts: GenerateConfig) -> list:
+    """Applies the config's filters to completions (token-id completions pass unchanged)."""
+    out = []
+    for text in texts:
+        if not isinstance(text, str):
+            out.append(text)
+            continue
+        if opts.strip:
+            text = text.strip()
+        if len(text) < opts.min_length or any(w in text for w in opts.banned_words):
+            continue
+        if opts.deduplicate and text in out:
+            continue
+        out.append(text)
+    return out
+
+
+def _groups(records: list[dict], batch_size: int) -> list[list[dict]]:
+    """Batches of records sharing option overrides, sorted by prompt length within a group."""
+    by_options: dict[str, list[dict]] = {}
+    for r in records:
+        overrides = {k: v for k, v in r.items() if k not in (*_RECORD_KEYS, "_line")}
+        by_options.setdefault(json.dumps(overrides, sort_keys=True), []).append(r)
+    batches = []
+    for group in by_options.values():
+        group.sort(key=lambda r: len(r["prompt"]))
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def _generate(lm, batch: list[dict], options: dict, failures: list[str]) -> list[tuple[dict, object]]:
+    """(record, result) pairs; a batch failing on user input is retried line by line."""
+    overrides = {k: v for k, v in batch[0].items() if k not in (*_RECORD_KEYS, "_line")}
+    kw = options | overrides
+    try:
+        results = lm.generate([r["prompt"] for r in batch], row_ids=[r["id"] for r in batch], **kw)
+        return list(zip(batch, results, strict=True))
+    except JaxgenError as e:
+        if len(batch) == 1:
+            failures.append(f"{batch[0]['_line']}: {e}")
+            return []
+    return [pair for r in batch for pair in _generate(lm, [r], options, failures)]
+
+
+def _line(record: dict, result, opts: GenerateConfig) -> str:
+    completions = result.texts if result.texts is not None else result.completions
+    out = {
+        "id": record["id"],
+        "prompt": record["prompt"],
+        "completions": postprocess(list(completions), opts),
+        "finish_reason": result.finish_reason,
+        "tokens": sum(len(c) for c in result.completions),
+    }
+    if result.scores is not None:
+        out["scores"] = result.scores
+    return json.dumps(out, ensure_ascii=False) + "\n"
+
+
+def run(lm, input_path, output_path, options: dict | None = None, *, progress: bool = True,
+        on_batch: Callable[[int], None] | None = None) -> Summary:  # fmt: skip
+    """Generates for every not-yet-written line of `input_path` into `output_path`.
+
+    Args:
+        lm: a `LanguageModel`.
+        options: generate options over the run config's defaults (per-line keys win).
+        on_batch: called with the number of batches written so far (progress hooks, tests).
+    """
+    input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
+    summary = Summary()
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    opts = lm.plan(**options).options  # validates the shared options before any work
+    records = read_prompts(input_path, summary.failures)
+    done = done_ids(output_path)
+    pending = [r for r in records if _key(r["id"]) not in done]
+    summary.skipped = len(records) - len(pending)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(output_path, "a", encoding="utf-8") as out, _Progress(len(pending), progress) as bar:
+        for n, batch in enumerate(_groups(pending, opts.batch_size), 1):
+            pairs = _generate(lm, batch, options, summary.failures)
+            out.write("".join(_line(r, res, opts) for r, res in pairs))
+            out.flush()
+            os.fsync(out.fileno())  # a line counts as done only once it is on disk
+            summary.written += len(pairs)
+            summary.tokens += sum(sum(len(c) for c in res.completions) for _, res in pairs)
+            bar.advance(len(batch), summary.written, summary.tokens, time.perf_counter() - start)
+            if on_batch is not None:
+                on_batch(n)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class _Progress:
+    """A rich progress bar with prompts/s and tokens/s (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+            )  # fmt: skip
+            self.bar.__enter__()
+            self.task = self.bar.add_task("generate", total=self.total, rate="")
+        return self
+
+    def advance(self, n: int, written: int, tokens: int, seconds: float) -> None:
+        if self.enabled:
+            rate = (
+                f"{written / seconds:.1f} prompts/s  {tokens / seconds:.0f} tokens/s" if seconds > 0 else ""
+            )
+            self.bar.update(self.task, advance=n, rate=rate)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+        return False

@@ -1,0 +1,203 @@
+"""Python API, CLI generate (streaming and resumable JSONL) and eval, on a tiny run directory."""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import jaxgen
+from jaxgen import cli, evaluate, generate_jsonl
+from jaxgen.checkpoint import save_params
+from jaxgen.config import load_config
+from jaxgen.errors import JaxgenError
+from jaxgen.model.transformer import init_params
+from jaxgen.tokenizer import train_tokenizer
+
+TEXT = "the cat sat on the mat. the dog ate the bone. a bird sang in the tree.\n" * 30
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("gen")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    config = load_config(
+        None,
+        [
+            "model.preset=tiny", "model.vocab_size=256", "model.dtype=float32",
+            f"data.train_files=[{root / 'corpus.txt'}]", f"data.data_dir={root / 'prepared'}",
+            "tokenizer.vocab_size=80", "generate.batch_size=4", "generate.max_new_tokens=8",
+        ],
+    )  # fmt: skip
+    tokenizer_path = train_tokenizer(config)
+    params = jax.tree.map(
+        lambda x: 4.0 * x, jax.jit(init_params, static_argnums=0)(config.model, jax.random.key(0))
+    )
+    save_params(root / "run", config, params, tokenizer_path=tokenizer_path)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def lm(run_dir):
+    return jaxgen.load(run_dir)
+
+
+def test_load_logits_and_generate(lm):
+    tokens = np.asarray([lm.tokenizer.encode("the cat sat")], np.int32)
+    logits = lm.logits(tokens)
+    assert logits.dtype == np.float32 and logits.shape == (1, tokens.shape[1], 256)
+    results = lm.generate(["the cat", "a bird sang in", [5, 6, 7]], temperature=0.0)
+    assert [len(r.tokens) for r in results] == [8, 8, 8]
+    assert all(r.finish_reason == "length" and isinstance(r.text, str) for r in results)
+    # greedy's first token is the argmax of the full forward pass's last logits
+    assert results[0].tokens[0] == int(np.argmax(lm.logits([lm.tokenizer.encode("the cat")])[0, -1]))
+    # max_length counts the prompt (as in Hugging Face)
+    [r] = lm.generate([[5, 6, 7]], temperature=0.0, max_length=7)
+    assert r.tokens == results[2].tokens[:4]
+
+
+def test_beam_results_and_control_prefix(lm):
+    [r] = lm.generate(["the cat"], num_beams=3, num_return_sequences=2, max_new_tokens=4)
+    assert len(r.completions) == 2 and len(r.scores) == 2 and r.scores[0] >= r.scores[1]
+    [plain] = lm.generate(["x the cat"], temperature=0.0)
+    [controlled] = lm.generate(["the cat"], temperature=0.0, control={"x": "y"}, control_template="{key} ")
+    assert controlled.prompt_tokens == plain.prompt_tokens and controlled.tokens == plain.tokens
+
+
+@pytest.mark.parametrize(
+    "prompts, options, message",
+    [
+        (["the cat"], dict(temperature=-1.0), "temperature"),
+        (["the cat"], dict(top_p=0.0), "top_p"),
+        (["the cat"], dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (["the cat"], dict(max_new_tokens=100), "max_len=64"),
+        (["the cat"], dict(beams=2), "unknown option 'beams'"),
+        (["the " * 70], dict(), "exceed the model's max_len"),
+    ],
+)
+def test_bad_input_is_a_one_line_user_error(lm, prompts, options, message):
+    with pytest.raises(JaxgenError, match=message):
+        lm.generate(prompts, **options)
+
+
+def test_empty_prompt_starts_from_bos_and_needs_one(lm):
+    [r] = lm.generate([""], temperature=0.0)
+    assert r.prompt_tokens == [lm.tokenizer.bos_id] and len(r.tokens) == 8
+    bare = jaxgen.LanguageModel(lm.config, lm.params, tokenizer=None, mesh=lm.mesh)
+    with pytest.raises(JaxgenError, match="prompt 0: empty prompt"):
+        bare.generate([[]])
+
+
+def test_long_prompt_truncated_from_the_left_when_configured(lm):
+    long = "the cat sat on the mat. " * 20
+    [r] = lm.generate([long], truncate_prompt=True, temperature=0.0)
+    ids = lm.tokenizer.encode(long)
+    assert r.prompt_tokens == ids[-(64 - 8) :]
+    assert len(r.tokens) == 8 or r.finish_reason == "eos"
+
+
+def _write_prompts(path, n, bad_lines=()):
+    lines = [json.dumps({"id": i, "prompt": f"the cat {'sat ' * (i % 5)}"}) for i in range(n)]
+    for at, text in bad_lines:
+        lines.insert(at, text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_jsonl_resume_after_a_crash_and_a_torn_line(lm, tmp_path):
+    prompts, out, ref = tmp_path / "p.jsonl", tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
+    _write_prompts(prompts, 14, bad_lines=[(3, "{not json"), (6, json.dumps({"id": 99}))])
+    options = dict(temperature=0.9, top_k=20, batch_size=4)
+    full = generate_jsonl.run(lm, prompts, ref, options, progress=False)
+    assert full.written == 14 and len(full.failures) == 2
+    assert full.failures[0].startswith(f"{prompts}:4: invalid JSON")
+    assert full.failures[1].startswith(f"{prompts}:7: ") and '"id" and "prompt"' in full.failures[1]
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(n):
+        if n == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        generate_jsonl.run(lm, prompts, out, options, progress=False, on_batch=crash_after_two)
+    assert len(out.read_text().splitlines()) == 8
+    with open(out, "a") as f:  # killed in the middle of writing the next line
+        f.write('{"id": 12, "prompt": "the ca')
+    resumed = generate_jsonl.run(lm, prompts, out, options, progress=False)
+    assert resumed.skipped == 8 and resumed.written == 6
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == list(range(14))
+    # a resumed run writes exactly what an uninterrupted one does
+    want = {line["id"]: line for line in map(json.loads, ref.read_text().splitlines())}
+    assert all(line == want[line["id"]] for line in lines)
+    assert set(lines[0]) >= {"id", "prompt", "completions", "finish_reason", "tokens"}
+
+
+def test_postprocess_filters(lm):
+    opts = lm.config.generate.model_copy(update=dict(min_length=3, banned_words=("bad",), deduplicate=True))
+    assert generate_jsonl.postprocess([" ok! ", "no", "a bad one", "ok!", "fine"], opts) == ["ok!", "fine"]
+
+
+def test_cli_generate_streams_and_writes_jsonl(run_dir, tmp_path, capsys):
+    code = cli.main(
+        ["generate", "--run", str(run_dir), "--prompt", "the cat", "--temperature", "0", "--chunk", "3"]
+    )
+    assert code == 0
+    streamed = capsys.readouterr().out.rstrip("\n")
+    [want] = jaxgen.load(run_dir).generate(["the cat"], temperature=0.0)
+    assert streamed == want.text
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    _write_prompts(prompts, 3, bad_lines=[(1, "[1, 2]")])
+    args = ["generate", "--run", str(run_dir), "--input", str(prompts), "--output", str(out), "--no-progress"]
+    assert cli.main([*args, "--control", "tone=calm", "--stop", "."]) == 1  # one malformed line
+    assert "p.jsonl:2:" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 3
+    assert cli.main([*args, "--control", "oops"]) == 1
+    assert "--control 'oops'" in capsys.readouterr().err
+
+
+def test_eval_perplexity_matches_logits(lm, run_dir, tmp_path):
+    text = "the cat sat on the mat."
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    result = evaluate.perplexity_of_text(lm, tmp_path / "t.txt", batch_size=8)
+    ids = [lm.tokenizer.eos_id, *lm.tokenizer.encode(text)]
+    logits = lm.logits([ids])[0].astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1))
+    assert result["tokens"] == len(ids) - 1
+    assert abs(result["nats_per_token"] - nll / (len(ids) - 1)) < 1e-5
+    assert abs(result["bits_per_byte"] - nll / math.log(2) / len(text.encode())) < 1e-5
+    assert cli.main(["eval", "perplexity", "--run", str(run_dir), "--text", str(tmp_path / "t.txt")]) == 0
+    assert json.loads((run_dir / "eval" / "perplexity-t.json").read_text())["tokens"] == len(ids) - 1
+
+
+def test_eval_bleu_and_rouge(tmp_path):
+    preds, refs = tmp_path / "out.jsonl", tmp_path / "refs.jsonl"
+    preds.write_text(
+        json.dumps({"id": 1, "completions": ["the cat sat on the mat"]})
+        + "\n"
+        + json.dumps({"id": 2, "completions": ["a dog"]})
+        + "\n"
+    )
+    refs.write_text(
+        json.dumps({"id": 2, "reference": "a dog barked"})
+        + "\n"
+        + json.dumps({"id": 1, "references": ["the cat sat on the mat"]})
+        + "\n"
+    )
+    assert cli.main(["eval", "bleu", "--predictions", str(preds), "--references", str(refs)]) == 0
+    bleu = json.loads((tmp_path / "out.jsonl.bleu.json").read_text())
+    import sacrebleu
+
+    want = sacrebleu.corpus_bleu(
+        ["the cat sat on the mat", "a dog"], [["the cat sat on the mat", "a dog barked"]]
+    )
+    assert abs(bleu["bleu"] - want.score) < 1e-9
+    assert cli.main(["eval", "rouge", "--predictions", str(preds), "--references", str(refs)]) == 0
+    rouge = json.loads((tmp_path / "out.jsonl.rouge.json").read_text())
+    assert abs(rouge["rouge1"] - 100 * (1.0 + 0.8) / 2) < 1e-6  # "a dog" vs "a dog barked": F1 0.8
+    refs.write_text(json.dumps({"id": 1, "reference": "x"}) + "\n")
+    assert cli.main(["eval", "bleu", "--predictions", str(preds), "--references", str(refs)]) == 1
