@@ -173,7 +173,10 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
     from jaxgen.bench_generate import run
     from jaxgen.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not pathlib.Path(path).exists():  # no config, only overrides
+        path, overrides = None, [path, *overrides]
+    config = load_config(path, overrides)
     for line in run(
         config, batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         num_beams=args.num_beams, baseline=not args.no_baseline,

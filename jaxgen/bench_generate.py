@@ -1,0 +1,124 @@
+"""`jaxgen bench generate`: prefill and decode throughput, ms per decode step, compile time.
+
+One JSON line per setting. Timings are of the second call of each compiled program
+(the first call's extra time is reported as compile seconds). The baseline line times
+greedy decoding by re-running the full forward pass over the whole (fixed-size) token
+buffer for every new token, for the same model and batch, in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import beam, generate, sampling
+from jaxgen.config import Config
+from jaxgen.model.transformer import Transformer, init_params, param_count
+
+
+def _timed(fn, *args) -> tuple[float, float]:
+    """(first call seconds, second call seconds), each waited until the result is ready."""
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return times[0], times[1]
+
+
+def _prompts(batch: int, length: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    return prompt, np.full((batch,), length, np.int32), np.arange(batch, dtype=np.int32)
+
+
+def _decode_line(config, params, batch, prompt_len, new_tokens) -> dict:
+    cfg = config.model
+    spec = generate.DecodeSpec(sampling.Greedy(), buffer=generate.bucket(new_tokens))
+    whole, start, _ = generate.compiled(cfg, spec)
+    prompt, lengths, ids = _prompts(batch, prompt_len, cfg.vocab_size)
+    args = (params, prompt, lengths, ids, np.int32(0), np.int32(new_tokens))
+    first_prefill, prefill_s = _timed(start, *args)  # prefill + the first token
+    first_whole, whole_s = _timed(whole, *args)
+    decode_s = max(whole_s - prefill_s, 1e-9)
+    return {
+        "setting": "cached_decode", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
+        "ms_per_decode_step": 1e3 * decode_s / (new_tokens - 1),
+        "total_s": whole_s,
+        "compile_s": (first_prefill - prefill_s) + (first_whole - whole_s),
+    }  # fmt: skip
+
+
+def _baseline_line(config, params, batch, prompt_len, new_tokens) -> dict:
+    """Greedy decoding by a full forward pass over the whole buffer per new token."""
+    cfg = config.model
+    model = Transformer(cfg)
+    width = prompt_len + new_tokens
+
+    @jax.jit
+    def step(params, tokens, t):  # tokens [B, width]; the next token goes to slot t
+        positions = jnp.broadcast_to(jnp.arange(width), tokens.shape)
+        logits = model.apply({"params": params}, tokens, positions)[0]
+        nxt = jnp.argmax(logits[:, t - 1], axis=-1).astype(jnp.int32)
+        return tokens.at[:, t].set(nxt)
+
+    prompt, _, _ = _prompts(batch, prompt_len, cfg.vocab_size)
+    tokens = np.zeros((batch, width), np.int32)
+    tokens[:, :prompt_len] = prompt
+    first, _ = _timed(step, params, tokens, np.int32(prompt_len))
+    t = time.perf_counter()
+    out = jnp.asarray(tokens)
+    for i in range(prompt_len, width):
+        out = step(params, out, np.int32(i))
+    jax.block_until_ready(out)
+    total = time.perf_counter() - t
+    return {
+        "setting": "full_forward_per_token", "batch": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "decode_tokens_per_s": batch * new_tokens / total, "ms_per_decode_step": 1e3 * total / new_tokens,
+        "total_s": total, "compile_s": first,
+    }  # fmt: skip
+
+
+def _beam_line(config, params, batch, prompt_len, new_tokens, num_beams) -> dict:
+    cfg = config.model
+    spec = generate.DecodeSpec(
+        sampling.BeamSearch(num_beams, 1, 1.0, False), buffer=generate.bucket(new_tokens)
+    )
+    prompt, lengths, _ = _prompts(batch, prompt_len, cfg.vocab_size)
+    first, total = _timed(beam.compiled(cfg, spec), params, prompt, lengths, np.int32(new_tokens))
+    return {
+        "setting": f"beam{num_beams}", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "returned_tokens_per_s": batch * new_tokens / total, "ms_per_decode_step": 1e3 * total / new_tokens,
+        "total_s": total, "compile_s": first - total,
+    }  # fmt: skip
+
+
+def run(
+    config: Config, *, batches=(1, 8), prompt_len=32, new_tokens=256, num_beams=0, baseline=True
+) -> Iterator[dict]:
+    """Yields one dict per setting (the CLI prints each as a JSON line)."""
+    cfg = config.model
+    generate.check_room(cfg, prompt_len, new_tokens, "bench")
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    common = {
+        "bench": "generate", "model": f"{cfg.family} L{cfg.num_layers} D{cfg.d_model} V{cfg.vocab_size}",
+        "params": param_count(cfg), "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+    }  # fmt: skip
+    cached = {}
+    for b in batches:
+        line = _decode_line(config, params, b, prompt_len, new_tokens)
+        cached[b] = line["total_s"]
+        yield common | line
+    if num_beams > 1:
+        yield common | _beam_line(config, params, batches[0], prompt_len, new_tokens, num_beams)
+    if baseline:
+        b = batches[0]
+        line = _baseline_line(config, params, b, prompt_len, new_tokens)
+        yield common | line | {"cached_speedup": line["total_s"] / cached[b]}
