@@ -289,3 +289,20 @@ def test_worker_processes_write_the_same_dataset(tmp_path):
     assert a.splits == b.splits and a.splits["train"].examples > 1000
     for split in ("train", "validation"):
         assert np.array_equal(_stream(one, a, split), _stream(two, b, split))
+
+
+def test_cli_tokenizer_and_prepare(tmp_path, capsys):
+    from jaxgen.cli import main
+
+    corpus = _write(tmp_path / "corpus.txt", "\n".join(PARAGRAPHS) * 10)
+    config = _write(tmp_path / "c.yaml", f"data:\n  train_files: [{corpus}]\n  data_dir: {tmp_path / 'p'}\n")
+    overrides = ["tokenizer.kind=char", "tokenizer.vocab_size=100"]
+    assert main(["data", "tokenizer", str(config), *overrides]) == 0
+    assert "tokenizer.model: " in capsys.readouterr().out
+    assert main(["data", "prepare", str(config), *overrides]) == 0
+    assert "train: 1 examples" in capsys.readouterr().out
+    assert main(["data", "prepare", str(config), *overrides]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["data", "prepare", str(config), "data.train_files=[/nonexistent.txt]"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: /nonexistent.txt: file not found (listed in data.train_files)\n"

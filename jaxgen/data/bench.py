@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,14 @@ def _child_prepare(workdir: str, kind: str) -> None:
     total_mb = sampler.stop()
     tokens = sum(s.tokens for s in info.splits.values())
     main_mb = _status_mb("self", "VmHWM")  # this process's own peak since exec
-    print(json.dumps({"seconds": seconds, "tokens": tokens, "main_mb": main_mb, "total_mb": total_mb}))
+    # CPU seconds of this process and its (finished) workers: MB per CPU second is the
+    # per-core rate, whatever else is running on the machine.
+    cpu = sum(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+    figures = {"seconds": seconds, "tokens": tokens, "main_mb": main_mb, "total_mb": total_mb, "cpu_s": cpu}
+    print(json.dumps(figures))
 
 
 def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -> dict:
@@ -143,6 +151,8 @@ def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -
         "tokenizer_train_s": round(tok_seconds, 2),
         "prepare_s": round(child["seconds"], 2),
         "mb_per_s": round(mb / child["seconds"], 2),
+        "cpu_s": round(child["cpu_s"], 1),
+        "mb_per_cpu_s": round(mb / child["cpu_s"], 2),
         "workers": tokenizing_workers(config, int(mb * 1e6)),
         "tokens": child["tokens"],
         "peak_rss_mb": round(child["main_mb"], 1),

@@ -115,6 +115,9 @@ def _dataset(config, split, shard, seed, train, batch_size):
 def train_batches(config, mesh, *, seed=None, process_index=None, process_count=None) -> Batches:
     """Training batches `[train.batch_size, train.seq_len]`, repeated per `data.num_epochs`.
 
+    With a finite `num_epochs` the stream ends: pretraining drops the last partial global
+    batch (fewer than batch_size windows); SFT pads it (loss_mask 0) so no example is lost.
+
     Args:
         mesh: the device mesh (None: numpy batches of this process's rows).
         seed: shuffle seed (default `data.shuffle_seed`).
