@@ -64,6 +64,25 @@ def _cmd_convert_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxgen.config import load_config
+    from jaxgen.train import train
+
+    result = train(load_config(args.config, args.overrides), args.run_dir)
+    if result.preempted:
+        return 0
+    figures = result.final_eval or {}
+    per_char = f" {figures['nats_per_char']:.4f} nats/char" if "nats_per_char" in figures else ""
+    print(
+        f"final: step {result.step} val loss {figures.get('loss', float('nan')):.4f}{per_char}"
+        f" in {result.wall_seconds:.1f} s wall ({result.run_dir})"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -115,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
         p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
-        p.set_defaults(handler=_not_implemented(name))
+        p.set_defaults(handler=_cmd_train if name == "train" else _not_implemented(name))
 
     cli_generate.add_generate_parser(sub)
     cli_generate.add_eval_parser(sub)
@@ -167,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options too (`train cfg.yaml --run-dir X a.b=1`), which plain
+    # argparse rejects for a nargs="*" positional: collect the stragglers here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.handler(args)
     except JaxgenError as e:

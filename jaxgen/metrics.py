@@ -1,0 +1,99 @@
+"""Training metrics: MFU, and one writer for metrics.jsonl, TensorBoard and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+
+# Dense bf16 peak TFLOP/s per chip, by a substring of `device.device_kind`.
+# Order matters: more specific names first ("v5 lite" before "v5").
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("v6 lite", 918.0),
+    ("v6e", 918.0),
+    ("v5 lite", 197.0),
+    ("v5e", 197.0),
+    ("v5p", 459.0),
+    ("v5", 459.0),
+    ("v4", 275.0),
+)
+
+
+def peak_tflops(device_kind: str, override: float | None = None) -> float | None:
+    """Peak bf16 TFLOP/s of one device, or None when unknown (e.g. CPU)."""
+    if override is not None:
+        return override
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, num_devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+    if peak is None:
+        return None
+    return tokens_per_second * flops_per_token / (num_devices * peak * 1e12)
+
+
+def eval_figures(nll_sum: float, tokens: float, chars: int | None = None, nbytes: int | None = None) -> dict:
+    """Loss, perplexity, nats per character and bits per byte from summed token NLL.
+
+    Per-character and per-byte figures make models with different tokenizers comparable
+    (tokens are not characters).
+    """
+    loss = nll_sum / max(tokens, 1.0)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    if chars:
+        out["nats_per_char"] = nll_sum / chars
+    if nbytes:
+        out["bits_per_byte"] = nll_sum / math.log(2) / nbytes
+    return out
+
+
+class MetricsWriter:
+    """Appends JSON lines to `metrics.jsonl` and scalars to TensorBoard (process 0 only)."""
+
+    def __init__(self, run_dir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        if self.enabled:
+            self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "events"))
+            except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
+                self._tb = None
+
+    def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
