@@ -201,3 +201,11 @@ def test_eval_bleu_and_rouge(tmp_path):
     assert abs(rouge["rouge1"] - 100 * (1.0 + 0.8) / 2) < 1e-6  # "a dog" vs "a dog barked": F1 0.8
     refs.write_text(json.dumps({"id": 1, "reference": "x"}) + "\n")
     assert cli.main(["eval", "bleu", "--predictions", str(preds), "--references", str(refs)]) == 1
+
+
+def test_bench_generate_prints_one_json_line_per_setting(capsys):
+    args = ["bench", "generate", "--batch", "2", "--prompt-len", "4", "--new-tokens", "6"]
+    assert cli.main([*args, "model.preset=tiny", "model.dtype=float32"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["setting"] for line in lines] == ["cached_decode", "full_forward_per_token"]
+    assert lines[0]["decode_tokens_per_s"] > 0 and lines[1]["cached_speedup"] > 0
