@@ -209,3 +209,27 @@ def test_bench_generate_prints_one_json_line_per_setting(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["setting"] for line in lines] == ["cached_decode", "full_forward_per_token"]
     assert lines[0]["decode_tokens_per_s"] > 0 and lines[1]["cached_speedup"] > 0
+
+
+def test_eval_perplexity_of_a_prepared_split(tmp_path):
+    from jaxgen.data import prepare, split_stats
+
+    (tmp_path / "corpus.txt").write_text(
+        "the cat sat on the mat. the dog ate the bone.\n" * 60, encoding="utf-8"
+    )
+    config = load_config(
+        None,
+        [
+            "model.preset=tiny", "model.vocab_size=256", "model.dtype=float32", "train.seq_len=32",
+            f"data.train_files=[{tmp_path / 'corpus.txt'}]", f"data.data_dir={tmp_path / 'prepared'}",
+            "tokenizer.vocab_size=50", "eval.batch_size=8",
+        ],
+    )  # fmt: skip
+    prepare(config)
+    params = jax.jit(init_params, static_argnums=0)(config.model, jax.random.key(0))
+    save_params(tmp_path / "run", config, params, tokenizer_path=train_tokenizer(config))
+    result = evaluate.perplexity_of_split(jaxgen.load(tmp_path / "run"), "validation")
+    stats = split_stats(config, "validation")
+    assert result["tokens"] == stats.tokens - 1  # every token but the stream's first is predicted
+    assert abs(result["nats_per_char"] - result["nats_per_token"] * result["tokens"] / stats.chars) < 1e-9
+    assert abs(result["nats_per_token"] - math.log(256)) < 0.2  # a random model is near uniform
