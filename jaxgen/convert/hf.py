@@ -147,14 +147,16 @@ def _read_leaf(reader, rule: hf_params.Rule, leaf, sharding: NamedSharding, num_
         return block.astype(dtype, copy=False)  # no second copy when the dtype already matches
 
     if not rule.stacked:
-        return jax.device_put(read(rule.name), sharding)
+        return jax.device_put(read(rule.name), sharding).block_until_ready()
     # The stacked leaf lives only on the mesh; the host holds one layer at a time.
     layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
     stacked = jnp.zeros(leaf.shape, dtype, device=sharding)
     set_layer = _layer_setter(sharding)
     for i, name in enumerate(rule.names(num_layers)):
         layer = jax.device_put(read(name), layer_sharding)
-        stacked = set_layer(stacked, layer, i)
+        # Dispatch is asynchronous: without waiting, the loop runs ahead and keeps
+        # several layers' host buffers alive at once.
+        stacked = set_layer(stacked, layer, i).block_until_ready()
     return stacked
 
 
