@@ -306,3 +306,52 @@ def test_cli_tokenizer_and_prepare(tmp_path, capsys):
     assert main(["data", "prepare", str(config), "data.train_files=[/nonexistent.txt]"]) == 1
     err = capsys.readouterr().err
     assert err == "error: /nonexistent.txt: file not found (listed in data.train_files)\n"
+
+
+def test_block_boundaries_do_not_change_the_dataset(tmp_path, monkeypatch):
+    from jaxgen.data import sources
+
+    text = ("Ünïcödé line one\n\nsecond — paragraph with a long line " + "x" * 40 + "\n") * 30
+    corpus = _write(tmp_path / "c.txt", text)
+    whole = _config(tmp_path / "whole", [corpus], "data.documents=blank_lines")
+    reference = prepare(whole, progress=False)
+    # Tiny blocks, and lines longer than the line limit cut mid-line at character boundaries.
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 7)
+    monkeypatch.setattr(sources, "_MAX_LINE_BYTES", 23)
+    tiny = _config(tmp_path / "tiny", [corpus], "data.documents=blank_lines")
+    tiny_tok = tmp_path / "tiny" / "prepared" / "default"
+    tiny_tok.mkdir(parents=True)
+    (tiny_tok / "tokenizer.model").write_bytes(reference.tokenizer_path.read_bytes())
+    chunked = prepare(tiny.model_copy(update={"tokenizer": tiny.tokenizer.model_copy(
+        update={"path": str(tiny_tok / "tokenizer.model")})}), progress=False)  # fmt: skip
+    assert chunked.splits == reference.splits
+    for split in ("train", "validation"):
+        assert np.array_equal(_stream(tiny, chunked, split), _stream(whole, reference, split))
+
+
+@pytest.mark.parametrize("mode", ["file", "line", "blank_lines"])
+def test_splitter_is_independent_of_how_text_is_fed(mode):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from jaxgen.data.documents import Splitter
+
+    def documents(pieces):
+        splitter, docs, current = Splitter(mode), [], []
+        for segs in [*(splitter.feed(p) for p in pieces), splitter.end()]:
+            for text, end in segs:
+                current.append(text)
+                if end:
+                    docs.append("".join(current))
+                    current = []
+        assert not "".join(current)  # everything ends in a document
+        return docs
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.text(alphabet="ab \n", max_size=60), st.lists(st.integers(0, 60), max_size=6))
+    def check(text, cuts):
+        cuts = sorted(set(cuts))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert documents(pieces) == documents([text])
+
+    check()
