@@ -237,7 +237,7 @@ def beam_ids(
     Completion tokens exclude a final eos token and a stop sequence; `score` is HF's
     `sequences_scores` (eos included in the length, as HF counts it).
     """
-    batch = prepare_batch(config, prompts, max_new_tokens, None, mesh, buckets)
+    batch = prepare_batch(config, spec, prompts, max_new_tokens, None, mesh, buckets)
     with mesh_context(mesh):
         prompt, lengths, _, _, limit = device_args(batch, 0, max_new_tokens, mesh)
         seqs, scores, seq_len, reasons = (

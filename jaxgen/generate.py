@@ -276,7 +276,9 @@ def mesh_context(mesh):
     return activate(mesh)
 
 
-def prepare_batch(config, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:
+def prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:
+    if max_new_tokens > spec.buffer:  # the buffer is static; the loop would stop early
+        raise ValueError(f"max_new_tokens={max_new_tokens} exceeds DecodeSpec.buffer={spec.buffer}")
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     for rid, prompt in zip(row_ids, prompts, strict=True):
         check_room(config, len(prompt), max_new_tokens, f"prompt {rid}")
@@ -298,7 +300,7 @@ def generate_ids(
         mesh: shard the batch over its data axes (None: one device).
         buckets: prompt-length buckets (empty: powers of two).
     """
-    batch = prepare_batch(config, prompts, max_new_tokens, row_ids, mesh, buckets)
+    batch = prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets)
     whole, _, _ = compiled(config, spec)
     with mesh_context(mesh):
         out = whole(params, *device_args(batch, seed, max_new_tokens, mesh))
@@ -323,7 +325,7 @@ def stream_ids(
     Tokens of a stop sequence may be yielded before the sequence is complete; the final
     `Completion`s (with the stop sequence removed) are the generator's return value.
     """
-    batch = prepare_batch(config, prompts, max_new_tokens, row_ids, mesh, buckets)
+    batch = prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets)
     _, begin, advance_fn = compiled(config, spec)
     sent = [0] * batch.count
     with mesh_context(mesh):
