@@ -197,3 +197,18 @@ def test_tied_llama_has_no_lm_head(tmp_path):
 def test_untied_llama_without_lm_head_is_missing_it(tmp_path):
     path = variant(tmp_path, "llama-tiny", edit_tensors=lambda t: t.pop("lm_head.weight"))
     assert load_error(path).endswith("missing tensors for this config: lm_head.weight")
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    path = variant(tmp_path, "gpt2-tiny")
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {"transformer.wte.weight": "model-00001-of-00001.safetensors"}}
+    index["weight_map"]["transformer.h.9.attn.c_attn.weight"] = "model-00001-of-00001.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "transformer.h.9.attn.c_attn.weight is not in model-00001-of-00001.safetensors" in load_error(path)
+
+
+def test_corrupt_safetensors_file(tmp_path):
+    path = variant(tmp_path, "gpt2-tiny")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    assert "model.safetensors: cannot read safetensors" in load_error(path)

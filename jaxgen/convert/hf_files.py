@@ -55,15 +55,8 @@ class SafetensorsReader:
     def __exit__(self, *exc) -> None:
         pass
 
-    @contextlib.contextmanager
     def _open(self, file: str):
-        path = self.dir / file
-        try:
-            handle = safetensors.safe_open(path, framework="numpy")
-        except Exception as e:  # safetensors raises several types for a bad header
-            raise JaxgenError(f"{path}: cannot read safetensors ({e})") from None
-        with handle as f:
-            yield f
+        return open_safetensors(self.dir / file)
 
     def names(self) -> list[str]:
         return sorted(self._files)
@@ -90,6 +83,17 @@ class SafetensorsReader:
             return f.get_slice(name)[index]
 
 
+@contextlib.contextmanager
+def open_safetensors(path: pathlib.Path):
+    """`safe_open` (numpy) with a one-line error naming the file when it is not safetensors."""
+    try:
+        handle = safetensors.safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises several types for a bad header
+        raise JaxgenError(f"{path}: cannot read safetensors ({e})") from None
+    with handle as f:
+        yield f
+
+
 def _weight_map(hf_dir: pathlib.Path) -> dict[str, str]:
     if (hf_dir / INDEX).exists():
         index = read_json(hf_dir / INDEX)
@@ -101,7 +105,7 @@ def _weight_map(hf_dir: pathlib.Path) -> dict[str, str]:
                 raise JaxgenError(f"{hf_dir / INDEX}: shard {file} not found in {hf_dir}")
         return dict(weight_map)
     if (hf_dir / SINGLE).exists():
-        with safetensors.safe_open(hf_dir / SINGLE, framework="numpy") as f:
+        with open_safetensors(hf_dir / SINGLE) as f:
             return dict.fromkeys(f.keys(), SINGLE)
     if not hf_dir.is_dir():
         raise JaxgenError(f"{hf_dir}: not a directory")
