@@ -109,6 +109,13 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- bench
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from jaxgen.bench_train import main as bench_train
+    from jaxgen.config import load_config
+
+    return bench_train(load_config(args.config, args.overrides), args.steps, args.warmup)
+
+
 def _cmd_bench_data(args: argparse.Namespace) -> int:
     from jaxgen.data.bench import run
 
@@ -175,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workdir", help="where the corpus and dataset go (default: a temp dir)")
     q.set_defaults(handler=_cmd_bench_data)
     cli_generate.add_bench_generate(bench_sub)
+    q = bench_sub.add_parser("train", help="train step tokens/s, ms/step, MFU, compile s, peak memory")
+    _add_config_args(q)
+    q.add_argument("--steps", type=int, default=20, help="timed steps")
+    q.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    q.set_defaults(handler=_cmd_bench_train)
 
     p = sub.add_parser("config", help="inspect configs")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -1,0 +1,95 @@
+"""`jaxgen bench train CONFIG`: throughput of the real train step on synthetic tokens.
+
+Prints one JSON line: tokens/s, ms per step, MFU, compile seconds and peak device
+memory. Synthetic batches keep input out of the measurement (the input pipeline
+has its own benchmark, `jaxgen bench data`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.config import Config
+from jaxgen.metrics import mfu, peak_tflops
+from jaxgen.model.layers import compute_dtype
+from jaxgen.model.transformer import model_flops_per_token, param_count
+from jaxgen.sharding import activate, make_mesh
+from jaxgen.train import check_shapes
+from jaxgen.train_step import Trainer
+
+
+def synthetic_batch(config: Config, seed: int = 0) -> dict:
+    b, t, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
+    tokens = jax.random.randint(jax.random.key(seed), (b, t + 1), 0, v, dtype=jnp.int32)
+    return {
+        "tokens": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+        "segment_ids": jnp.ones((b, t), jnp.int32),
+        "loss_mask": jnp.ones((b, t), jnp.float32),
+    }
+
+
+def _peak_memory(compiled) -> tuple[int | None, str]:
+    """Peak bytes on device 0: the allocator's figure where it exists (GPU/TPU),
+    otherwise XLA's static estimate for the compiled step (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "allocator"
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None, "unavailable"
+    total = analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+    return int(total - analysis.alias_size_in_bytes), "xla_estimate"
+
+
+def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
+    """Compiles and times `steps` train steps after `warmup` untimed ones."""
+    mesh = make_mesh(config.mesh)
+    check_shapes(config, mesh)
+    with activate(mesh):
+        trainer = Trainer(config, mesh)
+        state = trainer.init(jax.random.key(0))
+        batch = jax.device_put(synthetic_batch(config), trainer.batch_sharding)
+        start = time.perf_counter()
+        compiled = trainer.step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+    tokens = config.train.batch_size * config.train.seq_len
+    kind = jax.devices()[0].device_kind
+    flops = model_flops_per_token(config.model, config.train.seq_len)
+    peak_bytes, memory_source = _peak_memory(compiled)
+    util = mfu(tokens / seconds, flops, jax.device_count(), peak_tflops(kind, config.train.peak_tflops))
+    return {
+        "bench": "train",
+        "config": config.name,
+        "device": kind,
+        "devices": jax.device_count(),
+        "params": param_count(config.model),
+        "batch": config.train.batch_size,
+        "seq_len": config.train.seq_len,
+        "compute_dtype": str(compute_dtype(config.model)),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "step_ms": round(seconds * 1000, 3),
+        "mfu": None if util is None else round(util, 4),
+        "compile_seconds": round(compile_s, 2),
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory_source": memory_source,
+        "final_loss": float(metrics.loss),
+    }
+
+
+def main(config: Config, steps: int, warmup: int) -> int:
+    print(json.dumps(bench_train(config, steps=steps, warmup=warmup)))
+    return 0
