@@ -197,8 +197,9 @@ class TrainConfig(_Section):
     log_every: PositiveInt = 10
     eval_every: PositiveInt | None = None  # None: only at the end
     eval_batches: PositiveInt = 20
-    sample_every: PositiveInt | None = None
+    sample_every: PositiveInt | None = None  # None: no samples during training
     sample_prompt: str = ""
+    sample_tokens: PositiveInt = 64
     peak_tflops: pydantic.PositiveFloat | None = None  # overrides the per-device table
 
 
@@ -385,6 +386,24 @@ def config_from_dict(data: dict, where: str = "") -> Config:
         return Config.model_validate(data)
     except pydantic.ValidationError as e:
         raise JaxgenError(_error_line(e, where)) from None
+
+
+# Keys that shipped configs leave for the user to fill in, as "<what to put here>".
+PLACEHOLDER_KEYS = ("data.train_files", "data.validation_files", "data.data_dir", "tokenizer.path")
+
+
+def check_no_placeholders(config: Config) -> None:
+    """Refuses to run a config whose paths still hold a "<...>" placeholder.
+
+    Raises:
+        JaxgenError: naming the first unset dotted key and its placeholder text.
+    """
+    for key in PLACEHOLDER_KEYS:
+        section, field = key.split(".")
+        value = getattr(getattr(config, section), field)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, str) and "<" in item and ">" in item:
+                raise JaxgenError(f"{key}: {item!r} is a placeholder; set it in the config or as {key}=...")
 
 
 def to_yaml(config: Config) -> str:

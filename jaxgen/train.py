@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jaxgen import checkpoint, data
-from jaxgen.config import Config
+from jaxgen.config import Config, check_no_placeholders
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import MetricsWriter, eval_figures, mfu, peak_tflops
 from jaxgen.model.transformer import model_flops_per_token
@@ -112,6 +112,7 @@ class _Loop:
         self.metrics = MetricsWriter(run_dir)
         self.flops = model_flops_per_token(config.model, config.train.seq_len)
         self.peak = peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops)
+        self.tokenizer = None  # loaded on the first sample
 
     def start(self) -> tuple[TrainState, int]:
         latest = self.mngr.latest_step()
@@ -173,6 +174,17 @@ class _Loop:
         )
         return losses, skipped
 
+    def sample(self, state: TrainState, step: int) -> None:
+        """A short greedy-or-sampled completion of `train.sample_prompt` with the current params."""
+        from jaxgen.api import LanguageModel
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.run_dir)
+        lm = LanguageModel(self.config, state.params, self.tokenizer, self.mesh)
+        text = lm.generate([self.config.train.sample_prompt], max_new_tokens=self.config.train.sample_tokens)[0].text
+        self.metrics.write(step, "sample", {"prompt": self.config.train.sample_prompt, "text": text})
+        self.console.print(f"sample {step:>6}  {self.config.train.sample_prompt}{text!r}")
+
     def eval(self, state: TrainState, step: int, max_batches: int | None) -> dict:
         result = evaluate(self.trainer, state.params, self.config, self.mesh, max_batches)
         self.metrics.write(step, "eval", result)
@@ -199,6 +211,7 @@ def train(config: Config, run_dir: str | pathlib.Path | None = None, *, console:
     started = time.perf_counter()
     console = console or Console()
     run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
+    check_no_placeholders(config)
     info = data.prepare(config)
     tokenizer = load_tokenizer(info.tokenizer_path)
     config = resolve_config(config, tokenizer)
@@ -248,6 +261,9 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
                 tick = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 loop.eval(state, step, cfg.eval_batches)
+                tick = time.perf_counter()
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                loop.sample(state, step)
                 tick = time.perf_counter()
             if loop.config.checkpoint.every and step % loop.config.checkpoint.every == 0:
                 loop.save(state, step)

@@ -5,10 +5,11 @@ import pathlib
 import pytest
 
 from jaxgen.cli import main
-from jaxgen.config import Config, load_config, to_yaml
+from jaxgen.config import Config, check_no_placeholders, load_config, to_yaml
 from jaxgen.errors import JaxgenError
 
-CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_configs_dir_is_not_empty():
@@ -64,6 +65,18 @@ def test_rejections_are_one_line_naming_the_key(overrides, message):
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("name", ["gpt2_124m.yaml", "llama3_8b_v5e256.yaml"])
+def test_placeholders_must_be_set_before_running(name):
+    config = load_config(ROOT / "configs" / name)
+    with pytest.raises(JaxgenError, match=r"^(data|tokenizer)\.\w+: '.*<.*>.*' is a placeholder; set it"):
+        check_no_placeholders(config)
+    filled = load_config(
+        ROOT / "configs" / name,
+        ["data.train_files=[corpus.txt]", "data.data_dir=prepared", "tokenizer.path=tok.model"],
+    )
+    check_no_placeholders(filled)
 
 
 def test_file_errors_name_the_file(tmp_path):

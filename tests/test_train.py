@@ -1,6 +1,7 @@
 """Training: loss goes down, exact resume (same and other mesh), preemption, accumulation,
 schedules, NaN policies. Tiny GPT on a small slice of the shipped Shakespeare text."""
 
+import json
 import os
 import pathlib
 import signal
@@ -63,12 +64,18 @@ def _params(run_dir, step=None):
 
 
 def test_loss_goes_down_and_run_dir_is_complete(corpus, tmp_path):
-    result = train(_config(corpus, **{"train.steps": 40}), tmp_path / "run")
+    config = _config(corpus, **{"train.steps": 40, "train.sample_every": 20, "train.sample_prompt": "'ROMEO:'",
+                                "train.sample_tokens": 8})
+    result = train(config, tmp_path / "run")
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5]) - 0.5
     assert result.final_eval["nats_per_char"] > 0
     for name in ("config.yaml", "tokenizer.model", "metrics.jsonl"):
         assert (tmp_path / "run" / name).exists(), name
     assert any((tmp_path / "run" / "events").iterdir())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval", "sample"}
+    samples = [r for r in records if r["kind"] == "sample"]
+    assert [r["step"] for r in samples] == [20, 40] and all(isinstance(r["text"], str) for r in samples)
     # checkpoint.keep=3: the oldest of 10, 20, 30, 40 is gone
     assert checkpoint.manager(tmp_path / "run", read_only=True).all_steps() == [20, 30, 40]
 
