@@ -113,17 +113,17 @@ def read_params(hf_dir: str | pathlib.Path, model: ModelConfig, mesh: Mesh):
     from jaxgen.sharding import param_shardings
 
     shardings = param_shardings(mesh, abstract_variables(model))["params"]
-    with hf_files.SafetensorsReader(hf_dir) as reader:
-        names = reader.names()
-        rule_list = hf_params.rules(model, hf_params.hf_prefix(model, names))
-        found = {n: reader.shape(n) for n in names}
-        hf_params.check_tensors(model, rule_list, found, str(reader.dir))
-        shapes = hf_params.leaf_shapes(model)
-        params: dict = {}
-        for rule in rule_list:
-            leaf = shapes[rule.path]
-            sharding = _lookup(shardings, rule.path)
-            _insert(params, rule.path, _read_leaf(reader, rule, leaf, sharding, model.num_layers))
+    reader = hf_files.SafetensorsReader(hf_dir)
+    names = reader.names()
+    rule_list = hf_params.rules(model, hf_params.hf_prefix(model, names))
+    found = {n: reader.shape(n) for n in names}
+    hf_params.check_tensors(model, rule_list, found, str(reader.dir))
+    shapes = hf_params.leaf_shapes(model)
+    params: dict = {}
+    for rule in rule_list:
+        leaf = shapes[rule.path]
+        sharding = _lookup(shardings, rule.path)
+        _insert(params, rule.path, _read_leaf(reader, rule, leaf, sharding, model.num_layers))
     return params
 
 

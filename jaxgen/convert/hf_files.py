@@ -49,12 +49,6 @@ class SafetensorsReader:
         if absent:
             raise JaxgenError(f"{self.dir / INDEX}: {absent[0]} is not in {self._files[absent[0]]}")
 
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
     def _open(self, file: str):
         return open_safetensors(self.dir / file)
 
