@@ -196,8 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_logs() -> None:
+    """orbax/TFDS log routine notices through absl at WARNING; users only need errors."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _quiet_library_logs()
     # Overrides may follow options too (`train cfg.yaml --run-dir X a.b=1`), which plain
     # argparse rejects for a nargs="*" positional: collect the stragglers here.
     args, extra = parser.parse_known_args(argv)

@@ -84,6 +84,22 @@ def _preemption_flag() -> Iterator[dict]:
             signal.signal(s, h)
 
 
+@contextmanager
+def _memory_hint(config: Config) -> Iterator[None]:
+    """Turns an out-of-memory failure into one line naming the knobs that reduce memory."""
+    try:
+        yield
+    except Exception as e:  # XlaRuntimeError's type moves between jaxlib versions
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        t, m = config.train, config.model
+        raise JaxgenError(
+            f"out of memory in the train step: lower train.batch_size ({t.batch_size}) or raise"
+            f" train.grad_accum ({t.grad_accum}), set model.remat=dots_saveable|full (now {m.remat}),"
+            " or shard parameters with mesh.fsdp"
+        ) from None
+
+
 def evaluate(trainer: Trainer, params, config: Config, mesh, max_batches: int | None) -> dict:
     """Validation loss/perplexity; nats/char and bits/byte when the whole split is seen."""
     nll, count, seen, complete = 0.0, 0.0, 0, True
@@ -236,7 +252,8 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
     with _progress(loop.console) as progress:
         task = progress.add_task("train", total=cfg.steps, completed=step)
         while step < cfg.steps and flag["stop"] is None:
-            state, metrics = loop.trainer.step(state, next(loop.batches))
+            with _memory_hint(loop.config):
+                state, metrics = loop.trainer.step(state, next(loop.batches))
             step += 1
             pending.append(metrics)
             if not compiled:  # keep compilation out of the first interval's tokens/s

@@ -215,3 +215,14 @@ def test_bad_shapes_are_one_line_errors(corpus, tmp_path):
         train(_config(corpus, **{"train.batch_size": 12}), tmp_path / "a")
     with pytest.raises(JaxgenError, match="train.seq_len: 64 exceeds model.max_len=32"):
         train(_config(corpus, **{"train.seq_len": 64}), tmp_path / "b")
+
+
+def test_out_of_memory_names_the_knobs(tiny_config):
+    from jaxgen.train import _memory_hint
+
+    with pytest.raises(JaxgenError, match=r"out of memory in the train step: lower train.batch_size \(8\)"):
+        with _memory_hint(tiny_config):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes")
+    with pytest.raises(ValueError, match="unrelated"):  # other failures pass through untouched
+        with _memory_hint(tiny_config):
+            raise ValueError("unrelated")
