@@ -140,8 +140,13 @@ def _process_env(source: str, port: int, index: int) -> dict[str, str]:
         cluster = {"JAXGEN_COORDINATOR": f"localhost:{port}", "JAXGEN_PROCESS_ID": str(index)}
         return {**env, **cluster, "JAXGEN_NUM_PROCESSES": "2"}
     slurm = {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "2", "SLURM_LOCALID": "0"}
-    return {**env, **slurm, "SLURM_PROCID": str(index), "SLURM_STEP_NODELIST": "localhost",
-            "JAX_COORDINATOR_PORT": str(port)}  # fmt: skip
+    return {
+        **env,
+        **slurm,
+        "SLURM_PROCID": str(index),
+        "SLURM_STEP_NODELIST": "localhost",
+        "JAX_COORDINATOR_PORT": str(port),
+    }
 
 
 @pytest.mark.parametrize("source", ["explicit", "slurm"])
