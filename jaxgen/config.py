@@ -192,7 +192,7 @@ class TrainConfig(_Section):
     grad_accum: PositiveInt = 1
     seed: int = 0
     z_loss: float = pydantic.Field(0.0, ge=0.0)
-    loss_chunk: PositiveInt = 1024  # tokens per chunk of the vocab projection + CE
+    loss_chunk: PositiveInt = 256  # sequence positions per chunk of the vocab projection + CE
     nan_policy: Literal["skip", "stop"] = "stop"
     log_every: PositiveInt = 10
     eval_every: PositiveInt | None = None  # None: only at the end

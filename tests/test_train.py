@@ -226,3 +226,26 @@ def test_out_of_memory_names_the_knobs(tiny_config):
     with pytest.raises(ValueError, match="unrelated"):  # other failures pass through untouched
         with _memory_hint(tiny_config):
             raise ValueError("unrelated")
+
+
+def test_chunked_cross_entropy_equals_one_chunk():
+    from jaxgen.train_step import chunked_cross_entropy
+
+    hidden = jax.random.normal(jax.random.key(0), (2, 12, 8))
+    kernel = jax.random.normal(jax.random.key(1), (8, 32))
+    targets = jax.random.randint(jax.random.key(2), (2, 12), 0, 32)
+    mask = (jax.random.uniform(jax.random.key(3), (2, 12)) > 0.3).astype(jnp.float32)
+    project = lambda h, k: jnp.einsum("BTD,DV->BTV", h, k)  # noqa: E731
+
+    def loss(h, k, chunk):
+        nll, z = chunked_cross_entropy(lambda x: project(x, k), h, targets, mask, chunk)
+        return nll + 1e-2 * z
+
+    whole = jax.value_and_grad(loss, argnums=(0, 1))(hidden, kernel, 12)
+    for chunk in (4, 5):  # 5 does not divide 12: its largest divisor below 5 (4) is used
+        chunked = jax.value_and_grad(loss, argnums=(0, 1))(hidden, kernel, chunk)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6), chunked, whole)
+    logp = jax.nn.log_softmax(project(hidden, kernel))
+    reference = -(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum()
+    np.testing.assert_allclose(chunked_cross_entropy(lambda x: project(x, kernel), hidden, targets, mask, 4)[0],
+                               reference, atol=1e-5, rtol=1e-6)
