@@ -9,6 +9,7 @@ import os
 import pathlib
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -209,19 +210,12 @@ def test_slurm_dry_run_prints_srun(fake_bin):
     )
     assert result.returncode == 0, result.stderr
     assert not log.exists()
-    (srun,) = printed_commands(result.stdout)
-    assert srun == [
-        "srun",
-        "--ntasks-per-node=1",
-        "--kill-on-bad-exit=1",
-        "/opt/venv/bin/jaxgen",
-        "train",
-        "configs/tiny.yaml",
-        "--run-dir",
-        f"{ROOT}/runs/tiny",
-        "train.steps=5",
-        "train.sample_prompt=a b",
-    ]
+    prepare, train = printed_commands(result.stdout)
+    overrides = ["train.steps=5", "train.sample_prompt=a b"]
+    assert prepare == ["srun", "--nodes=1", "--ntasks=1", "/opt/venv/bin/jaxgen", "data", "prepare",
+                       "configs/tiny.yaml", *overrides]  # fmt: skip
+    assert train == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "/opt/venv/bin/jaxgen", "train",
+                     "configs/tiny.yaml", "--run-dir", f"{ROOT}/runs/tiny", *overrides]  # fmt: skip
 
 
 def test_slurm_directives_ask_for_one_task_per_node():
@@ -254,3 +248,62 @@ def test_slurm_without_venv_stops_before_srun(fake_bin, tmp_path):
     result = run_script(SLURM, ["configs/tiny.yaml"], env)
     assert result.returncode == 2 and "no-venv/bin/jaxgen: pip install" in result.stderr
     assert not log.exists()
+
+
+# A stand-in for srun on one machine: starts the step's tasks as local processes with the
+# SLURM_* variables srun would give them (one task per node of the job, or --ntasks=1).
+FAKE_SRUN = """
+import os, subprocess, sys
+args = sys.argv[1:]
+first = next(i for i, a in enumerate(args) if not a.startswith("--"))
+options, command = args[:first], args[first:]
+nodes = 1 if "--ntasks=1" in options else int(os.environ["SLURM_JOB_NUM_NODES"])
+tasks = []
+for rank in range(nodes):
+    env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(nodes), "SLURM_LOCALID": "0",
+           "SLURM_STEP_NUM_NODES": str(nodes), "SLURM_STEP_NODELIST": "localhost"}
+    tasks.append(subprocess.Popen(command, env=env))
+try:
+    sys.exit(max(t.wait(timeout=45) for t in tasks))  # within run_script's 60 s
+except subprocess.TimeoutExpired:
+    for t in tasks:
+        t.kill()
+    sys.exit("srun stand-in: tasks did not finish in 45 s")
+"""
+
+# A stand-in for the venv's jaxgen: `data prepare` does nothing; `train` joins the job the
+# way jaxgen train will and sums data that lives on both processes.
+FAKE_JAXGEN = """
+import sys
+if sys.argv[1:3] == ["data", "prepare"]:
+    sys.exit(0)
+from jaxgen.distributed import initialize_from_env, process_info
+assert initialize_from_env()
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, Mesh, PartitionSpec as P
+index, count = process_info()
+mesh = Mesh(np.array(jax.devices()), ("d",))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), np.full(1, index + 1.0), (count,))
+print(f"task {index}/{count} sum={float(jax.jit(jnp.sum)(x))} args={sys.argv[1:]}", flush=True)
+"""
+
+
+def test_slurm_script_forms_one_jax_job(fake_bin, tmp_path):
+    """The sbatch script, run for real under a local srun stand-in, gives a 2-process JAX job."""
+    env, _ = fake_bin
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    for path, body in ((env["PATH"].split(":")[0] + "/srun", FAKE_SRUN), (venv_bin / "jaxgen", FAKE_JAXGEN)):
+        pathlib.Path(path).write_text(f"#!{sys.executable}\n{body}")
+        pathlib.Path(path).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
+    env = {**env, **slurm, "JAXGEN_VENV": str(venv_bin.parent), "JAX_COORDINATOR_PORT": str(port)}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = run_script(SLURM, ["configs/tiny.yaml", "train.steps=5"], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = ["train", "configs/tiny.yaml", "--run-dir", f"{ROOT}/runs/tiny", "train.steps=5"]
+    for index in range(2):
+        assert f"task {index}/2 sum=3.0 args={args}" in result.stdout, result.stdout + result.stderr
