@@ -49,7 +49,10 @@ class ModelConfig(_Section):
     attention_bias: bool | None = None  # None: family default (gpt2 True, llama False)
     mlp_bias: bool | None = None
     dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
-    scan_layers: bool = True  # False: same params, layers fully unrolled (see README)
+    # Same params either way (see README). None: by platform — unrolled on GPU (457k vs
+    # 314k tokens/s for GPT-2 124M on an H100), scanned on TPU (flat compile time in
+    # depth) and CPU (half the compile time, step within ~10%).
+    scan_layers: bool | None = None
     remat: Literal["none", "dots_saveable", "full"] = "none"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     param_dtype: DType = "float32"
@@ -90,6 +93,15 @@ class ModelConfig(_Section):
     @property
     def hidden_dim(self) -> int:
         return self.mlp_dim or 4 * self.d_model
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the layer loop stays rolled (resolves `scan_layers: null` by platform)."""
+        if self.scan_layers is not None:
+            return self.scan_layers
+        import jax
+
+        return jax.default_backend() != "gpu"
 
     @property
     def use_attention_bias(self) -> bool:

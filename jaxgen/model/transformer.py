@@ -11,8 +11,8 @@ Parameters (after `init`, unboxed) for L layers:
     final_norm/...               [D]
     lm_head/kernel               [D, V]     untied only
 
-Layers are always stored stacked along a leading `layers` axis. `scan_layers=False`
-runs the same scan fully unrolled (lax.scan `unroll=L`), which gave unrolled-layer
+Layers are always stored stacked along a leading `layers` axis. `scan_layers: false`
+(the default on GPU) runs the same scan fully unrolled (lax.scan `unroll=L`), which gave unrolled-layer
 speed on an H100 (see README) while keeping one parameter layout, so checkpoints
 move freely between the two settings.
 """
@@ -78,7 +78,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
+            unroll=1 if cfg.scanned else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.deterministic)
         self.final_norm = Norm(cfg)
