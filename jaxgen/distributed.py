@@ -61,6 +61,8 @@ class DistributedPlan:
 
 
 def _int_var(env: Mapping[str, str], name: str, minimum: int) -> int:
+    if name not in env:
+        raise JaxgenError(f"{name} is not set")
     raw = env[name]
     try:
         value = int(raw.strip())

@@ -88,6 +88,10 @@ def test_first_slurm_host(nodelist, first):
         ({**EXPLICIT, "JAXGEN_COORDINATOR": "10.0.0.1"}, "JAXGEN_COORDINATOR='10.0.0.1' must be host:port"),
         ({**EXPLICIT, "JAXGEN_COORDINATOR": "h:99999"}, "JAXGEN_COORDINATOR='h:99999' must be host:port"),
         ({**SLURM, "SLURM_PROCID": "2"}, "SLURM_PROCID=2 must be < SLURM_NTASKS=2"),
+        (
+            {k: v for k, v in SLURM.items() if k != "SLURM_LOCALID"} | {"SLURM_NTASKS": "4"},
+            "SLURM_LOCALID is not set",
+        ),
     ],
 )
 def test_inconsistent_env_is_one_line(env, message):
