@@ -68,11 +68,16 @@ def _cmd_convert_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxgen.distributed import initialize_from_env
+
+    initialize_from_env()  # a no-op on one host; must run before JAX touches a device
     from jaxgen.config import load_config
     from jaxgen.train import train
 
     result = train(load_config(args.config, args.overrides), args.run_dir)
     if result.preempted:
+        return 0
+    if result.process_index != 0:
         return 0
     figures = result.final_eval or {}
     per_char = f" {figures['nats_per_char']:.4f} nats/char" if "nats_per_char" in figures else ""

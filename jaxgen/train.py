@@ -38,6 +38,7 @@ class TrainResult:
     wall_seconds: float
     preempted: bool = False
     skipped_steps: int = 0
+    process_index: int = 0
 
 
 def resolve_config(config: Config, tokenizer) -> Config:
@@ -222,18 +223,34 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def train(config: Config, run_dir: str | pathlib.Path | None = None, *, console: Console | None = None) -> TrainResult:
     """Trains `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
     started = time.perf_counter()
-    console = console or Console()
+    leader = jax.process_index() == 0
+    console = console or Console(quiet=not leader)  # one process speaks for a multi-host job
     run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
     check_no_placeholders(config)
-    info = data.prepare(config)
+    # Process 0 writes shared files (prepared data, run config); the others wait for it
+    # and then only read them.
+    if leader:
+        info = data.prepare(config)
+    _barrier("jaxgen-prepared")
+    if not leader:
+        info = data.prepare(config, progress=False)
     tokenizer = load_tokenizer(info.tokenizer_path)
     config = resolve_config(config, tokenizer)
     _check_resume(run_dir, config)
-    checkpoint.write_run_config(run_dir, config)
-    checkpoint.copy_tokenizer(info.tokenizer_path, run_dir)
+    if leader:
+        checkpoint.write_run_config(run_dir, config)
+        checkpoint.copy_tokenizer(info.tokenizer_path, run_dir)
+    _barrier("jaxgen-run-dir")
     mesh_shape = dict(make_mesh(config.mesh).shape)
     with activate(make_mesh(config.mesh)), _preemption_flag() as flag:
         loop = _Loop(config, run_dir, console)
@@ -298,4 +315,6 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
         loop.mngr.wait_until_finished()
     loop.mngr.close()
     loop.metrics.close()
-    return TrainResult(loop.run_dir, step, losses, final_eval, time.perf_counter() - started, preempted, skipped)
+    return TrainResult(
+        loop.run_dir, step, losses, final_eval, time.perf_counter() - started, preempted, skipped, jax.process_index()
+    )
