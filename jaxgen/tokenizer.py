@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 from collections.abc import Iterable, Sequence
 
 from jaxgen.errors import JaxgenError
@@ -262,6 +263,6 @@ def _training_error(config, message: str, sentences: _CountingIterator) -> str:
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)

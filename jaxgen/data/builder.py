@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import socket
 
 import numpy as np
 
@@ -156,9 +157,14 @@ def write_metadata(dataset_dir: pathlib.Path, kind: str, split_infos: list, meta
     )
 
 
+def unique_suffix() -> str:
+    """host-pid: temp names that processes sharing a filesystem do not collide on."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
     """Moves a finished temp directory into place, replacing any previous version."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}.old-{unique_suffix()}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

@@ -140,7 +140,7 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
     tokenizer = load_tokenizer(tok_path)
     kind = "sft" if data.format == "sft" else "pretrain"
     final = dataset_dir(config)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp-{builder.unique_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -162,11 +162,11 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, s in stats.items():
         say(f"  {name}: {s.examples:,} examples, {s.tokens:,} tokens, {s.chars:,} chars")
-        _report_problems(name, s, data, say)
+        _report_problems(name, s, say)
     return _info(config, meta, rebuilt=True)
 
 
-def _report_problems(name: str, s: SplitStats, data, say) -> None:
+def _report_problems(name: str, s: SplitStats, say) -> None:
     if s.replaced_chars:
         say(f"  {name}: {s.replaced_chars:,} invalid UTF-8 sequences replaced by U+FFFD")
     if s.truncated:
