@@ -25,8 +25,12 @@ import subprocess
 import sys
 import time
 
+# The repo root first: run from anywhere, `import jaxgen` is this checkout's package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 VENV = pathlib.Path("/tmp/hfbench-venv")
 MODEL_DIR = pathlib.Path("/tmp/hfbench-gpt2-124m")
+BEAM = dict(max_length=50, num_beams=5, num_return_sequences=5, early_stopping=True)
 
 
 def ensure_venv() -> pathlib.Path:
@@ -73,7 +77,16 @@ def hf_side(args) -> dict:
             start = time.perf_counter()
             out = model.generate(ids, **kwargs)
             best = min(best, time.perf_counter() - start)
+    result = {}
+    if args.beam_check:  # the classic recipe: max_length=50, num_beams=5, early_stopping=True
+        with torch.inference_mode():
+            beams = model.generate(
+                ids, **BEAM, return_dict_in_generate=True, output_scores=True, pad_token_id=0
+            )
+        result["beam_ids"] = beams.sequences[:, args.prompt_len :].tolist()
+        result["beam_scores"] = beams.sequences_scores.tolist()
     return {
+        **result,
         "seconds": best,
         "ids": out[0, args.prompt_len :].tolist(),
         "torch": torch.__version__,
@@ -107,7 +120,13 @@ def jaxgen_side(args) -> dict:
         start = time.perf_counter()
         out = run()
         best = min(best, time.perf_counter() - start)
-    return {"seconds": best, "first_call_seconds": first, "ids": out[0].tokens, "jax": jax.__version__}
+    result = {"seconds": best, "first_call_seconds": first, "ids": out[0].tokens, "jax": jax.__version__}
+    if args.beam_check:
+        import jaxgen
+
+        (beams,) = jaxgen.load(MODEL_DIR, dtype="float32").generate([prompt], **BEAM)
+        result["beam_ids"], result["beam_scores"] = beams.completions, beams.scores
+    return result
 
 
 def main() -> None:
@@ -115,6 +134,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--beam-check", action="store_true", help="also compare beam search (not timed)")
     parser.add_argument("--hf-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_side:
@@ -131,16 +151,21 @@ def main() -> None:
         str(args.prompt_len),
         "--repeats",
         str(args.repeats),
-    ]
+    ] + (["--beam-check"] if args.beam_check else [])
     hf = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     ours = jaxgen_side(args)
     same = hf["ids"] == ours["ids"]
     first_diff = next(
         (i for i, (a, b) in enumerate(zip(hf["ids"], ours["ids"], strict=False)) if a != b), None
     )
+    beam = {}
+    if args.beam_check:
+        gap = max(abs(a - b) for a, b in zip(hf["beam_scores"], ours["beam_scores"], strict=True))
+        beam = {"beam_identical_ids": hf["beam_ids"] == ours["beam_ids"], "beam_max_score_diff": gap}
     print(
         json.dumps(
             {
+                **beam,
                 "benchmark": "hf_generate_cpu",
                 "model": "gpt2-124m (random init, seed 0)",
                 "dtype": "float32",

@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 
+# The repo root first: run from anywhere, `import jaxgen` is this checkout's package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 SHAPE = dict(vocab=32000, layers=22, d=2048, heads=32, kv_heads=4, head_dim=64, mlp=5632)
 
 
