@@ -32,6 +32,7 @@ Prints one JSON line per side and run, then one summary line per run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -72,7 +73,9 @@ WINDOW = 64  # the recipe's block_size: the full-split evaluation's window
 
 JAXGEN_FINAL = re.compile(r"final: step (\d+) val loss ([\d.]+) ([\d.]+) nats/char in ([\d.]+) s wall")
 PEER_EVAL = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
-PEER_ITER = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+# Step-count lines, timed on arrival for ms/step (see `steady_ms_per_step`).
+PEER_STEP = re.compile(r"iter (\d+): loss")
+JAXGEN_STEP = re.compile(r"step\s+(\d+)\s+loss|compiled and ran the (first) step")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -91,19 +94,45 @@ def ensure_venv(venv: pathlib.Path) -> pathlib.Path:
     return python
 
 
-def run_logged(cmd: list[str], log: pathlib.Path, cwd: pathlib.Path) -> float:
-    """Runs `cmd` with stdout+stderr into `log`; returns its wall seconds (raises on failure)."""
+def run_logged(cmd: list[str], log: pathlib.Path, cwd: pathlib.Path) -> tuple[float, list[tuple[float, str]]]:
+    """Runs `cmd`; returns its wall seconds and its output lines with their arrival times.
+
+    Each line also goes to `log`, prefixed by its arrival time. Raises on failure.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines must arrive when printed
+    lines = []
     start = time.perf_counter()
-    with open(log, "a", encoding="utf-8") as out:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    with (
+        open(log, "a", encoding="utf-8") as out,
+        subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc,
+    ):
+        for line in proc.stdout:
+            t = time.perf_counter() - start
+            out.write(f"[{t:8.2f}] {line}")
+            lines.append((t, line.rstrip("\n")))
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} ... exited {proc.returncode}; see {log}")
-    return seconds
+    return seconds, lines
 
 
-def median_or_none(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+def steady_ms_per_step(lines: list[tuple[float, str]], pattern: re.Pattern) -> float | None:
+    """Median ms/step between consecutive step-count lines, timed by their arrival.
+
+    Timed from outside because the two sides time steps differently: nanoGPT's CPU steps
+    are synchronous, while jaxgen's logged step_ms is taken before it waits for the
+    window's asynchronously dispatched steps (it read ~30% low in a run here). Both print
+    after the losses are on the host, so arrival times are comparable. The median drops
+    the windows that hold an evaluation or compilation.
+    """
+    points = []
+    for t, text in lines:
+        if m := pattern.search(text):
+            points.append((t, int(m[1]) if m[1] else 1))  # jaxgen's "compiled" line: step 1
+    rates = [1000 * (t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in itertools.pairwise(points) if s1 > s0]
+    return round(statistics.median(rates), 1) if rates else None
 
 
 # ----------------------------------------------------------------------------- peer side
@@ -127,15 +156,13 @@ def run_peer(python: pathlib.Path, nanogpt: pathlib.Path, work: pathlib.Path) ->
     start = time.perf_counter()
     run_logged([str(python), "data/shakespeare_char/prepare.py"], log, nanogpt)
     train = [str(python), "train.py", *PEER_RECIPE, f"--out_dir={out_dir}", "--always_save_checkpoint=True"]
-    run_logged(train, log, nanogpt)
+    _, lines = run_logged(train, log, nanogpt)
     wall = time.perf_counter() - start
-    text = log.read_text(encoding="utf-8")
-    evals = PEER_EVAL.findall(text)
+    evals = PEER_EVAL.findall("\n".join(text for _, text in lines))
     if not evals:
         raise SystemExit(f"nanoGPT printed no 'val loss' line; see {log}")
     step, _, val = evals[-1]
     full = run_peer_full_eval(python, nanogpt, out_dir)
-    iter_ms = [float(ms) for i, ms in PEER_ITER.findall(text) if int(i) > 0]
     return {
         "side": "nanogpt",
         "wall_s": round(wall, 1),
@@ -145,7 +172,7 @@ def run_peer(python: pathlib.Path, nanogpt: pathlib.Path, work: pathlib.Path) ->
         "checkpoint_step": full["iter_num"],
         "steps": int(step),
         "ms_per_step_wall": round(1000 * wall / int(step), 1),
-        "ms_per_step_median": median_or_none(iter_ms),
+        "ms_per_step_median": steady_ms_per_step(lines, PEER_STEP),
         "log": str(log),
     }
 
@@ -206,17 +233,12 @@ def run_jaxgen(work: pathlib.Path, config: str) -> dict:
     log = work / f"{run_dir.name}.log"
     cli = pathlib.Path(sys.executable).parent / "jaxgen"
     cmd = [str(cli), "train", config, "--run-dir", str(run_dir), f"data.data_dir={data_dir}"]
-    wall = run_logged(cmd, log, REPO)
-    finals = list(JAXGEN_FINAL.finditer(log.read_text(encoding="utf-8")))
+    wall, lines = run_logged(cmd, log, REPO)
+    finals = list(JAXGEN_FINAL.finditer("\n".join(text for _, text in lines)))
     if not finals:
         raise SystemExit(f"jaxgen printed no 'final: ... nats/char' line; see {log}")
     match = finals[-1]
     steps = int(match[1])
-    step_ms = [
-        rec["step_ms"]
-        for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
-        if rec.get("kind") == "train"
-    ]
     return {
         "side": "jaxgen",
         "wall_s": round(wall, 1),
@@ -225,7 +247,7 @@ def run_jaxgen(work: pathlib.Path, config: str) -> dict:
         "reported_wall_s": float(match[4]),
         "steps": steps,
         "ms_per_step_wall": round(1000 * wall / steps, 1),
-        "ms_per_step_median": median_or_none(step_ms),  # over log windows (the first holds compile)
+        "ms_per_step_median": steady_ms_per_step(lines, JAXGEN_STEP),
         "log": str(log),
     }
 
