@@ -1,14 +1,17 @@
 """The grain pipeline: batch layout, determinism, exact resume, process shards, eval coverage, packing."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.config import load_config
+from jaxgen.config import load_config, to_yaml
 from jaxgen.data import as_numpy, builder, eval_batches, prepare, train_batches
 from jaxgen.errors import JaxgenError
 from jaxgen.model.attention import attention_mask
@@ -101,16 +104,40 @@ def test_resume_mid_epoch_and_across_epochs_equals_uninterrupted(pretrain):
     assert not _same(straight[:2], straight[per_epoch : per_epoch + 2])
 
 
-def test_worker_processes_give_the_same_batches_and_state(pretrain):
+_WORKER_SCRIPT = """
+import json, sys
+import numpy as np
+from jaxgen.config import load_config, to_yaml
+from jaxgen.data import as_numpy, train_batches
+
+config = load_config(sys.argv[1])
+take = lambda it, n: [as_numpy(next(it)) for _ in range(n)]
+same = lambda a, b: all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+threads = take(train_batches(config, None), 6)
+workers = config.model_copy(update={"data": config.data.model_copy(update={"worker_count": 1})})
+with train_batches(workers, None) as it:
+    first = same(take(it, 3), threads[:3])
+    state = json.loads(json.dumps(it.get_state()))
+with train_batches(workers, None) as resumed:
+    resumed.set_state(state)
+    second = same(take(resumed, 3), threads[3:])
+print(json.dumps({"first": first, "resumed": second}))
+"""
+
+
+def test_worker_processes_give_the_same_batches_and_state(pretrain, tmp_path):
+    # In its own process under a timeout: grain's worker processes are spawned children,
+    # and a test runner's worker (pytest-xdist, itself a child with JAX threads running)
+    # once hung waiting for them; a fresh interpreter is what `jaxgen train` runs in.
     config, _ = pretrain
-    threads = _take(train_batches(config, None), 6)
-    workers = config.model_copy(update={"data": config.data.model_copy(update={"worker_count": 1})})
-    with train_batches(workers, None) as it:
-        assert _same(_take(it, 3), threads[:3])
-        state = json.loads(json.dumps(it.get_state()))
-    with train_batches(workers, None) as resumed:
-        resumed.set_state(state)
-        assert _same(_take(resumed, 3), threads[3:])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER_SCRIPT, str(path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"first": True, "resumed": True}
 
 
 def test_state_of_another_stream_is_rejected(pretrain):

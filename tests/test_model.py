@@ -34,6 +34,11 @@ def test_flops_per_token_gpt2_124m_by_hand():
     assert model_flops_per_token(config, 1024) == 6 * n + attention == 855_166_464
 
 
+def _forward(config):
+    """Jitted full forward (eager linen application re-traces every op: slow in tests)."""
+    return jax.jit(lambda p, t, s, seg=None: Transformer(config).apply({"params": p}, t, s, seg)[0])
+
+
 def _inputs(batch=2, length=12, vocab=512):
     tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, vocab)
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
@@ -45,9 +50,9 @@ def test_scanned_and_unrolled_layers_share_params_and_outputs(family, request):
     config = request.getfixturevalue(family).model
     params = init_params(config, jax.random.key(0))
     tokens, positions = _inputs()
-    scanned, _ = Transformer(config).apply({"params": params}, tokens, positions)
+    scanned = _forward(config)(params, tokens, positions)
     unrolled_cfg = config.model_copy(update={"scan_layers": False})
-    unrolled, _ = Transformer(unrolled_cfg).apply({"params": params}, tokens, positions)
+    unrolled = _forward(unrolled_cfg)(params, tokens, positions)
     np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
     remat_cfg = config.model_copy(update={"remat": "full"})
 
@@ -56,8 +61,9 @@ def test_scanned_and_unrolled_layers_share_params_and_outputs(family, request):
         logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
-    g1 = jax.grad(loss)(params, config)
-    g2 = jax.grad(loss)(params, remat_cfg)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g1 = grad(params, config)
+    g2 = grad(params, remat_cfg)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g1, g2)
 
 
@@ -73,13 +79,13 @@ def test_segment_ids_block_attention_across_documents(tiny_config):
     # Two documents packed in one row must give the same logits as each alone.
     config = tiny_config.model
     params = init_params(config, jax.random.key(0))
-    model = Transformer(config)
+    forward = _forward(config)
     tokens, _ = _inputs(1, 12)
     positions = jnp.concatenate([jnp.arange(5), jnp.arange(7)])[None]
     segments = jnp.array([[1] * 5 + [2] * 7])
-    packed, _ = model.apply({"params": params}, tokens, positions, segments)
-    first, _ = model.apply({"params": params}, tokens[:, :5], positions[:, :5])
-    second, _ = model.apply({"params": params}, tokens[:, 5:], positions[:, 5:])
+    packed = forward(params, tokens, positions, segments)
+    first = forward(params, tokens[:, :5], positions[:, :5])
+    second = forward(params, tokens[:, 5:], positions[:, 5:])
     np.testing.assert_allclose(packed, jnp.concatenate([first, second], axis=1), atol=1e-5, rtol=0)
 
 
@@ -87,14 +93,14 @@ def test_segment_ids_block_attention_across_documents(tiny_config):
 def test_cached_prefill_and_decode_equal_full_forward(family, request):
     config = request.getfixturevalue(family).model
     params = init_params(config, jax.random.key(0))
-    model = Transformer(config)
+    step = jax.jit(lambda p, t, s, c: Transformer(config).apply({"params": p}, t, s, cache=c))
     tokens, positions = _inputs(2, 10)
-    full, _ = model.apply({"params": params}, tokens, positions)
+    full = _forward(config)(params, tokens, positions)
     cache = init_cache(config, batch=2, max_len=16)
-    logits, cache = model.apply({"params": params}, tokens[:, :6], positions[:, :6], cache=cache)
+    logits, cache = step(params, tokens[:, :6], positions[:, :6], cache)
     steps = [logits]
     for t in range(6, 10):
-        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], positions[:, t : t + 1], cache=cache)
+        logits, cache = step(params, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
     assert int(cache.index) == 10 and list(np.asarray(cache.lengths)) == [10, 10]
