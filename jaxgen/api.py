@@ -82,6 +82,15 @@ class LanguageModel:
     def __init__(self, config: Config, params, tokenizer=None, mesh=None):
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
 
+    @functools.cached_property
+    def serving_params(self):
+        """`params` with one array per layer (jaxgen/model/serving.py), made at the first
+        generation and kept: decoding never slices the stacked weights, at the cost of a
+        second copy of the layer weights while this object lives."""
+        from jaxgen.model.serving import unstack_layers
+
+        return unstack_layers(self.params, self.config.model)
+
     # ------------------------------------------------------------------ scoring
 
     @functools.cached_property
@@ -227,11 +236,17 @@ class LanguageModel:
         ]
         kw = dict(max_new_tokens=new, mesh=self.mesh, buckets=plan.options.prompt_buckets)
         if isinstance(plan.spec.strategy, sampling.BeamSearch):
-            rows = beam.beam_ids(self.config.model, self.params, prompts, plan.spec, **kw)
+            rows = beam.beam_ids(self.config.model, self.serving_params, prompts, plan.spec, **kw)
         else:
             ids = [row_id(r) for r in row_ids]
             rows = generate.generate_ids(
-                self.config.model, self.params, prompts, plan.spec, seed=plan.options.seed, row_ids=ids, **kw
+                self.config.model,
+                self.serving_params,
+                prompts,
+                plan.spec,
+                seed=plan.options.seed,
+                row_ids=ids,
+                **kw,
             )
             rows = [[c] for c in rows]
         return [self._result(p, cs, plan) for p, cs in zip(prompts, rows, strict=True)]
@@ -265,7 +280,7 @@ class LanguageModel:
         tokens: list[int] = []
         shown = ""
         for pieces in generate.stream_ids(
-            self.config.model, self.params, [ids], plan.spec, max_new_tokens=new, chunk=chunk,
+            self.config.model, self.serving_params, [ids], plan.spec, max_new_tokens=new, chunk=chunk,
             seed=plan.options.seed, row_ids=[row_id(0)], mesh=self.mesh, buckets=plan.options.prompt_buckets,
         ):  # fmt: skip
             tokens += pieces[0]

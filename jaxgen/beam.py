@@ -16,6 +16,7 @@ Each step mirrors HF's vectorised `_beam_search`:
 
 Beams of one prompt are adjacent rows of the model batch ([B * num_beams, ...]); the KV
 cache is reordered by each step's source beams with one gather along its batch axis.
+The model runs in the serving layout (jaxgen/model/serving.py), as in jaxgen/generate.py.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from jaxgen.generate import (
     prepare_batch,
 )
 from jaxgen.kvcache import KVCache
-from jaxgen.model.transformer import Transformer
+from jaxgen.model.serving import ServingTransformer, unstack_layers
 
 NEG = -1.0e9  # HF's "impossible" score
 
@@ -218,12 +219,15 @@ def search(model, params, prompt, lengths, limit, spec: DecodeSpec) -> BeamState
 
 @functools.lru_cache(maxsize=32)
 def compiled(config, spec: DecodeSpec):
-    """`run(params, prompt, lengths, limit) -> (seqs [B, R, buffer], scores, lengths, reasons [B, R])`."""
-    model = Transformer(config)
+    """`run(params, prompt, lengths, limit) -> (seqs [B, R, buffer], scores, lengths, reasons [B, R])`.
+
+    `params` in either layout (stacked ones are unstacked inside, once, before the loop).
+    """
+    model = ServingTransformer(config)
     r = spec.strategy.num_return_sequences
 
     def run(params, prompt, lengths, limit):
-        s = search(model, params, prompt, lengths, limit, spec)
+        s = search(model, unstack_layers(params, config), prompt, lengths, limit, spec)
         return s.seqs[:, :r, s.prompt_len :], s.scores[:, :r], s.seq_len[:, :r], s.seq_reason[:, :r]
 
     return jax.jit(run)

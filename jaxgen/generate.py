@@ -11,6 +11,10 @@ row's next token goes to the same slot `P + step`. Prompt lengths, batch sizes a
 the generated-token buffer are bucketed (powers of two, or configured buckets), so a
 new prompt length rarely compiles a new program; the real limit on new tokens is a
 traced value.
+
+The model runs in the serving layout (jaxgen/model/serving.py: one weight array per
+layer, no per-step slicing of the stacked weights). The public functions take params
+in either layout; stacked ones are unstacked once per call, outside the loop.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from jaxgen.config import ModelConfig
 from jaxgen.errors import JaxgenError
 from jaxgen.kvcache import CACHE_NAMES, KVCache, init_cache
 from jaxgen.model.layers import constrain
+from jaxgen.model.serving import ServingTransformer, unstack_layers
 from jaxgen.model.transformer import Transformer
 
 FINISH_REASONS = (None, "length", "eos", "stop")  # index = the code kept in the state
@@ -81,7 +86,9 @@ def bucket(n: int, buckets: Sequence[int] = (), cap: int | None = None) -> int:
 # ----------------------------------------------------------------------------- model calls
 
 
-def prefill(model: Transformer, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache):
+def prefill(
+    model: Transformer | ServingTransformer, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache
+):
     """Runs left-padded prompts [B, P] (real lengths [B]) through the model once.
 
     Returns:
@@ -96,7 +103,9 @@ def prefill(model: Transformer, params, prompt: jax.Array, lengths: jax.Array, c
     return logits[:, -1].astype(jnp.float32), cache
 
 
-def decode_step(model: Transformer, params, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+def decode_step(
+    model: Transformer | ServingTransformer, params, tokens: jax.Array, positions: jax.Array, cache: KVCache
+):
     """One token per row (tokens, positions [B]) -> float32 logits [B, V] and the cache."""
     tokens, positions = tokens[:, None], positions[:, None]
     logits, cache = model.apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache=cache)
@@ -193,22 +202,28 @@ def _outputs(state: SamplingState):
 def compiled(config: ModelConfig, spec: DecodeSpec):
     """The jitted programs for one model config and decoding spec (cached; jit caches shapes).
 
+    Each takes params in either layout (stacked ones are unstacked inside, before the loop:
+    pass `unstack_layers(params, config)` to programs called repeatedly).
+
     Returns:
         (generate, start, advance): `generate(params, prompt, lengths, row_ids, seed, limit)`
         -> (tokens [B, buffer], num_tokens [B], finish [B]); `start` -> SamplingState;
         `advance(params, state, until)` -> SamplingState with the state donated.
     """
-    model = Transformer(config)
+    model = ServingTransformer(config)
 
     def whole(params, prompt, lengths, row_ids, seed, limit):
+        params = unstack_layers(params, config)
         state = start(model, params, prompt, lengths, row_ids, seed, limit, spec)
         return _outputs(advance(model, params, state, state.limit, spec))
 
-    return (
-        jax.jit(whole),
-        jax.jit(functools.partial(start, model, spec=spec)),
-        jax.jit(functools.partial(advance, model, spec=spec), donate_argnums=(1,)),
-    )
+    def begin(params, *args):
+        return start(model, unstack_layers(params, config), *args, spec=spec)
+
+    def resume(params, state, until):
+        return advance(model, unstack_layers(params, config), state, until, spec)
+
+    return jax.jit(whole), jax.jit(begin), jax.jit(resume, donate_argnums=(1,))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -328,6 +343,7 @@ def stream_ids(
     batch = prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets)
     _, begin, advance_fn = compiled(config, spec)
     sent = [0] * batch.count
+    params = unstack_layers(params, config)  # once, not per chunk
     with mesh_context(mesh):
         state = begin(params, *device_args(batch, seed, max_new_tokens, mesh))
         while True:

@@ -65,7 +65,9 @@ class Transformer(nn.Module):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         emb_init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("vocab", "embed"))
-        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=emb_init, param_dtype=pdt, name="embed")
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, embedding_init=emb_init, param_dtype=pdt, name="embed"
+        )
         if cfg.family == "gpt2":
             pos_init = nn.with_logical_partitioning(nn.initializers.normal(0.01), ("position", "embed"))
             self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, embedding_init=pos_init, param_dtype=pdt)
@@ -96,25 +98,23 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Returns logits [B, T, V] in the compute dtype (or final hidden states [B, T, D])."""
+        x = self.embed_inputs(tokens, positions)
+        kv, kv_segment, index, segment_ids = cache_inputs(cache, segment_ids, tokens)
+        layer_ids = jnp.arange(self.config.num_layers)
+        (x, kv), _ = self.layers((x, kv), layer_ids, positions, segment_ids, kv_segment, index)
+        return self.head(x, return_hidden), cache_outputs(kv, kv_segment, index, tokens)
+
+    def embed_inputs(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Token (+ learned position) embeddings: [B, T] ids -> [B, T, D] in the compute dtype."""
         x = self.embed(tokens).astype(compute_dtype(self.config))  # [B, T, D]
         if self.config.family == "gpt2":
             x = x + self.pos_embed(positions).astype(x.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, ("batch", "length", "act_embed"))
 
-        kv, kv_segment, index = None, None, None
-        if cache is not None:
-            if segment_ids is None:
-                segment_ids = jnp.ones_like(tokens)
-            kv, index = (cache.k, cache.v), cache.index
-            kv_segment = jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32), (0, index))
-        layer_ids = jnp.arange(self.config.num_layers)
-        (x, kv), _ = self.layers((x, kv), layer_ids, positions, segment_ids, kv_segment, index)
+    def head(self, x: jax.Array, return_hidden: bool = False) -> jax.Array:
+        """The last block's output [B, T, D] -> logits [B, T, V] (or normed hidden states)."""
         x = self.final_norm(x)
-        if cache is not None:
-            cache = KVCache(k=kv[0], v=kv[1], segment=kv_segment, index=index + tokens.shape[1])
-        if return_hidden:
-            return x, cache
-        return self.project(x), cache
+        return x if return_hidden else self.project(x)
 
     def project(self, x: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V]."""
@@ -123,6 +123,27 @@ class Transformer(nn.Module):
         else:
             logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head.astype(x.dtype))
         return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def cache_inputs(cache: KVCache | None, segment_ids: jax.Array | None, tokens: jax.Array):
+    """What the blocks read from a cache: ((k, v), kv_segment [B, S], index, segment_ids).
+
+    All None (segment_ids unchanged) without a cache; with one, the new tokens' segment
+    ids (default: all 1) are written into the cache's slots from `index`.
+    """
+    if cache is None:
+        return None, None, None, segment_ids
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(tokens)
+    kv_segment = jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32), (0, cache.index))
+    return (cache.k, cache.v), kv_segment, cache.index, segment_ids
+
+
+def cache_outputs(kv, kv_segment, index, tokens: jax.Array) -> KVCache | None:
+    """The cache after the blocks wrote `tokens` [B, T] at `index` (None without a cache)."""
+    if kv is None:
+        return None
+    return KVCache(k=kv[0], v=kv[1], segment=kv_segment, index=index + tokens.shape[1])
 
 
 def abstract_variables(config: ModelConfig):
