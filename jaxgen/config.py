@@ -76,9 +76,7 @@ class ModelConfig(_Section):
                 " (set head_dim explicitly or pick a divisor)"
             )
         if self.kv_heads > self.num_heads or self.num_heads % self.kv_heads:
-            raise ValueError(
-                f"num_kv_heads: {self.kv_heads} does not divide num_heads={self.num_heads}"
-            )
+            raise ValueError(f"num_kv_heads: {self.kv_heads} does not divide num_heads={self.num_heads}")
         return self
 
     # Resolved views of the optional fields, so layers never repeat the defaulting.

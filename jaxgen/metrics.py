@@ -35,7 +35,9 @@ def peak_tflops(device_kind: str, override: float | None = None) -> float | None
     return None
 
 
-def mfu(tokens_per_second: float, flops_per_token: float, num_devices: int, peak: float | None) -> float | None:
+def mfu(
+    tokens_per_second: float, flops_per_token: float, num_devices: int, peak: float | None
+) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
     if peak is None:
         return None

@@ -61,13 +61,13 @@ def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, params) ->
     """Clipping + the chosen optimizer with the decay mask; `params` only shapes the mask."""
     mask = decay_mask(config, params)
     if config.name == "adamw":
-        opt = optax.adamw(schedule, config.b1, config.b2, config.eps, weight_decay=config.weight_decay, mask=mask)
+        opt = optax.adamw(
+            schedule, config.b1, config.b2, config.eps, weight_decay=config.weight_decay, mask=mask
+        )
     elif config.name == "lion":
         opt = optax.lion(schedule, config.b1, config.b2, weight_decay=config.weight_decay, mask=mask)
     elif config.name == "adafactor":
-        opt = optax.adafactor(
-            schedule, weight_decay_rate=config.weight_decay or None, weight_decay_mask=mask
-        )
+        opt = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None, weight_decay_mask=mask)
     else:  # sgd with momentum; weight decay added to the gradient (classic L2 SGD)
         opt = optax.chain(
             optax.masked(optax.add_decayed_weights(config.weight_decay), mask),

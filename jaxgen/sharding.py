@@ -57,7 +57,7 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     if -1 in sizes:
         if num_devices % known:
             raise JaxgenError(
-                f"mesh: {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices "
+                f"mesh: {dict(zip(MESH_AXES, sizes, strict=True))} cannot fill {num_devices} devices "
                 f"({num_devices} is not a multiple of {known})"
             )
         sizes[sizes.index(-1)] = num_devices // known

@@ -17,7 +17,14 @@ from contextlib import contextmanager
 import jax
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from jaxgen import checkpoint, data
 from jaxgen.config import Config, check_no_placeholders
@@ -53,9 +60,7 @@ def check_shapes(config: Config, mesh) -> None:
         raise JaxgenError(f"train.seq_len: {t.seq_len} exceeds model.max_len={m.max_len}")
     dp = data_parallel_size(mesh) * t.grad_accum
     if t.batch_size % dp:
-        raise JaxgenError(
-            f"train.batch_size: {t.batch_size} is not divisible by data*fsdp*grad_accum = {dp}"
-        )
+        raise JaxgenError(f"train.batch_size: {t.batch_size} is not divisible by data*fsdp*grad_accum = {dp}")
 
 
 def _check_resume(run_dir: pathlib.Path, config: Config) -> None:
@@ -142,7 +147,10 @@ class _Loop:
             latest,
             {
                 "params": (abstract.params, shard.params),
-                "opt": ((abstract.opt_state, abstract.step, abstract.rng), (shard.opt_state, shard.step, shard.rng)),
+                "opt": (
+                    (abstract.opt_state, abstract.step, abstract.rng),
+                    (shard.opt_state, shard.step, shard.rng),
+                ),
                 "data": None,
             },
         )
@@ -160,9 +168,14 @@ class _Loop:
         }
         checkpoint.save(self.mngr, step, items, force=force)
 
-    def log(self, step: int, pending: list, seconds: float, quiet: bool = False) -> tuple[list[float], int]:
-        """Fetches the pending steps' metrics (the only host sync) and reports them."""
+    def log(self, step: int, pending: list, since: float, quiet: bool = False) -> tuple[list[float], int]:
+        """Fetches the pending steps' metrics (the only host sync) and reports them.
+
+        `since` is when the interval started; it ends once the fetch has waited for the
+        device, so the rate counts finished steps, not dispatched ones.
+        """
         fetched = jax.device_get(pending)
+        seconds = time.perf_counter() - since
         losses = [float(m.loss) for m in fetched]
         skipped = sum(not bool(m.finite) for m in fetched)
         if quiet:
@@ -198,7 +211,9 @@ class _Loop:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.run_dir)
         lm = LanguageModel(self.config, state.params, self.tokenizer, self.mesh)
-        text = lm.generate([self.config.train.sample_prompt], max_new_tokens=self.config.train.sample_tokens)[0].text
+        text = lm.generate([self.config.train.sample_prompt], max_new_tokens=self.config.train.sample_tokens)[
+            0
+        ].text
         self.metrics.write(step, "sample", {"prompt": self.config.train.sample_prompt, "text": text})
         self.console.print(f"sample {step:>6}  {self.config.train.sample_prompt}{text!r}")
 
@@ -206,7 +221,9 @@ class _Loop:
         result = evaluate(self.trainer, state.params, self.config, self.mesh, max_batches)
         self.metrics.write(step, "eval", result)
         per_char = f"  {result['nats_per_char']:.4f} nats/char" if "nats_per_char" in result else ""
-        self.console.print(f"eval  {step:>6}  loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}{per_char}")
+        self.console.print(
+            f"eval  {step:>6}  loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}{per_char}"
+        )
         return result
 
 
@@ -230,7 +247,9 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def train(config: Config, run_dir: str | pathlib.Path | None = None, *, console: Console | None = None) -> TrainResult:
+def train(
+    config: Config, run_dir: str | pathlib.Path | None = None, *, console: Console | None = None
+) -> TrainResult:
     """Trains `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
     started = time.perf_counter()
     leader = jax.process_index() == 0
@@ -277,12 +296,12 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
                 jax.block_until_ready(metrics)
                 compiled = True
                 loop.console.print(f"compiled and ran the first step in {time.perf_counter() - tick:.1f} s")
-                got, bad = loop.log(step, pending, time.perf_counter() - tick, quiet=True)
+                got, bad = loop.log(step, pending, tick, quiet=True)
                 losses, skipped, pending = losses + got, skipped + bad, []
                 tick = time.perf_counter()
             progress.update(task, completed=step)
             if pending and (step % cfg.log_every == 0 or step == cfg.steps):
-                got, bad = loop.log(step, pending, time.perf_counter() - tick)
+                got, bad = loop.log(step, pending, tick)
                 losses += got
                 skipped += bad
                 pending = []
@@ -302,7 +321,7 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
             if loop.config.checkpoint.every and step % loop.config.checkpoint.every == 0:
                 loop.save(state, step)
     if pending:
-        got, bad = loop.log(step, pending, time.perf_counter() - tick)
+        got, bad = loop.log(step, pending, tick)
         losses, skipped = losses + got, skipped + bad
     preempted = flag["stop"] is not None
     if preempted:
@@ -316,5 +335,12 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
     loop.mngr.close()
     loop.metrics.close()
     return TrainResult(
-        loop.run_dir, step, losses, final_eval, time.perf_counter() - started, preempted, skipped, jax.process_index()
+        loop.run_dir,
+        step,
+        losses,
+        final_eval,
+        time.perf_counter() - started,
+        preempted,
+        skipped,
+        jax.process_index(),
     )

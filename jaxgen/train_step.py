@@ -71,7 +71,9 @@ class Trainer:
         return self.state_from_params(params, dropout_rng)
 
     def state_from_params(self, params, rng: jax.Array) -> TrainState:
-        return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
+        return TrainState(
+            params=params, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng
+        )
 
     def _state_shardings(self) -> TrainState:
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -214,5 +216,7 @@ def chunked_cross_entropy(project, hidden, targets, mask, chunk: int) -> tuple[j
         nll, z = piece(*xs)
         return (carry[0] + nll, carry[1] + z), None
 
-    (nll, z), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (chunks(hidden), chunks(targets), chunks(mask)))
+    (nll, z), _ = jax.lax.scan(
+        body, (jnp.zeros(()), jnp.zeros(())), (chunks(hidden), chunks(targets), chunks(mask))
+    )
     return nll, z

@@ -24,7 +24,9 @@ def test_every_shipped_config_loads(path):
 
 
 def test_extends_merges_deeply_and_overrides_win(tmp_path):
-    (tmp_path / "base.yaml").write_text("model: {preset: tiny, num_layers: 1}\ntrain: {steps: 7, batch_size: 4}\n")
+    (tmp_path / "base.yaml").write_text(
+        "model: {preset: tiny, num_layers: 1}\ntrain: {steps: 7, batch_size: 4}\n"
+    )
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {steps: 9}\n")
     config = load_config(tmp_path / "child.yaml", ["model.d_model=128", "optimizer.name=lion"])
     assert (config.train.steps, config.train.batch_size) == (9, 4)
@@ -55,7 +57,10 @@ def test_resolved_yaml_round_trips(tmp_path):
         (["optimizer.name=adam"], "optimizer.name: Input should be"),
         (["mesh.data=0"], "mesh.data: 0 is not a positive size"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh: only one mesh axis may be -1"),
-        (["generate.num_beams=2", "generate.num_return_sequences=3"], "generate.num_return_sequences: 3 exceeds"),
+        (
+            ["generate.num_beams=2", "generate.num_return_sequences=3"],
+            "generate.num_return_sequences: 3 exceeds",
+        ),
         (["train.steps"], "expected key=value"),
     ],
 )
@@ -87,7 +92,9 @@ def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(JaxgenError, match="missing.yaml: cannot read config"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "typo.yaml").write_text("train:\n  stpes: 3\n")
-    with pytest.raises(JaxgenError, match=r"typo.yaml: train.stpes: unknown key \(did you mean 'train.steps'\?\)"):
+    with pytest.raises(
+        JaxgenError, match=r"typo.yaml: train.stpes: unknown key \(did you mean 'train.steps'\?\)"
+    ):
         load_config(tmp_path / "typo.yaml")
 
 

@@ -134,7 +134,11 @@ def test_worker_processes_give_the_same_batches_and_state(pretrain, tmp_path):
     path.write_text(to_yaml(config))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
-        [sys.executable, "-c", _WORKER_SCRIPT, str(path)], capture_output=True, text=True, timeout=240, env=env
+        [sys.executable, "-c", _WORKER_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"first": True, "resumed": True}

@@ -41,7 +41,9 @@ def test_sharded_forward_equals_single_device(family, request):
         jax.device_put(params, jax.devices()[0]), tokens, positions
     )
     for data, fsdp, tensor in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
-        placed, out = _sharded_forward(config, MeshConfig(data=data, fsdp=fsdp, tensor=tensor), params, tokens, positions)
+        placed, out = _sharded_forward(
+            config, MeshConfig(data=data, fsdp=fsdp, tensor=tensor), params, tokens, positions
+        )
         np.testing.assert_allclose(out, single, atol=1e-5, rtol=0, err_msg=f"mesh {(data, fsdp, tensor)}")
         assert len(out.sharding.device_set) == 8
 
@@ -53,7 +55,9 @@ def test_params_land_where_the_logical_rules_say(tiny_llama_config):
     params = jax.jit(lambda k: init_params(config, k), out_shardings=shardings)(jax.random.key(0))
     expect = {
         ("embed", "embedding"): P("tensor", "fsdp"),  # (vocab, embed)
-        ("layers", "attn", "query", "kernel"): P(None, "fsdp", "tensor", None),  # (layers, embed, heads, head_dim)
+        ("layers", "attn", "query", "kernel"): P(
+            None, "fsdp", "tensor", None
+        ),  # (layers, embed, heads, head_dim)
         ("layers", "attn", "key", "kernel"): P(None, "fsdp", "tensor", None),
         ("layers", "attn", "out", "kernel"): P(None, "tensor", None, "fsdp"),
         ("layers", "mlp", "gate", "kernel"): P(None, "fsdp", "tensor"),

@@ -11,7 +11,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jaxgen import checkpoint
@@ -64,8 +63,15 @@ def _params(run_dir, step=None):
 
 
 def test_loss_goes_down_and_run_dir_is_complete(corpus, tmp_path):
-    config = _config(corpus, **{"train.steps": 40, "train.sample_every": 20, "train.sample_prompt": "'ROMEO:'",
-                                "train.sample_tokens": 8})
+    config = _config(
+        corpus,
+        **{
+            "train.steps": 40,
+            "train.sample_every": 20,
+            "train.sample_prompt": "'ROMEO:'",
+            "train.sample_tokens": 8,
+        },
+    )
     result = train(config, tmp_path / "run")
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5]) - 0.5
     assert result.final_eval["nats_per_char"] > 0
@@ -109,10 +115,20 @@ def test_resume_is_exact_on_the_same_mesh_and_close_on_another(corpus, tmp_path)
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(corpus, tmp_path):
     run_dir = tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "jaxgen.cli", "train", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxgen.cli",
+        "train",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--run-dir",
+        str(run_dir),
+    ]
     cmd += _overrides(corpus, **{"train.steps": 100000, "checkpoint.every": 100000, "train.log_every": 1})
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -144,7 +160,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     results = []
     for accum in (1, 4):
         config = tiny_config.model_copy(
-            update={"train": tiny_config.train.model_copy(update={"batch_size": 32, "seq_len": 16, "grad_accum": accum})}
+            update={
+                "train": tiny_config.train.model_copy(
+                    update={"batch_size": 32, "seq_len": 16, "grad_accum": accum}
+                )
+            }
         )
         mesh = make_mesh(config.mesh)
         with activate(mesh):
@@ -163,7 +183,9 @@ def test_non_finite_step_is_not_applied(tiny_config):
         trainer = Trainer(tiny_config, mesh)
         state = trainer.init(jax.random.key(0))
         before = jax.device_get(state)
-        poisoned = state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params))
+        poisoned = state.replace(
+            params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state.params)
+        )
         poisoned_host = jax.device_get(poisoned)
         batch = jax.device_put(_random_batch(8, 16, 512, 3), trainer.batch_sharding)
         after, metrics = trainer.step(poisoned, batch)
@@ -178,8 +200,15 @@ def test_nan_policy(corpus, tmp_path, policy):
     # later loss is Inf/NaN.
     config = _config(
         corpus,
-        **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e30, "schedule.name": "constant",
-           "schedule.warmup_steps": 0, "train.nan_policy": policy, "train.steps": 10, "checkpoint.every": 1},
+        **{
+            "optimizer.name": "sgd",
+            "optimizer.learning_rate": 1e30,
+            "schedule.name": "constant",
+            "schedule.warmup_steps": 0,
+            "train.nan_policy": policy,
+            "train.steps": 10,
+            "checkpoint.every": 1,
+        },
     )
     if policy == "skip":
         result = train(config, tmp_path / "skip")
@@ -211,7 +240,9 @@ def test_schedules(name, expected):
 
 
 def test_bad_shapes_are_one_line_errors(corpus, tmp_path):
-    with pytest.raises(JaxgenError, match="train.batch_size: 12 is not divisible by data\\*fsdp\\*grad_accum = 8"):
+    with pytest.raises(
+        JaxgenError, match="train.batch_size: 12 is not divisible by data\\*fsdp\\*grad_accum = 8"
+    ):
         train(_config(corpus, **{"train.batch_size": 12}), tmp_path / "a")
     with pytest.raises(JaxgenError, match="train.seq_len: 64 exceeds model.max_len=32"):
         train(_config(corpus, **{"train.seq_len": 64}), tmp_path / "b")
@@ -247,5 +278,9 @@ def test_chunked_cross_entropy_equals_one_chunk():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6), chunked, whole)
     logp = jax.nn.log_softmax(project(hidden, kernel))
     reference = -(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum()
-    np.testing.assert_allclose(chunked_cross_entropy(lambda x: project(x, kernel), hidden, targets, mask, 4)[0],
-                               reference, atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(
+        chunked_cross_entropy(lambda x: project(x, kernel), hidden, targets, mask, 4)[0],
+        reference,
+        atol=1e-5,
+        rtol=1e-6,
+    )

@@ -53,7 +53,9 @@ class Attention(nn.Module):
         kw = dict(dtype=compute_dtype(cfg), param_dtype=jnp.dtype(cfg.param_dtype))
         q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), bias, name="query", **kw)(x)
         kk = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias, name="key", **kw)(x)
-        vv = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias, name="value", **kw)(x)
+        vv = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias, name="value", **kw)(
+            x
+        )
         if cfg.family == "llama":
             q = rope(q, positions, cfg.rope_theta)
             kk = rope(kk, positions, cfg.rope_theta)
@@ -82,7 +84,12 @@ class Attention(nn.Module):
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         scale = (2 * cfg.num_layers) ** -0.5
         y = Einsum(
-            "BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), int(cfg.use_attention_bias), scale,
-            name="out", **kw,
+            "BTNH,NHD->BTD",
+            (n, h, d),
+            ("heads", "head_dim", "embed"),
+            int(cfg.use_attention_bias),
+            scale,
+            name="out",
+            **kw,
         )(out)
         return y, cache

@@ -80,12 +80,16 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), pdt)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), pdt
+        )
         x32 = x.astype(jnp.float32)
         if cfg.family == "llama":
             y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
             return (y * scale.astype(jnp.float32)).astype(x.dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],), pdt)
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],), pdt
+        )
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
