@@ -51,7 +51,10 @@ class WindowReader:
     def __init__(self, directory: str, split: str, seq_len: int, num_tokens: int):
         self._dir, self._split = directory, split
         self._t, self._n = seq_len, num_tokens
-        self._source = None
+        # Open (and so import TFDS) here, on the caller's thread: TFDS swaps `__import__`
+        # for a lazy importer while it loads, and a first import from a grain reader
+        # thread deadlocked against another thread's import (rich's progress refresh).
+        self._source = builder.open_split(self._dir, self._split)
 
     def __getstate__(self):
         return {**self.__dict__, "_source": None}
