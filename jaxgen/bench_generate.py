@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxgen import beam, generate, sampling
 from jaxgen.config import Config
+from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
 
 
@@ -107,17 +108,18 @@ def run(
     cfg = config.model
     generate.check_room(cfg, prompt_len, new_tokens, "bench")
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    serving = unstack_layers(params, cfg)  # as LanguageModel decodes: one array per layer
     common = {
         "bench": "generate", "model": f"{cfg.family} L{cfg.num_layers} D{cfg.d_model} V{cfg.vocab_size}",
         "params": param_count(cfg), "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
     }  # fmt: skip
     cached = {}
     for b in batches:
-        line = _decode_line(config, params, b, prompt_len, new_tokens)
+        line = _decode_line(config, serving, b, prompt_len, new_tokens)
         cached[b] = line["total_s"]
         yield common | line
     if num_beams > 1:
-        yield common | _beam_line(config, params, batches[0], prompt_len, new_tokens, num_beams)
+        yield common | _beam_line(config, serving, batches[0], prompt_len, new_tokens, num_beams)
     if baseline:
         b = batches[0]
         line = _baseline_line(config, params, b, prompt_len, new_tokens)
