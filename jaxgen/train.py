@@ -217,7 +217,7 @@ class _Loop:
         self.metrics.write(step, "sample", {"prompt": self.config.train.sample_prompt, "text": text})
         self.console.print(f"sample {step:>6}  {self.config.train.sample_prompt}{text!r}")
 
-    def eval(self, state: TrainState, step: int, max_batches: int | None) -> dict:
+    def validate(self, state: TrainState, step: int, max_batches: int | None) -> dict:
         result = evaluate(self.trainer, state.params, self.config, self.mesh, max_batches)
         self.metrics.write(step, "eval", result)
         per_char = f"  {result['nats_per_char']:.4f} nats/char" if "nats_per_char" in result else ""
@@ -313,7 +313,7 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
                     )
                 tick = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                loop.eval(state, step, cfg.eval_batches)
+                loop.validate(state, step, cfg.eval_batches)
                 tick = time.perf_counter()
             if cfg.sample_every and step % cfg.sample_every == 0:
                 loop.sample(state, step)
@@ -327,7 +327,7 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
     if preempted:
         loop.console.print(f"{flag['stop']}: saving a checkpoint at step {step} and exiting")
     else:
-        final_eval = loop.eval(state, step, None)
+        final_eval = loop.validate(state, step, None)
     loop.mngr.wait_until_finished()
     if step not in loop.mngr.all_steps():
         loop.save(state, step, force=True)
