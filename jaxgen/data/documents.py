@@ -19,7 +19,13 @@ Segment = tuple[str, bool]
 
 @dataclasses.dataclass
 class Counts:
-    """Running statistics of one split (see `SplitStats`)."""
+    """Size of one split, counted while it is written (exported as `SplitStats`).
+
+    chars/bytes count the split's text, for nats per char/byte. examples: documents
+    (pretraining) or kept records (SFT); tokens: tokens written (with eos separators /
+    bos+eos); replaced_chars: invalid UTF-8 replaced by U+FFFD; dropped / truncated: SFT
+    records longer than seq_len + 1 (per `data.overlong`).
+    """
 
     examples: int = 0
     tokens: int = 0

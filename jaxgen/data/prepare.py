@@ -55,22 +55,8 @@ _PIPELINE_FIELDS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitStats:
-    """Size of a prepared split. chars/bytes count the split's text, for nats per char/byte.
-
-    examples: documents (pretraining) or kept records (SFT); tokens: tokens written
-    (with eos separators / bos+eos); replaced_chars: invalid UTF-8 replaced by U+FFFD;
-    dropped / truncated: SFT records longer than seq_len + 1 (per `data.overlong`).
-    """
-
-    examples: int = 0
-    tokens: int = 0
-    chars: int = 0
-    bytes: int = 0
-    replaced_chars: int = 0
-    dropped: int = 0
-    truncated: int = 0
+# The running counts of a split are also its final record (one definition of the fields).
+SplitStats = Counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +292,7 @@ def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, 
             if counts.tokens == 0 or counts.examples == 0:
                 raise JaxgenError(f"data: the {plan.name} split has no text to train on ({_describe(plan)})")
             infos.append(info)
-            stats[plan.name] = SplitStats(**dataclasses.asdict(counts))
+            stats[plan.name] = counts
     return infos, stats
 
 
