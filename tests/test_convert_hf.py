@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors
+from param_trees import assert_bit_identical, leaves
 
 import jaxgen
 from jaxgen.config import MeshConfig
@@ -32,19 +33,6 @@ def imported(request):
     lm = jaxgen.load(FIXTURES / request.param, dtype="float32")
     assert lm.tokenizer is None  # the fixtures ship no tokenizer files
     return request.param, lm
-
-
-def leaves(params) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-
-
-def assert_bit_identical(a, b) -> None:
-    la, lb = leaves(a), leaves(b)
-    assert la.keys() == lb.keys()
-    for key in la:
-        assert la[key].dtype == lb[key].dtype, key
-        np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
 
 
 def test_config_mapping(imported):

@@ -4,11 +4,11 @@ import json
 import pathlib
 import shutil
 
-import jax
 import numpy as np
 import pytest
 import safetensors
 import tokenizers
+from param_trees import assert_bit_identical
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxgen.checkpoint import load_params
@@ -19,19 +19,6 @@ from jaxgen.errors import JaxgenError
 from jaxgen.tokenizer import load_tokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
-
-
-def leaves(params) -> dict:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-
-
-def assert_bit_identical(a, b) -> None:
-    la, lb = leaves(a), leaves(b)
-    assert la.keys() == lb.keys()
-    for key in la:
-        assert la[key].dtype == lb[key].dtype, key
-        np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
 
 
 @pytest.fixture(scope="module")
