@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxgen import host
 from jaxgen.config import Config
 from jaxgen.metrics import mfu, peak_tflops
 from jaxgen.model.layers import compute_dtype
@@ -51,6 +52,7 @@ def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
     """Compiles and times `steps` train steps after `warmup` untimed ones."""
     mesh = make_mesh(config.mesh)
     check_shapes(config, mesh)
+    host.prepare_for_training()
     with activate(mesh):
         trainer = Trainer(config, mesh)
         state = trainer.init(jax.random.key(0))

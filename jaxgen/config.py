@@ -99,7 +99,7 @@ class ModelConfig(_Section):
             return self.scan_layers
         import jax
 
-        return jax.default_backend() != "gpu"
+        return jax.default_backend() == "tpu"
 
     @property
     def use_attention_bias(self) -> bool:

@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from jaxgen import checkpoint, data
+from jaxgen import checkpoint, data, host
 from jaxgen.config import Config, check_no_placeholders
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import MetricsWriter, eval_figures, mfu, peak_tflops
@@ -271,6 +271,7 @@ def train(
         checkpoint.copy_tokenizer(info.tokenizer_path, run_dir)
     _barrier("jaxgen-run-dir")
     mesh_shape = dict(make_mesh(config.mesh).shape)
+    host.prepare_for_training()
     with activate(make_mesh(config.mesh)), _preemption_flag() as flag:
         loop = _Loop(config, run_dir, console)
         console.print(

@@ -1,5 +1,6 @@
 """Model: published param counts (no allocation), FLOPs, scan == unrolled, cache == full."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,13 +48,16 @@ def _inputs(batch=2, length=12, vocab=512):
 
 @pytest.mark.parametrize("family", ["tiny_config", "tiny_llama_config"])
 def test_scanned_and_unrolled_layers_share_params_and_outputs(family, request):
-    config = request.getfixturevalue(family).model
+    config = request.getfixturevalue(family).model.model_copy(update={"scan_layers": True})
     params = init_params(config, jax.random.key(0))
     tokens, positions = _inputs()
     scanned = _forward(config)(params, tokens, positions)
     unrolled_cfg = config.model_copy(update={"scan_layers": False})
     unrolled = _forward(unrolled_cfg)(params, tokens, positions)
     np.testing.assert_allclose(unrolled, scanned, atol=1e-5, rtol=0)
+    # init_params always rolls the loop to compile faster; that must not change a value.
+    unrolled_init = nn.unbox(Transformer(unrolled_cfg).init(jax.random.key(0), tokens, positions))["params"]
+    jax.tree.map(np.testing.assert_array_equal, unrolled_init, params)
     remat_cfg = config.model_copy(update={"remat": "full"})
 
     def loss(p, cfg):  # mean next-token cross-entropy, as training differentiates it
