@@ -18,10 +18,14 @@ import re
 import socket
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from jaxgen.errors import JaxgenError
+from jaxgen.unit_cache import UnitCache, flatten
 
 TOKENIZER_FILE = "tokenizer.model"
 _STAMP_FILE = "tokenizer.fingerprint"  # not tokenizer.json: that name means a HF tokenizer
+_UNCHECKED = object()
 
 
 class Tokenizer:
@@ -41,6 +45,8 @@ class Tokenizer:
             proto = self.path.read_bytes()
         except OSError as e:
             raise JaxgenError(f"{self.path}: cannot read tokenizer ({e.strerror})") from None
+        self._proto = proto
+        self._units = _UNCHECKED
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(proto)
@@ -60,6 +66,18 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts)) if texts else []
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Bulk encoding: (all ids back to back [int32], each text's id count [int64]).
+
+        Same ids as `encode_batch`, through a unit cache where the model allows it
+        (jaxgen/unit_cache.py; checked once, on first use).
+        """
+        if self._units is _UNCHECKED:
+            self._units = UnitCache.for_model(self._sp, self._proto)
+        if self._units is None:
+            return flatten(self.encode_batch(texts))
+        return self._units.encode_flat(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -16,10 +16,12 @@ import json
 import pathlib
 from collections.abc import Sequence
 
+import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from jaxgen.errors import JaxgenError
+from jaxgen.unit_cache import flatten
 
 _GPT2_EOT = "<|endoftext|>"
 _ROLES = ("pad", "bos", "eos", "unk")
@@ -106,6 +108,10 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids back to back [int32], each text's id count [int64])."""
+        return flatten(self.encode_batch(texts))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

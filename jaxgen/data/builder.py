@@ -24,6 +24,10 @@ import numpy as np
 
 DATASET_NAME = "jaxgen_tokens"
 VERSION = "1.0.0"
+# group_size:1 keeps every record randomly accessible (global shuffle); zstd level 1
+# writes files as small as the default compression's at ~2.5x less CPU (a 1,300-record
+# shard: 0.11 vs 0.28 CPU s, 7.3 MB both; uncompressed 0.03 s but 15.8 MB).
+_WRITER_OPTIONS = "group_size:1,zstd:1"
 CHUNK_TOKENS = 4096  # tokens per pretraining record: windows of any seq_len read 1-3 records
 
 
@@ -81,7 +85,7 @@ class SplitWriter:
         if self._writer is None:
             path = self._dir / f".{self._split}-{len(self._paths):05d}.tmp"
             # group_size:1 makes each record its own chunk: fastest random access.
-            self._writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+            self._writer = array_record_module.ArrayRecordWriter(str(path), _WRITER_OPTIONS)
             self._paths.append(path)
             self._lengths.append(0)
             self._shard_size = 0

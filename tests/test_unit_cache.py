@@ -1,0 +1,49 @@
+"""The unit-cache bulk encoder gives exactly SentencePiece's ids, or is not used."""
+
+import random
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from test_tokenizer import TEXT, _config
+
+from jaxgen.tokenizer import load_tokenizer, train_tokenizer
+from jaxgen.unit_cache import UnitCache, flatten
+
+# Characters the training text has and has not seen (unknown -> byte fallback or unk),
+# runs of spaces, tabs, newlines, digits, a control token.
+_ALPHABET = [*"abcdefghijklmnopqrstuvwxyz  \n\t,.:", "  ", "   ", "\n\n", "\u00e9", "\u2603", "7"]
+_ALPHABET.append("<style=formal>")
+
+
+def _random_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["", " ", "\n", "  a", "a  ", " \n ", TEXT[:500]]
+    texts += ["".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 60))) for _ in range(n)]
+    return texts
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_bulk_encoding_equals_sentencepiece(tmp_path, kind):
+    tok = load_tokenizer(train_tokenizer(_config(tmp_path, TEXT, f"tokenizer.kind={kind}")))
+    assert UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None  # trained models qualify
+    for seed in range(3):  # later rounds hit the cache filled by earlier ones
+        texts = _random_texts(seed, 300)
+        ids, counts = tok.encode_flat(texts)
+        expected = tok.encode_batch(texts)
+        assert ids.dtype == np.int32 and counts.tolist() == [len(e) for e in expected]
+        np.testing.assert_array_equal(ids, np.concatenate([np.asarray(e, np.int32) for e in expected]))
+
+
+def test_models_that_are_not_separable_encode_the_plain_way(tmp_path):
+    # SentencePiece's defaults: NFKC normalisation, a dummy prefix, whitespace folding.
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT.replace("\n\n", "\n"), encoding="utf-8")
+    prefix = tmp_path / "default"
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=50, minloglevel=2)
+    tok = load_tokenizer(f"{prefix}.model")
+    assert UnitCache.for_model(tok._sp, tok.path.read_bytes()) is None
+    texts = ["two  spaces", " lead", "x"]
+    ids, counts = tok.encode_flat(texts)
+    np.testing.assert_array_equal(ids, flatten(tok.encode_batch(texts))[0])
+    assert counts.tolist() == [len(tok.encode(t)) for t in texts]
