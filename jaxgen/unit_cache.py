@@ -4,14 +4,13 @@ Text is cut into units: a newline, or a run of spaces with the non-space charact
 after it (" *[^ \\n]+"), or a trailing run of spaces. When no piece of the vocabulary
 spans such a cut, SentencePiece's segmentation of the whole text is the concatenation
 of its units' segmentations: BPE only ever merges two symbols into a vocabulary piece,
-and a unigram path is a sequence of vocabulary pieces, so neither can cross a cut that
-no piece crosses. Units repeat (natural text is Zipfian), so each distinct unit is
-encoded once and the batch is gathered from the cache with numpy: ~2x SentencePiece's
-own BPE throughput on one core (benchmarks/RESULTS.md).
+so it cannot cross a cut that no piece crosses. Units repeat (natural text is Zipfian),
+so each distinct unit is encoded once and the batch is gathered from the cache with
+numpy: ~1.6-2x SentencePiece's own BPE throughput on one core (benchmarks/RESULTS.md).
 
 `UnitCache.for_model` checks the conditions on the model itself and returns None when
-they do not hold (another normaliser, a dummy prefix, pieces containing "x▁" or "\\n"
-beside other characters), and the tokenizer then encodes the plain way.
+they do not hold (not BPE, another normaliser, a dummy prefix, pieces containing "x▁"
+or "\\n" beside other characters), and the tokenizer then encodes the plain way.
 """
 
 from __future__ import annotations
@@ -39,7 +38,9 @@ def _separable(proto: bytes, pieces: Sequence[str]) -> bool:
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(proto)
     norm = model.normalizer_spec
-    if model.trainer_spec.model_type not in (model.trainer_spec.BPE, model.trainer_spec.UNIGRAM):
+    # Unigram would qualify too (a Viterbi path is a sequence of pieces), but SentencePiece
+    # encodes it at ~13 MB per CPU-second, faster than this cache (~9.5); BPE runs at ~6.
+    if model.trainer_spec.model_type != model.trainer_spec.BPE:
         return False
     if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
         return False

@@ -26,7 +26,8 @@ def _random_texts(seed: int, n: int) -> list[str]:
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_bulk_encoding_equals_sentencepiece(tmp_path, kind):
     tok = load_tokenizer(train_tokenizer(_config(tmp_path, TEXT, f"tokenizer.kind={kind}")))
-    assert UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None  # trained models qualify
+    # Trained BPE models qualify; unigram encodes faster without the cache (unit_cache.py).
+    assert (UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None) == (kind == "bpe")
     for seed in range(3):  # later rounds hit the cache filled by earlier ones
         texts = _random_texts(seed, 300)
         ids, counts = tok.encode_flat(texts)
