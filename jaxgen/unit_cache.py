@@ -1,7 +1,7 @@
 """Exact, faster SentencePiece batch encoding through a cache of space-delimited units.
 
 Text is cut into units: a newline, or a run of spaces with the non-space characters
-after it (" *[^ \\n]+"), or a trailing run of spaces. When no piece of the vocabulary
+after it (" *[^ \\n]+"), or a run of spaces before a newline or the end. When no piece of the vocabulary
 spans such a cut, SentencePiece's segmentation of the whole text is the concatenation
 of its units' segmentations: BPE only ever merges two symbols into a vocabulary piece,
 so it cannot cross a cut that no piece crosses. Units repeat (natural text is Zipfian),
@@ -22,7 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 
 _SPACE = "\u2581"  # how SentencePiece writes " " inside pieces
-_UNIT = re.compile(r"\n| *[^ \n]+| +")
+# A batch is cut in one regex pass over its texts joined by NUL, a unit of its own with
+# no ids (a batch whose texts contain NUL is encoded without the cache).
+_SEP = "\x00"
+_UNIT_OR_SEP = re.compile(r"\n|\x00| *[^ \n\x00]+| +")
 _MAX_UNITS = 200_000  # the cache starts over beyond this many distinct units
 
 
@@ -67,37 +70,40 @@ class UnitCache:
         return cls(processor) if _separable(proto, pieces) else None
 
     def _clear(self) -> None:
-        self._index: dict[str, int] = {}
+        self._index: dict[str, int] = {_SEP: 0}  # slot 0: the separator, no ids
         self._ids = np.zeros(0, np.int32)  # every cached unit's ids, back to back
-        self._offsets = np.zeros(1, np.int64)  # unit k's ids: _ids[_offsets[k]:_offsets[k + 1]]
+        self._offsets = np.zeros(2, np.int64)  # unit k's ids: _ids[_offsets[k]:_offsets[k + 1]]
 
     def _add(self, units: list[str]) -> None:
         encoded = self._sp.encode(units)
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
-        base = len(self._index)
+        base = len(self._offsets) - 1
         self._index.update(zip(units, range(base, base + len(units)), strict=True))
         self._ids = np.concatenate([self._ids, flat])
         self._offsets = np.concatenate([self._offsets, self._offsets[-1] + np.cumsum(lengths)])
 
     def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all texts' ids back to back [int32], each text's id count [int64])."""
-        per_text = [_UNIT.findall(t) for t in texts]
-        units = list(itertools.chain.from_iterable(per_text))
+        if not texts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
+        joined = _SEP.join(texts)
+        if joined.count(_SEP) != len(texts) - 1:
+            return flatten(self._sp.encode(list(texts)))
+        units = _UNIT_OR_SEP.findall(joined)
+        if not units:  # one empty text
+            return np.zeros(0, np.int32), np.zeros(1, np.int64)
         new = [u for u in set(units) if u not in self._index]
         if len(self._index) + len(new) > _MAX_UNITS:
             self._clear()
-            new = list(set(units))
+            new = [u for u in set(units) if u not in self._index]
         if new:
             self._add(new)
         slot = np.fromiter(map(self._index.__getitem__, units), np.int64, len(units))
         starts = self._offsets[slot]
         lengths = self._offsets[slot + 1] - starts
         # Gather: output position p of unit k reads _ids[starts[k] + p - (ids before unit k)].
-        before = np.cumsum(lengths) - lengths
-        total = int(lengths.sum())
-        ids = self._ids[np.arange(total) - np.repeat(before - starts, lengths)]
-        unit_ends = np.cumsum([len(u) for u in per_text])
-        ids_before_unit = np.concatenate([[0], np.cumsum(lengths)])
-        counts = np.diff(np.concatenate([[0], ids_before_unit[unit_ends]]))
-        return ids, counts
+        ends = np.cumsum(lengths)
+        ids = self._ids[np.arange(ends[-1]) - np.repeat(ends - lengths - starts, lengths)]
+        text_ends = np.append(ends[slot == 0], ends[-1])  # ids up to each separator, then all
+        return ids, np.diff(text_ends, prepend=0)

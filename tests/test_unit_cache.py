@@ -28,8 +28,10 @@ def test_bulk_encoding_equals_sentencepiece(tmp_path, kind):
     tok = load_tokenizer(train_tokenizer(_config(tmp_path, TEXT, f"tokenizer.kind={kind}")))
     # Trained BPE models qualify; unigram encodes faster without the cache (unit_cache.py).
     assert (UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None) == (kind == "bpe")
-    for seed in range(3):  # later rounds hit the cache filled by earlier ones
-        texts = _random_texts(seed, 300)
+    batches = [_random_texts(seed, 300) for seed in range(3)]  # later ones hit the cache
+    # NUL joins a batch for one regex pass; texts holding one take the one-by-one path.
+    batches += [[""], ["", ""], ["a \x00 b", "\n\x00\n", "\x00"], [TEXT[:300], "x\x00y"]]
+    for texts in batches:
         ids, counts = tok.encode_flat(texts)
         expected = tok.encode_batch(texts)
         assert ids.dtype == np.int32 and counts.tolist() == [len(e) for e in expected]
