@@ -4,12 +4,13 @@ Text is cut into units: a newline, or a run of spaces with the non-space charact
 after it (" *[^ \\n]+"), or a run of spaces before a newline or the end. When no piece of the vocabulary
 spans such a cut, SentencePiece's segmentation of the whole text is the concatenation
 of its units' segmentations: BPE only ever merges two symbols into a vocabulary piece,
-so it cannot cross a cut that no piece crosses. Units repeat (natural text is Zipfian),
-so each distinct unit is encoded once and the batch is gathered from the cache with
-numpy: ~1.6-2x SentencePiece's own BPE throughput on one core (benchmarks/RESULTS.md).
+so it cannot cross a cut that no piece crosses (char models: trivially). Units repeat
+(natural text is Zipfian), so each distinct unit is encoded once and the batch is
+gathered from the cache with numpy: ~1.6-2x SentencePiece's own BPE throughput on one
+core (benchmarks/RESULTS.md).
 
 `UnitCache.for_model` checks the conditions on the model itself and returns None when
-they do not hold (not BPE, another normaliser, a dummy prefix, pieces containing "x▁"
+they do not hold (not BPE or char, another normaliser, a dummy prefix, pieces containing "x▁"
 or "\\n" beside other characters), and the tokenizer then encodes the plain way.
 """
 
@@ -42,8 +43,9 @@ def _separable(proto: bytes, pieces: Sequence[str]) -> bool:
     model.ParseFromString(proto)
     norm = model.normalizer_spec
     # Unigram would qualify too (a Viterbi path is a sequence of pieces), but SentencePiece
-    # encodes it at ~13 MB per CPU-second, faster than this cache (~9.5); BPE runs at ~6.
-    if model.trainer_spec.model_type != model.trainer_spec.BPE:
+    # encodes it at ~13 MB per CPU-second, faster than this cache (~9.5); BPE runs at ~6,
+    # and char models are slow in the Python lists of one id per character.
+    if model.trainer_spec.model_type not in (model.trainer_spec.BPE, model.trainer_spec.CHAR):
         return False
     if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
         return False

@@ -23,11 +23,11 @@ def _random_texts(seed: int, n: int) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "char"])
 def test_bulk_encoding_equals_sentencepiece(tmp_path, kind):
     tok = load_tokenizer(train_tokenizer(_config(tmp_path, TEXT, f"tokenizer.kind={kind}")))
-    # Trained BPE models qualify; unigram encodes faster without the cache (unit_cache.py).
-    assert (UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None) == (kind == "bpe")
+    # Trained BPE and char models qualify; unigram encodes faster without the cache.
+    assert (UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None) == (kind != "unigram")
     batches = [_random_texts(seed, 300) for seed in range(3)]  # later ones hit the cache
     # NUL joins a batch for one regex pass; texts holding one take the one-by-one path.
     batches += [[""], ["", ""], ["a \x00 b", "\n\x00\n", "\x00"], [TEXT[:300], "x\x00y"]]
