@@ -49,9 +49,9 @@ class ModelConfig(_Section):
     attention_bias: bool | None = None  # None: family default (gpt2 True, llama False)
     mlp_bias: bool | None = None
     dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
-    # Same params either way (see README). None: by platform — unrolled on GPU (457k vs
-    # 314k tokens/s for GPT-2 124M on an H100), scanned on TPU (flat compile time in
-    # depth) and CPU (half the compile time, step within ~10%).
+    # Same params either way (see README). None: by platform — scanned on TPU (flat
+    # compile time in depth), unrolled elsewhere (GPT-2 124M on an H100: 457k vs 314k
+    # tokens/s; the CPU quickstart: ~57 vs ~84 ms per step).
     scan_layers: bool | None = None
     remat: Literal["none", "dots_saveable", "full"] = "none"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -165,7 +165,8 @@ class DataConfig(_Section):
     trained_role: str = "assistant"  # chat: the role whose turns carry the loss
     strict_utf8: bool = False  # False: invalid UTF-8 becomes U+FFFD (counted); True: an error
     overlong: Literal["truncate", "drop"] = "truncate"  # sft records longer than seq_len + 1
-    prepare_workers: NonNegInt = 0  # tokenizing processes; 0: all cores for inputs over 16 MB, else 1
+    # tokenizing processes; 0: all cores for inputs over 16 MB (char tokenizers: 1), else 1
+    prepare_workers: NonNegInt = 0
     shuffle_seed: int = 0
     num_epochs: PositiveInt | None = None  # None: repeat forever
     worker_count: NonNegInt = 0  # >0: grain worker processes; 0: reader threads in-process

@@ -26,7 +26,7 @@ def encode_segments(tokenizer, batch: list[Segment]) -> tuple[np.ndarray, int, i
     ends = np.fromiter((end for _, end in batch), bool, len(batch))
     ids = np.insert(ids, np.cumsum(counts)[ends], tokenizer.eos_id)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return ids.astype(np.int32, copy=False), sum(map(len, texts)), n_bytes, int(ends.sum())
+    return ids, sum(map(len, texts)), n_bytes, int(ends.sum())
 
 
 def _init(path: str) -> None:

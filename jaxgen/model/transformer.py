@@ -12,9 +12,9 @@ Parameters (after `init`, unboxed) for L layers:
     lm_head/kernel               [D, V]     untied only
 
 Layers are always stored stacked along a leading `layers` axis. `scan_layers: false`
-(the default on GPU) runs the same scan fully unrolled (lax.scan `unroll=L`), which gave unrolled-layer
-speed on an H100 (see README) while keeping one parameter layout, so checkpoints
-move freely between the two settings.
+(the default on GPU and CPU) runs the same scan fully unrolled (lax.scan `unroll=L`),
+which gave unrolled-layer speed (see README) while keeping one parameter layout, so
+checkpoints move freely between the two settings.
 """
 
 from __future__ import annotations
