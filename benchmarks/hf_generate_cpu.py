@@ -1,18 +1,23 @@
-"""Greedy generation on CPU: jaxgen on an imported GPT-2 124M vs transformers `generate`.
+"""Greedy generation on CPU: jaxgen on an imported GPT-2-style model vs transformers `generate`.
 
-    .venv/bin/python benchmarks/hf_generate_cpu.py [--new-tokens 256] [--prompt-len 32]
+    .venv/bin/python benchmarks/hf_generate_cpu.py [--shape 124m] [--new-tokens 256] \
+        [--prompt-len 32] [--rounds 3] [--beam-check]
 
-Both sides run in this one invocation on the same weights: a random-weight GPT-2 124M
-(transformers' own init, seed 0) saved by transformers' `save_pretrained` as
-safetensors. The transformers side runs in its own virtualenv (created on first use:
-`pip install torch==2.13.0 transformers`; 2.13.0 is the local CPU wheel) as a child
-process; the jaxgen side imports the same directory with `jaxgen.convert.hf.load_hf`
-and decodes with `jaxgen.generate.generate_ids` (one compiled loop, KV cache).
+Both sides decode the same weights: a random-weight GPT-2-style model (transformers' own
+init, seed 0; `--shape` picks its size, GPT-2 124M by default) saved by transformers'
+`save_pretrained` as safetensors. The transformers side (torch==2.13.0, the local CPU
+wheel, in its own virtualenv created on first use) is a long-lived child process; the
+jaxgen side loads the same directory with `jaxgen.load` (the public API: an HF directory
+is converted in memory) in this process and decodes with `LanguageModel.generate`
+(one compiled loop with a KV cache).
 
-float32, batch 1, the same prompt, no EOS (the model's eos is unset so both run the
-full length). Each side is warmed up once (jaxgen: compile; torch: first call), then
-timed over `--repeats` runs (best kept). Prints one JSON line with both figures and
-whether the token ids are identical; issue 7 asks for identical ids and jaxgen >= 5x.
+float32, batch 1, the same prompt, greedy, no EOS (the model's eos is unset, so both run
+the full length). Each side loads and warms up once (jaxgen: compilation; torch: a first
+call), then the two take turns, one timed generate each per round, the first side
+alternating between rounds: both see the same machine state, which on a shared 2-core
+machine moves more between minutes than between the two programs. Per call: wall and
+CPU seconds. Prints one JSON line per round and a summary line (median speedup, ids
+identical on every call); issue 7 asks for identical ids and jaxgen >= 5x.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -29,8 +35,17 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 VENV = pathlib.Path("/tmp/hfbench-venv")
-MODEL_DIR = pathlib.Path("/tmp/hfbench-gpt2-124m")
 BEAM = dict(max_length=50, num_beams=5, num_return_sequences=5, early_stopping=True)
+# GPT-2-style shapes: (layers, d_model, heads, vocab). 124m/355m are GPT-2's published sizes;
+# the smaller ones keep GPT-2's vocabulary so only the transformer stack shrinks.
+SHAPES = {
+    "355m": (24, 1024, 16, 50257),
+    "124m": (12, 768, 12, 50257),
+    "distil": (6, 768, 12, 50257),  # distilgpt2's shape (82M)
+    "small": (6, 384, 6, 50257),
+    "mini": (4, 256, 4, 50257),
+    "tiny": (2, 64, 4, 512),  # tests/fixtures/hf/gpt2-tiny's shape, 1024 positions
+}
 
 
 def ensure_venv() -> pathlib.Path:
@@ -44,144 +59,220 @@ def ensure_venv() -> pathlib.Path:
     return python
 
 
-def prompt_ids(length: int, vocab: int = 50257) -> list[int]:
+def model_dir(shape: str) -> pathlib.Path:
+    return pathlib.Path(f"/tmp/hfbench-gpt2-{shape}")
+
+
+def prompt_ids(length: int, vocab: int) -> list[int]:
     import random
 
     rng = random.Random(1234)
     return [rng.randrange(vocab - 1) for _ in range(length)]
 
 
+def timed(fn):
+    """(result, wall s, CPU s of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
 # ----------------------------------------------------------------------------- HF side (child)
 
 
-def hf_side(args) -> dict:
-    """Runs inside the benchmark venv: save the model once, then time `generate`."""
+def hf_side(args) -> None:
+    """Runs inside the benchmark venv: save the model once, then serve `generate` calls.
+
+    Reads one command per stdin line ("greedy" or "beam") and answers each with a JSON line.
+    """
     import torch
     import transformers
 
+    layers, d_model, heads, vocab = SHAPES[args.shape]
+    path = model_dir(args.shape)
     torch.manual_seed(0)
-    if not (MODEL_DIR / "model.safetensors").exists():
-        config = transformers.GPT2Config(bos_token_id=None, eos_token_id=None)  # 124M shape
-        model = transformers.GPT2LMHeadModel(config).eval()
-        model.save_pretrained(MODEL_DIR, safe_serialization=True)
-    model = transformers.GPT2LMHeadModel.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids(args.prompt_len)])
-    kwargs = dict(
-        max_new_tokens=args.new_tokens, do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0
-    )
-    kwargs["min_new_tokens"] = args.new_tokens
+    if not (path / "model.safetensors").exists():
+        config = transformers.GPT2Config(
+            n_layer=layers,
+            n_embd=d_model,
+            n_head=heads,
+            vocab_size=vocab,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        transformers.GPT2LMHeadModel(config).eval().save_pretrained(path, safe_serialization=True)
+    model = transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(args.prompt_len, vocab)])
+    greedy = dict(do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
+
+    def generate(new_tokens: int):
+        return model.generate(ids, **greedy, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
     with torch.inference_mode():
-        model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
-        best, out = float("inf"), None
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            out = model.generate(ids, **kwargs)
-            best = min(best, time.perf_counter() - start)
-    result = {}
-    if args.beam_check:  # the classic recipe: max_length=50, num_beams=5, early_stopping=True
-        with torch.inference_mode():
-            beams = model.generate(
-                ids, **BEAM, return_dict_in_generate=True, output_scores=True, pad_token_id=0
-            )
-        result["beam_ids"] = beams.sequences[:, args.prompt_len :].tolist()
-        result["beam_scores"] = beams.sequences_scores.tolist()
-    return {
-        **result,
-        "seconds": best,
-        "ids": out[0, args.prompt_len :].tolist(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-    }
+        generate(8)  # warm-up
+        print(
+            json.dumps(
+                {
+                    "ready": True,
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "threads": torch.get_num_threads(),
+                }
+            ),
+            flush=True,
+        )
+        for line in sys.stdin:
+            if line.strip() == "greedy":
+                out, wall, cpu = timed(lambda: generate(args.new_tokens))
+                reply = {"wall": wall, "cpu": cpu, "ids": out[0, args.prompt_len :].tolist()}
+            else:  # the classic recipe: max_length=50, num_beams=5, early_stopping=True
+                beams = model.generate(
+                    ids, **BEAM, return_dict_in_generate=True, output_scores=True, pad_token_id=0
+                )
+                reply = {
+                    "ids": beams.sequences[:, args.prompt_len :].tolist(),
+                    "scores": beams.sequences_scores.tolist(),
+                }
+            print(json.dumps(reply), flush=True)
+
+
+class HFChild:
+    """The transformers side as a long-lived child process, one command at a time."""
+
+    def __init__(self, args):
+        child = [
+            str(ensure_venv()),
+            __file__,
+            "--hf-side",
+            "--shape",
+            args.shape,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--prompt-len",
+            str(args.prompt_len),
+        ]
+        self.proc = subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"transformers side exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 # ----------------------------------------------------------------------------- jaxgen side
 
 
-def jaxgen_side(args) -> dict:
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+class JaxgenSide:
+    def __init__(self, args):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
 
-    from jaxgen import sampling
-    from jaxgen.convert.hf import load_hf
-    from jaxgen.generate import DecodeSpec, bucket, generate_ids
-
-    config, params, _ = load_hf(MODEL_DIR, dtype="float32")
-    spec = DecodeSpec(
-        strategy=sampling.Greedy(), stopping=sampling.Stopping(), buffer=bucket(args.new_tokens)
-    )
-    prompt = prompt_ids(args.prompt_len)
-    run = lambda: generate_ids(config.model, params, [prompt], spec, max_new_tokens=args.new_tokens)
-    start = time.perf_counter()
-    run()  # compile + first run
-    first = time.perf_counter() - start
-    best, out = float("inf"), None
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        out = run()
-        best = min(best, time.perf_counter() - start)
-    result = {"seconds": best, "first_call_seconds": first, "ids": out[0].tokens, "jax": jax.__version__}
-    if args.beam_check:
         import jaxgen
 
-        (beams,) = jaxgen.load(MODEL_DIR, dtype="float32").generate([prompt], **BEAM)
-        result["beam_ids"], result["beam_scores"] = beams.completions, beams.scores
-    return result
+        self.args, self.jax_version = args, jax.__version__
+        self.prompt = prompt_ids(args.prompt_len, SHAPES[args.shape][3])
+        self.lm = jaxgen.load(model_dir(args.shape), dtype="float32")
+        _, self.first_call_wall, _ = timed(self.greedy)  # compilation + the first run
+
+    def greedy(self) -> list[int]:
+        (result,) = self.lm.generate([self.prompt], max_new_tokens=self.args.new_tokens, temperature=0.0)
+        return result.tokens
+
+    def beam(self) -> dict:
+        (beams,) = self.lm.generate([self.prompt], **BEAM)
+        return {"ids": beams.completions, "scores": beams.scores}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="124m")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--beam-check", action="store_true", help="also compare beam search (not timed)")
     parser.add_argument("--hf-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_side:
-        print(json.dumps(hf_side(args)))
+        hf_side(args)
         return
-    python = ensure_venv()
-    child = [
-        str(python),
-        __file__,
-        "--hf-side",
-        "--new-tokens",
-        str(args.new_tokens),
-        "--prompt-len",
-        str(args.prompt_len),
-        "--repeats",
-        str(args.repeats),
-    ] + (["--beam-check"] if args.beam_check else [])
-    hf = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    ours = jaxgen_side(args)
-    same = hf["ids"] == ours["ids"]
-    first_diff = next(
-        (i for i, (a, b) in enumerate(zip(hf["ids"], ours["ids"], strict=False)) if a != b), None
-    )
+    hf = HFChild(args)  # first: it saves the model directory that jaxgen loads
+    ours = JaxgenSide(args)
+    hf_calls, our_calls = [], []
+    for r in range(args.rounds):
+        for side in ("hf", "jaxgen") if r % 2 == 0 else ("jaxgen", "hf"):
+            if side == "hf":
+                reply = hf.ask("greedy")
+                hf_calls.append(reply)
+            else:
+                ids, wall, cpu = timed(ours.greedy)
+                our_calls.append({"wall": wall, "cpu": cpu, "ids": ids})
+        h, o = hf_calls[-1], our_calls[-1]
+        print(
+            json.dumps(
+                {
+                    "round": r,
+                    "first": "transformers" if r % 2 == 0 else "jaxgen",
+                    "transformers_s": round(h["wall"], 3),
+                    "transformers_cpu_s": round(h["cpu"], 2),
+                    "jaxgen_s": round(o["wall"], 3),
+                    "jaxgen_cpu_s": round(o["cpu"], 2),
+                    "speedup": round(h["wall"] / o["wall"], 2),
+                    "identical_ids": h["ids"] == o["ids"],
+                    "load_avg_1m": os.getloadavg()[0],
+                }
+            ),
+            flush=True,
+        )
     beam = {}
     if args.beam_check:
-        gap = max(abs(a - b) for a, b in zip(hf["beam_scores"], ours["beam_scores"], strict=True))
-        beam = {"beam_identical_ids": hf["beam_ids"] == ours["beam_ids"], "beam_max_score_diff": gap}
+        theirs, mine = hf.ask("beam"), ours.beam()
+        gap = max(abs(a - b) for a, b in zip(theirs["scores"], mine["scores"], strict=True))
+        beam = {"beam_identical_ids": theirs["ids"] == mine["ids"], "beam_max_score_diff": gap}
+    hf.close()
+    reference = hf_calls[0]["ids"]
+    first_diff = next(
+        (i for i, (a, b) in enumerate(zip(reference, our_calls[0]["ids"], strict=True)) if a != b), None
+    )
+    hf_wall = statistics.median(c["wall"] for c in hf_calls)
+    our_wall = statistics.median(c["wall"] for c in our_calls)
+    layers, d_model, heads, vocab = SHAPES[args.shape]
     print(
         json.dumps(
             {
                 **beam,
                 "benchmark": "hf_generate_cpu",
-                "model": "gpt2-124m (random init, seed 0)",
+                "model": f"gpt2-style {args.shape}: {layers} x {d_model}, {heads} heads, vocab {vocab}",
                 "dtype": "float32",
                 "batch": 1,
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
-                "transformers_seconds": round(hf["seconds"], 3),
-                "jaxgen_seconds": round(ours["seconds"], 3),
-                "transformers_tokens_per_s": round(args.new_tokens / hf["seconds"], 1),
-                "jaxgen_tokens_per_s": round(args.new_tokens / ours["seconds"], 1),
-                "speedup": round(hf["seconds"] / ours["seconds"], 2),
-                "identical_ids": same,
+                "rounds": args.rounds,
+                "transformers_ms_per_token": round(1000 * hf_wall / args.new_tokens, 2),
+                "jaxgen_ms_per_token": round(1000 * our_wall / args.new_tokens, 2),
+                "speedup_median": round(hf_wall / our_wall, 2),
+                "speedup_per_round": [
+                    round(h["wall"] / o["wall"], 2) for h, o in zip(hf_calls, our_calls, strict=True)
+                ],
+                "identical_ids": all(c["ids"] == reference for c in hf_calls + our_calls),
                 "first_diff": first_diff,
-                "jaxgen_first_call_seconds": round(ours["first_call_seconds"], 2),
-                "versions": {"torch": hf["torch"], "transformers": hf["transformers"], "jax": ours["jax"]},
-                "torch_threads": hf["threads"],
+                "jaxgen_first_call_s": round(ours.first_call_wall, 2),
+                "versions": {
+                    "torch": hf.info["torch"],
+                    "transformers": hf.info["transformers"],
+                    "jax": ours.jax_version,
+                },
+                "torch_threads": hf.info["threads"],
             }
         )
     )

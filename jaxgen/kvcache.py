@@ -1,9 +1,13 @@
 """The decoding KV cache: a typed pytree passed into and returned from the model.
 
-Layout `[layers, batch, max_len, kv_heads, head_dim]` matches the scanned parameter
-layout, so the layer scan carries the whole cache and each layer writes only its new
-tokens in place (`dynamic_update_slice` at `[layer, :, index]`); reading and writing
-whole per-layer slices instead would copy the cache every step.
+Layout `[layers, batch, kv_heads, max_len, head_dim]`. Layers lead, as in the scanned
+parameter layout, so the layer scan carries the whole cache and each layer writes only
+its new tokens in place (`dynamic_update_slice` at `[layer, :, :, index]`); reading and
+writing whole per-layer slices instead would copy the cache every step. Heads come
+before slots so that each (row, head) is one contiguous [max_len, head_dim] matrix, the
+operand layout of the attention dots: with slots before heads, XLA on CPU transposed
+every layer's keys and values on every decoded token (benchmarks/RESULTS.md, "HF
+interop").
 
 Rows of different prompt lengths are *left-padded*: every row writes its next token
 at the same slot `index`, so one `dynamic_update_slice` serves the batch. `segment`
@@ -23,14 +27,14 @@ from jaxgen.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, K, S, H]
+    v: jax.Array  # [L, B, K, S, H]
     segment: jax.Array  # [B, S] int32; 0 = padding / not yet written
     index: jax.Array  # [] int32; the next slot to write
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def lengths(self) -> jax.Array:
@@ -38,7 +42,7 @@ class KVCache:
         return jnp.sum(self.segment != 0, axis=-1)
 
 
-CACHE_NAMES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+CACHE_NAMES = ("layers", "batch", "act_kv_heads", "cache_length", "head_dim")
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -46,7 +50,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     from jaxgen.model.layers import compute_dtype
 
     dtype = dtype or compute_dtype(config)
-    shape = (config.num_layers, batch, max_len, config.kv_heads, config.dim_per_head)
+    shape = (config.num_layers, batch, config.kv_heads, max_len, config.dim_per_head)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),

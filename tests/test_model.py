@@ -108,3 +108,36 @@ def test_cached_prefill_and_decode_equal_full_forward(family, request):
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
     assert int(cache.index) == 10 and list(np.asarray(cache.lengths)) == [10, 10]
+
+
+@pytest.mark.parametrize(
+    "eq, x_shape, kernel_shape",
+    [
+        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),  # attention output: two contracted dims
+        ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
+        ("BTD,VD->BTV", (2, 3, 6), (7, 6)),  # tied head: contracts the kernel's last dim
+        ("BKMH,BKSH->BKMS", (2, 3, 4, 5), (2, 3, 6, 5)),  # batch dims, output reordered
+    ],
+)
+def test_kernel_einsum_equals_einsum_and_contracts_in_kernel_order(eq, x_shape, kernel_shape):
+    from jaxgen.model.layers import kernel_einsum
+
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+    np.testing.assert_allclose(kernel_einsum(eq, x, kernel), jnp.einsum(eq, x, kernel), rtol=1e-5, atol=1e-5)
+    # The contracted dims are listed in the kernel's own order (ascending), so XLA never
+    # has to copy the kernel into another order (jnp.einsum lists "NH" as H, N).
+    (dot,) = [
+        e
+        for e in jax.make_jaxpr(lambda a, b: kernel_einsum(eq, a, b))(x, kernel).eqns
+        if "dot" in str(e.primitive)
+    ]
+    (_, rhs_contract), _ = dot.params["dimension_numbers"]
+    assert list(rhs_contract) == sorted(rhs_contract)
+
+
+def test_kernel_einsum_rejects_a_dim_summed_from_one_operand():
+    from jaxgen.model.layers import kernel_einsum
+
+    with pytest.raises(ValueError, match="sums a dim of one operand"):
+        kernel_einsum("BTX,DV->BTV", jnp.ones((1, 2, 3)), jnp.ones((4, 5)))

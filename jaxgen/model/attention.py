@@ -24,6 +24,36 @@ def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, offset: jax.Arra
     return (causal[None] & same)[:, None]
 
 
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention over the cache, read in its own [B, K, S, H] layout.
+
+    `jax.nn.dot_product_attention` takes keys as [B, S, K, H]; given the cache's layout
+    XLA on CPU then copied each layer's keys and values into another order on every
+    decoded token. Here the dots batch over (B, K) and contract H (scores) and S
+    (values), so each (row, head) [S, H] matrix is read in place. Same math as
+    dot_product_attention's XLA path: 1/sqrt(H) scale, float32 softmax, masked logits
+    set to its large negative number.
+
+    Args:
+        q: [B, T, N, H]; keys, values: [B, K, S, H] (N = K * G query heads per kv head);
+        mask: [B, 1, T, S] bool.
+    Returns:
+        [B, T, N, H].
+    """
+    b, t, n, h = q.shape
+    kv = keys.shape[1]
+    g = n // kv
+    qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)  # [B, K, G*T, H]
+    batch = ((0, 1), (0, 1))
+    logits = jax.lax.dot_general(qg, keys, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kv, g, t, -1) * h**-0.5  # [B, K, G, T, S]
+    big_negative = -0.7 * jnp.finfo(jnp.float32).max
+    logits = jnp.where(mask[:, :, None], logits, big_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).reshape(b, kv, g * t, -1)
+    out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))  # [B, K, G*T, H]
+    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 def _implementation(config: ModelConfig, masked: bool) -> str | None:
     # "auto" lets JAX pick the fastest kernel for the call; cuDNN's fused kernel is
     # only asked for where it is known to apply (causal, no segment mask).
@@ -44,7 +74,7 @@ class Attention(nn.Module):
         positions: jax.Array,  # [B, T]
         segment_ids: jax.Array | None,  # [B, T] or None (one segment, no padding)
         kv_segment: jax.Array | None,  # [B, S] with a cache, else None
-        layer: jax.Array,  # [] int32, this layer's index into the cache
+        layer: jax.Array | int,  # this layer's index into the cache
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,  # (k, v, index)
     ) -> tuple[jax.Array, tuple | None]:
         cfg = self.config
@@ -63,24 +93,24 @@ class Attention(nn.Module):
 
         if cache is not None:
             k_all, v_all, index = cache
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, kk[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, vv[None].astype(v_all.dtype), start)
+            start = (layer, 0, 0, index, 0)  # the cache is [L, B, K, S, H]
+            to_cache = lambda t: jnp.swapaxes(t, 1, 2)[None].astype(k_all.dtype)  # noqa: E731
+            k_all = jax.lax.dynamic_update_slice(k_all, to_cache(kk), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, to_cache(vv), start)
             cache = (k_all, v_all, index)
-            keys, values = k_all[layer], v_all[layer]  # [B, S, K, H]
+            keys, values = k_all[layer], v_all[layer]  # [B, K, S, H]
             mask = attention_mask(segment_ids, kv_segment, index)
+            out = cached_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
         else:
-            keys, values = kk, vv
             mask = None if segment_ids is None else attention_mask(segment_ids, segment_ids, 0)
-
-        out = jax.nn.dot_product_attention(
-            q,
-            keys.astype(q.dtype),
-            values.astype(q.dtype),
-            mask=mask,
-            is_causal=mask is None,
-            implementation=_implementation(cfg, mask is not None),
-        )  # [B, T, N, H]
+            out = jax.nn.dot_product_attention(
+                q,
+                kk,
+                vv,
+                mask=mask,
+                is_causal=mask is None,
+                implementation=_implementation(cfg, mask is not None),
+            )  # [B, T, N, H]
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         scale = (2 * cfg.num_layers) ** -0.5
         y = Einsum(

@@ -33,6 +33,36 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+def kernel_einsum(eq: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`jnp.einsum(eq, x, kernel)` as one `dot_general` that contracts in the kernel's order.
+
+    `jnp.einsum` may list the contracted dims in any order ("BTNH,NHD->BTD" contracts H
+    then N), and XLA on CPU then copies the kernel into that order on every call: in a
+    decoding loop, one transposed copy of each attention output kernel per token
+    (benchmarks/RESULTS.md, "HF interop"). Contracting in the kernel's own dim order
+    keeps its row-major layout; only the (small) activation is ever rearranged.
+
+    Args:
+        eq: "XS,KS->OS" with single letters, no letter repeated within an operand and
+            every letter of the output in exactly one operand or both (batch dims).
+    """
+    inputs, out = eq.split("->")
+    lhs, rhs = inputs.split(",")
+    batch = [c for c in rhs if c in lhs and c in out]
+    contract = [c for c in rhs if c in lhs and c not in out]
+    if any(c not in rhs and c not in out for c in lhs) or any(c not in lhs and c not in out for c in rhs):
+        raise ValueError(f"kernel_einsum: {eq!r} sums a dim of one operand only")
+    dims = (
+        (tuple(lhs.index(c) for c in contract), tuple(rhs.index(c) for c in contract)),
+        (tuple(lhs.index(c) for c in batch), tuple(rhs.index(c) for c in batch)),
+    )
+    y = jax.lax.dot_general(x, kernel, dims)
+    # dot_general's result order: batch dims, then the lhs's free dims, then the rhs's.
+    order = batch + [c for c in lhs if c not in rhs] + [c for c in rhs if c not in lhs]
+    perm = tuple(order.index(c) for c in out)
+    return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
+
+
 class Einsum(nn.Module):
     """A projection `y = einsum(eq, x, kernel) (+ bias)` with logically named params.
 
@@ -57,7 +87,7 @@ class Einsum(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.names), tuple(self.shape), self.param_dtype
         )
-        y = jnp.einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = kernel_einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias_dims:
             bias_shape = tuple(self.shape[-self.bias_dims :])
             bias_names = self.names[-self.bias_dims :]

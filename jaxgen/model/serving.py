@@ -95,7 +95,7 @@ def apply_unstacked(
     Args:
         params: the serving tree (`unstack_layers`); a stacked tree is unstacked here.
         tokens, positions: [B, T] int32; segment_ids: [B, T] int32 or None.
-        cache: a `KVCache` ([L, B, S, K, H]) or None.
+        cache: a `KVCache` ([L, B, K, S, H]) or None.
     Returns:
         (logits [B, T, V] in the compute dtype, or hidden states [B, T, D]; the cache).
     """

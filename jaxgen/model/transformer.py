@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxgen.config import ModelConfig
 from jaxgen.kvcache import KVCache
 from jaxgen.model.attention import Attention
-from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain
+from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -42,7 +42,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer, positions, segment_ids, kv_segment, index):
-        x, kv = carry  # x: [B, T, D]; kv: (k, v) [L, B, S, K, H] or None
+        x, kv = carry  # x: [B, T, D]; kv: (k, v) [L, B, K, S, H] or None
         cfg = self.config
         cache = None if kv is None else (*kv, index)
         h, cache = Attention(cfg, name="attn")(
@@ -119,9 +119,9 @@ class Transformer(nn.Module):
     def project(self, x: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V]."""
         if self.config.tie_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x, self.embed.embedding.astype(x.dtype))
+            logits = kernel_einsum("BTD,VD->BTV", x, self.embed.embedding.astype(x.dtype))
         else:
-            logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head.astype(x.dtype))
+            logits = kernel_einsum("BTD,DV->BTV", x, self.lm_head.astype(x.dtype))
         return constrain(logits, ("batch", "length", "act_vocab"))
 
 
