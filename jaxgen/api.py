@@ -74,30 +74,35 @@ class LanguageModel:
 
     Args:
         config: the run's Config (model shape, generate defaults).
-        params: the unboxed param tree (placed with the model's shardings on `mesh`).
+        params: the unboxed param tree, stacked or in the serving layout (placed with the
+            model's shardings on `mesh`).
         tokenizer: optional; without one, prompts and outputs are token ids.
         mesh: shard generation batches over its data axes (None: one device).
     """
 
     def __init__(self, config: Config, params, tokenizer=None, mesh=None):
-        self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
-
-    @functools.cached_property
-    def serving_params(self):
-        """`params` with one array per layer (jaxgen/model/serving.py), made at the first
-        generation and kept: decoding never slices the stacked weights, at the cost of a
-        second copy of the layer weights while this object lives."""
         from jaxgen.model.serving import unstack_layers
 
-        return unstack_layers(self.params, self.config.model)
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        # The one copy of the weights this object keeps, in the serving layout (one array
+        # per layer, jaxgen/model/serving.py) that decoding needs and scoring accepts.
+        self.serving_params = unstack_layers(params, config.model)
+
+    @property
+    def params(self):
+        """The stacked (checkpoint-layout) param tree, rebuilt from `serving_params` on each
+        access (a copy: for export, not for the hot path)."""
+        from jaxgen.model.serving import stack_layers
+
+        return stack_layers(self.serving_params)
 
     # ------------------------------------------------------------------ scoring
 
     @functools.cached_property
     def _forward(self):
-        from jaxgen.model.transformer import Transformer
+        from jaxgen.model.serving import ServingTransformer
 
-        model = Transformer(self.config.model)
+        model = ServingTransformer(self.config.model)
 
         def run(params, tokens):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -117,7 +122,7 @@ class LanguageModel:
                 f"token_ids: length {tokens.shape[1]} exceeds max_len={self.config.model.max_len}"
             )
         with generate.mesh_context(self.mesh):
-            return np.asarray(self._forward(self.params, tokens))
+            return np.asarray(self._forward(self.serving_params, tokens))
 
     # ------------------------------------------------------------------ generation
 

@@ -24,10 +24,13 @@ from jaxgen.errors import JaxgenError
 
 @functools.lru_cache(maxsize=8)
 def _nll_fn(config):
-    """jit(params, tokens, targets, positions, segment_ids, mask) -> summed NLL (float32) and count."""
-    from jaxgen.model.transformer import Transformer
+    """jit(params, tokens, targets, positions, segment_ids, mask) -> summed NLL (float32) and count.
 
-    model = Transformer(config)
+    `params` in either layout (a `LanguageModel` keeps the serving one).
+    """
+    from jaxgen.model.serving import ServingTransformer
+
+    model = ServingTransformer(config)
 
     def run(params, tokens, targets, positions, segment_ids, mask):
         logits = model.apply({"params": params}, tokens, positions, segment_ids)[0].astype(jnp.float32)
@@ -89,7 +92,7 @@ def perplexity_of_text(lm, path: str | pathlib.Path, batch_size: int | None = No
 
     with mesh_context(lm.mesh):
         for tokens, targets, mask in text_windows(lm.tokenizer.encode(text), start, cfg.model.max_len, batch):
-            nll, n = fn(lm.params, tokens, targets, positions, (mask > 0).astype(np.int32), mask)
+            nll, n = fn(lm.serving_params, tokens, targets, positions, (mask > 0).astype(np.int32), mask)
             total, count = total + float(nll), count + int(n)
     return _summary(total, count, len(text), len(text.encode("utf-8")))
 
@@ -109,7 +112,7 @@ def perplexity_of_split(lm, split: str = "validation") -> dict:
             if cfg.eval.max_batches is not None and i >= cfg.eval.max_batches:
                 break
             nll, n = fn(
-                lm.params, b["tokens"], b["targets"], b["positions"], b["segment_ids"], b["loss_mask"]
+                lm.serving_params, b["tokens"], b["targets"], b["positions"], b["segment_ids"], b["loss_mask"]
             )
             total, count = total + float(nll), count + int(n)
     full = cfg.eval.max_batches is None

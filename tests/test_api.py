@@ -233,3 +233,21 @@ def test_eval_perplexity_of_a_prepared_split(tmp_path):
     assert result["tokens"] == stats.tokens - 1  # every token but the stream's first is predicted
     assert abs(result["nats_per_char"] - result["nats_per_token"] * result["tokens"] / stats.chars) < 1e-9
     assert abs(result["nats_per_token"] - math.log(256)) < 0.2  # a random model is near uniform
+
+
+def test_language_model_keeps_one_copy_of_the_weights(run_dir):
+    from jaxgen.checkpoint import load_params
+    from jaxgen.model.serving import is_unstacked
+
+    config, stacked = load_params(run_dir)
+    size = sum(a.nbytes for a in jax.tree.leaves(stacked))
+    want = jax.tree.map(np.asarray, stacked)
+    before = sum(a.nbytes for a in jax.live_arrays())
+    lm = jaxgen.LanguageModel(config, stacked)
+    del stacked
+    [r] = lm.generate([[1, 2, 3]], temperature=0.0)  # decoding must not add a second copy
+    held = sum(a.nbytes for a in jax.live_arrays()) - before + size
+    assert is_unstacked(lm.serving_params) and len(r.tokens) == 8
+    assert held < 1.1 * size, (held, size)
+    # The stacked view (for export) is rebuilt bit for bit.
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lm.params), want)

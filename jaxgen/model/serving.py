@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jaxgen.config import ModelConfig
 from jaxgen.kvcache import KVCache
@@ -39,6 +40,18 @@ def unstack_layers(params, config: ModelConfig):
     if is_unstacked(params):
         return params
     return {**params, "layers": _split_layers(params["layers"], config.num_layers)}
+
+
+def stack_layers(params):
+    """The serving tree -> the stacked (checkpoint-layout) tree; a stacked tree as is."""
+    if not is_unstacked(params):
+        return params
+    return {**params, "layers": _stack(tuple(params["layers"]))}
+
+
+@jax.jit
+def _stack(layers):
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
 
 @functools.partial(jax.jit, static_argnums=1)
