@@ -41,6 +41,40 @@ def test_top_p_keeps_exactly_the_smallest_set_reaching_p():
         assert set(np.flatnonzero(kept).tolist()) == want
 
 
+def _top_p_reference(probs: np.ndarray, p: float) -> tuple[np.ndarray, float]:
+    """Kept mask by the rank rule (stable sort: ties by id) and the margin to the boundary."""
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order], dtype=np.float64) - probs[order]
+    kept = np.zeros(probs.shape, bool)
+    kept[order[before < p]] = True
+    return kept, float(np.min(np.abs(before - p)))
+
+
+def test_top_p_with_ties_and_a_large_vocabulary_matches_the_rank_rule():
+    rng = np.random.default_rng(1)
+    checked = 0
+    for trial in range(30):
+        # Logits rounded to a coarse grid: many exact ties, some of them at the cut.
+        logits = np.round(rng.normal(size=(3, 4096)) * (0.5 + trial / 10), 1).astype(np.float32)
+        logits[0, :100] = -np.inf  # masked tokens are never kept
+        p = float(rng.uniform(0.05, 0.98))
+        got = np.isfinite(np.asarray(sampling.top_p_filter(jnp.asarray(logits), p)))
+        for row, kept_row in zip(logits, got, strict=True):
+            probs = np.asarray(jax.nn.softmax(jnp.asarray(row)))
+            want, margin = _top_p_reference(probs, p)
+            if margin < 1e-5:  # float32 sums in another order may round across p
+                continue
+            np.testing.assert_array_equal(kept_row, want)
+            checked += 1
+    assert checked > 60
+
+
+def test_top_p_breaks_ties_by_token_id():
+    logits = jnp.zeros((1, 10))  # ten tokens of probability 0.1
+    kept = np.isfinite(np.asarray(sampling.top_p_filter(logits, 0.25)))[0]
+    assert kept.tolist() == [True] * 3 + [False] * 7  # mass before the third is 0.2 < 0.25
+
+
 def test_top_k_and_min_p():
     logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.06, 0.04]]))
     assert np.isfinite(sampling.top_k_filter(logits, 2)).tolist() == [[True, True, False, False, False]]
@@ -115,3 +149,18 @@ def test_make_strategy_picks_the_strategy():
     assert sampling.make_strategy(temperature=0) == sampling.Greedy()
     assert sampling.make_strategy(top_k=5) == sampling.Sample(top_k=5)
     assert sampling.make_strategy(num_beams=3, num_return_sequences=2) == sampling.BeamSearch(3, 2)
+
+
+def test_sample_draws_from_the_softmax():
+    probs = np.array([0.5, 0.0, 0.25, 0.125, 0.0625, 0.0625])
+    scores = jnp.log(jnp.asarray(np.tile(probs, (4, 1)), jnp.float32))  # log(0) = -inf: masked
+    keys = sampling.row_keys(jnp.int32(0), jnp.arange(4))
+    n = 4000
+    draws = np.asarray(jax.jit(jax.vmap(lambda step: sampling.sample(scores, keys, step)))(jnp.arange(n)))
+    counts = np.bincount(draws.ravel(), minlength=len(probs))
+    assert counts[1] == 0  # probability zero: never drawn
+    expected = probs * draws.size
+    # Each count within 5 standard deviations of its expectation (binomial).
+    np.testing.assert_array_less(np.abs(counts - expected), 5 * np.sqrt(expected * (1 - probs)) + 1e-9)
+    # The rows (different keys) draw different sequences.
+    assert len({tuple(draws[:50, r]) for r in range(4)}) == 4
