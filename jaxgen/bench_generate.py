@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxgen import beam, generate, sampling
 from jaxgen.config import Config
+from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
 
@@ -37,9 +38,9 @@ def _prompts(batch: int, length: int, vocab: int) -> tuple[np.ndarray, np.ndarra
     return prompt, np.full((batch,), length, np.int32), np.arange(batch, dtype=np.int32)
 
 
-def _decode_line(config, params, batch, prompt_len, new_tokens) -> dict:
+def _decode_line(config, params, batch, prompt_len, new_tokens, strategy) -> dict:
     cfg = config.model
-    spec = generate.DecodeSpec(sampling.Greedy(), buffer=generate.bucket(new_tokens))
+    spec = generate.DecodeSpec(strategy, buffer=generate.bucket(new_tokens))
     whole, start, _ = generate.compiled(cfg, spec)
     prompt, lengths, ids = _prompts(batch, prompt_len, cfg.vocab_size)
     args = (params, prompt, lengths, ids, np.int32(0), np.int32(new_tokens))
@@ -47,13 +48,40 @@ def _decode_line(config, params, batch, prompt_len, new_tokens) -> dict:
     first_whole, whole_s = _timed(whole, *args)
     decode_s = max(whole_s - prefill_s, 1e-9)
     return {
-        "setting": "cached_decode", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "setting": "cached_decode", "strategy": _describe(strategy), "batch": batch,
+        "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_tokens_per_s": batch * prompt_len / prefill_s,
         "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
         "ms_per_decode_step": 1e3 * decode_s / (new_tokens - 1),
         "total_s": whole_s,
         "compile_s": (first_prefill - prefill_s) + (first_whole - whole_s),
     }  # fmt: skip
+
+
+def _describe(strategy) -> str:
+    if isinstance(strategy, sampling.Greedy):
+        return "greedy"
+    off = sampling.Sample(strategy.temperature)  # the filters' "off" values
+    changed = [f"{k}={getattr(strategy, k)}" for k in ("top_k", "top_p", "min_p")
+               if getattr(strategy, k) != getattr(off, k)]  # fmt: skip
+    return " ".join([f"temperature={strategy.temperature}", *changed])
+
+
+def parse_sample(spec: str) -> sampling.Sample:
+    """`"temperature=0.8 top_p=0.9"` (space- or comma-separated) -> a validated Sample strategy."""
+    options: dict[str, float] = {}
+    for item in spec.replace(",", " ").split():
+        key, eq, value = item.partition("=")
+        if not eq or key not in ("temperature", "top_k", "top_p", "min_p"):
+            raise JaxgenError(f"--sample: {item!r} is not one of temperature=, top_k=, top_p=, min_p=")
+        try:
+            options[key] = int(value) if key == "top_k" else float(value)
+        except ValueError:
+            raise JaxgenError(f"--sample: {key}={value!r} is not a number") from None
+    strategy = sampling.make_strategy(**{"temperature": 1.0, **options})
+    if not isinstance(strategy, sampling.Sample):
+        raise JaxgenError(f"--sample: {spec!r} is greedy (temperature=0); greedy is always timed")
+    return strategy
 
 
 def _baseline_line(config, params, batch, prompt_len, new_tokens) -> dict:
@@ -102,9 +130,19 @@ def _beam_line(config, params, batch, prompt_len, new_tokens, num_beams) -> dict
 
 
 def run(
-    config: Config, *, batches=(1, 8), prompt_len=32, new_tokens=256, num_beams=0, baseline=True
+    config: Config,
+    *,
+    batches=(1, 8),
+    prompt_len=32,
+    new_tokens=256,
+    num_beams=0,
+    baseline=True,
+    samplers: tuple[sampling.Sample, ...] = (),
 ) -> Iterator[dict]:
-    """Yields one dict per setting (the CLI prints each as a JSON line)."""
+    """Yields one dict per setting (the CLI prints each as a JSON line).
+
+    Greedy cached decoding is timed at every batch size; each of `samplers` at the first.
+    """
     cfg = config.model
     generate.check_room(cfg, prompt_len, new_tokens, "bench")
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
@@ -115,9 +153,11 @@ def run(
     }  # fmt: skip
     cached = {}
     for b in batches:
-        line = _decode_line(config, serving, b, prompt_len, new_tokens)
+        line = _decode_line(config, serving, b, prompt_len, new_tokens, sampling.Greedy())
         cached[b] = line["total_s"]
         yield common | line
+    for strategy in samplers:
+        yield common | _decode_line(config, serving, batches[0], prompt_len, new_tokens, strategy)
     if num_beams > 1:
         yield common | _beam_line(config, serving, batches[0], prompt_len, new_tokens, num_beams)
     if baseline:

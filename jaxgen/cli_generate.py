@@ -166,11 +166,16 @@ def add_bench_generate(bench_sub) -> None:
     q.add_argument("--new-tokens", type=int, default=256)
     q.add_argument("--num-beams", type=int, default=0, help="also time beam search with this many beams")
     q.add_argument("--no-baseline", action="store_true", help="skip the full-forward-per-token baseline")
+    q.add_argument(
+        "--sample", action="append", default=[], metavar="OPTIONS",
+        help='also time sampling at the first batch size, e.g. "top_p=0.9" or "temperature=0.7 top_k=50" '
+        "(repeatable)",
+    )  # fmt: skip
     q.set_defaults(handler=_cmd_bench_generate)
 
 
 def _cmd_bench_generate(args: argparse.Namespace) -> int:
-    from jaxgen.bench_generate import run
+    from jaxgen.bench_generate import parse_sample, run
     from jaxgen.config import load_config
 
     path, overrides = args.config, list(args.overrides)
@@ -180,6 +185,7 @@ def _cmd_bench_generate(args: argparse.Namespace) -> int:
     for line in run(
         config, batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         num_beams=args.num_beams, baseline=not args.no_baseline,
+        samplers=tuple(parse_sample(spec) for spec in args.sample),
     ):  # fmt: skip
         print(json.dumps(line), flush=True)
     return 0

@@ -211,6 +211,28 @@ def test_bench_generate_prints_one_json_line_per_setting(capsys):
     assert lines[0]["decode_tokens_per_s"] > 0 and lines[1]["cached_speedup"] > 0
 
 
+def test_bench_generate_times_each_requested_sampler(capsys):
+    args = ["bench", "generate", "--batch", "1", "--prompt-len", "4", "--new-tokens", "6", "--no-baseline"]
+    args += ["--sample", "top_p=0.9", "--sample", "temperature=0.7,top_k=5"]
+    assert cli.main([*args, "model.preset=tiny", "model.dtype=float32"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["strategy"] for line in lines] == [
+        "greedy", "temperature=1.0 top_p=0.9", "temperature=0.7 top_k=5"
+    ]  # fmt: skip
+    assert all(line["decode_tokens_per_s"] > 0 for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [("top_q=0.9", "'top_q=0.9'"), ("top_p=high", "top_p='high'"), ("top_p=1.5", "top_p: 1.5"),
+     ("temperature=0", "greedy")],
+)  # fmt: skip
+def test_bench_generate_rejects_a_bad_sample_option_in_one_line(spec, named, capsys):
+    assert cli.main(["bench", "generate", "--sample", spec, "model.preset=tiny"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and named in err and err.startswith("error: ")
+
+
 def test_eval_perplexity_of_a_prepared_split(tmp_path):
     from jaxgen.data import prepare, split_stats
 
