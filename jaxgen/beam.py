@@ -243,7 +243,7 @@ def beam_ids(
     """
     batch = prepare_batch(config, spec, prompts, max_new_tokens, None, mesh, buckets)
     with mesh_context(mesh):
-        prompt, lengths, _, _, limit = device_args(batch, 0, max_new_tokens, mesh)
+        prompt, lengths, _, _, limit, _ = device_args(batch, 0, max_new_tokens, mesh, spec.strategy)
         seqs, scores, seq_len, reasons = (
             np.asarray(x) for x in compiled(config, spec)(params, prompt, lengths, limit)
         )

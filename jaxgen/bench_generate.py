@@ -43,7 +43,7 @@ def _decode_line(config, params, batch, prompt_len, new_tokens, strategy) -> dic
     spec = generate.DecodeSpec(strategy, buffer=generate.bucket(new_tokens))
     whole, start, _ = generate.compiled(cfg, spec)
     prompt, lengths, ids = _prompts(batch, prompt_len, cfg.vocab_size)
-    args = (params, prompt, lengths, ids, np.int32(0), np.int32(new_tokens))
+    args = (params, prompt, lengths, ids, np.int32(0), np.int32(new_tokens), sampling.knobs(strategy, batch))
     first_prefill, prefill_s = _timed(start, *args)  # prefill + the first token
     first_whole, whole_s = _timed(whole, *args)
     decode_s = max(whole_s - prefill_s, 1e-9)

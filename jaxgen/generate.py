@@ -42,12 +42,19 @@ LENGTH, EOS, STOP = 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Everything static about one decoding program (a jit static argument)."""
+    """How to decode: the strategy, processors, stopping rules and buffer size.
+
+    Its `program()` (the static part: sampling values replaced by markers) keys the
+    compiled loop; the sampling values go in as `sampling.SampleKnobs`.
+    """
 
     strategy: sampling.Strategy = sampling.Greedy()
     processors: sampling.Processors = sampling.Processors()
     stopping: sampling.Stopping = sampling.Stopping()
     buffer: int = 16  # generated-token slots (a bucket >= max_new_tokens)
+
+    def program(self) -> DecodeSpec:
+        return dataclasses.replace(self, strategy=sampling.program(self.strategy))
 
 
 @flax.struct.dataclass
@@ -63,6 +70,7 @@ class SamplingState:
     finish: jax.Array  # [B] int32 code into FINISH_REASONS
     num_tokens: jax.Array  # [B] int32 completion tokens kept (eos / stop sequence excluded)
     keys: jax.Array  # [B] per-row PRNG keys
+    knobs: sampling.SampleKnobs  # [B] per-row temperature, top-p, min-p
     limit: jax.Array  # [] int32 max new tokens
     prompt_len: int = flax.struct.field(pytree_node=False)  # P
 
@@ -151,10 +159,10 @@ def _append(state: SamplingState, token: jax.Array, stopping: sampling.Stopping)
 def _next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> jax.Array:
     end = state.prompt_len + state.step
     scores = sampling.process(logits, state.tokens, state.valid, end, spec.processors)
-    return sampling.choose(scores, spec.strategy, state.keys, state.step)
+    return sampling.choose(scores, spec.strategy, state.knobs, state.keys, state.step)
 
 
-def start(model, params, prompt, lengths, row_ids, seed, limit, spec: DecodeSpec) -> SamplingState:
+def start(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec: DecodeSpec) -> SamplingState:
     """Prefill and pick the first new token: the loop's initial state."""
     b, p = prompt.shape
     cache = new_cache(model.config, b, p + spec.buffer)
@@ -172,6 +180,7 @@ def start(model, params, prompt, lengths, row_ids, seed, limit, spec: DecodeSpec
         finish=jnp.zeros((b,), jnp.int32),
         num_tokens=jnp.zeros((b,), jnp.int32),
         keys=sampling.row_keys(seed, row_ids),
+        knobs=knobs,
         limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
         prompt_len=p,
     )
@@ -198,23 +207,29 @@ def _outputs(state: SamplingState):
     return state.tokens[:, state.prompt_len :], state.num_tokens, state.finish
 
 
-@functools.lru_cache(maxsize=64)
 def compiled(config: ModelConfig, spec: DecodeSpec):
-    """The jitted programs for one model config and decoding spec (cached; jit caches shapes).
+    """The jitted programs for one model config and decoding spec's program (cached; jit
+    caches shapes). Specs that differ only in sampling values share them.
 
     Each takes params in either layout (stacked ones are unstacked inside, before the loop:
     pass `unstack_layers(params, config)` to programs called repeatedly).
 
     Returns:
-        (generate, start, advance): `generate(params, prompt, lengths, row_ids, seed, limit)`
-        -> (tokens [B, buffer], num_tokens [B], finish [B]); `start` -> SamplingState;
-        `advance(params, state, until)` -> SamplingState with the state donated.
+        (generate, start, advance): `generate(params, prompt, lengths, row_ids, seed, limit,
+        knobs)` -> (tokens [B, buffer], num_tokens [B], finish [B]); `start` (same
+        arguments) -> SamplingState; `advance(params, state, until)` -> SamplingState with
+        the state donated.
     """
+    return _compiled(config, spec.program())
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config: ModelConfig, spec: DecodeSpec):
     model = ServingTransformer(config)
 
-    def whole(params, prompt, lengths, row_ids, seed, limit):
+    def whole(params, prompt, lengths, row_ids, seed, limit, knobs):
         params = unstack_layers(params, config)
-        state = start(model, params, prompt, lengths, row_ids, seed, limit, spec)
+        state = start(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec)
         return _outputs(advance(model, params, state, state.limit, spec))
 
     def begin(params, *args):
@@ -267,13 +282,15 @@ def check_room(config: ModelConfig, prompt_len: int, max_new_tokens: int, where:
         )
 
 
-def device_args(batch: Batch, seed: int, limit: int, mesh):
-    args = (batch.prompt, batch.lengths, batch.row_ids)
+def device_args(batch: Batch, seed: int, limit: int, mesh, strategy: sampling.Strategy):
+    """The compiled loop's arguments after params: per-row arrays sharded like the batch."""
+    rows = (batch.prompt, batch.lengths, batch.row_ids, sampling.knobs(strategy, len(batch.lengths)))
     if mesh is not None:
         from jaxgen.sharding import batch_sharding
 
-        args = tuple(jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in args)
-    return (*args, np.int32(seed), np.int32(limit))
+        rows = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim)), rows)
+    prompt, lengths, row_ids, knobs = rows
+    return prompt, lengths, row_ids, np.int32(seed), np.int32(limit), knobs
 
 
 def _completions(tokens, num, finish, count) -> list[Completion]:
@@ -318,7 +335,7 @@ def generate_ids(
     batch = prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets)
     whole, _, _ = compiled(config, spec)
     with mesh_context(mesh):
-        out = whole(params, *device_args(batch, seed, max_new_tokens, mesh))
+        out = whole(params, *device_args(batch, seed, max_new_tokens, mesh, spec.strategy))
     return _completions(*out, batch.count)
 
 
@@ -345,7 +362,7 @@ def stream_ids(
     sent = [0] * batch.count
     params = unstack_layers(params, config)  # once, not per chunk
     with mesh_context(mesh):
-        state = begin(params, *device_args(batch, seed, max_new_tokens, mesh))
+        state = begin(params, *device_args(batch, seed, max_new_tokens, mesh, spec.strategy))
         while True:
             # Running rows keep every token so far; finished ones exclude eos and padding.
             tokens, num = np.asarray(state.tokens[:, batch.prompt.shape[1] :]), np.asarray(state.num_tokens)

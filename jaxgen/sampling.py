@@ -1,8 +1,10 @@
 """Decoding strategies (small frozen dataclasses) and logits processors (pure functions).
 
-A strategy is chosen once per `generate` call and is a static argument of the jitted
-loop, so each distinct strategy compiles its own loop and nothing is decided per
-token on the host. Processors follow Hugging Face's semantics so outputs can be
+A strategy is chosen once per `generate` call and shapes the jitted loop, so nothing is
+decided per token on the host. Which warpers run (and top-k's k) is static; a sampling
+strategy's float settings (temperature, top-p, min-p) enter the loop as per-row arrays
+(`SampleKnobs`), so changing them reuses the compiled loop (a new loop costs seconds at
+GPT-2 size). Processors follow Hugging Face's semantics so outputs can be
 compared with it:
 
 - repetition penalty: a token already in the prompt or the generated text has its
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.errors import JaxgenError
 
@@ -56,6 +60,40 @@ class BeamSearch:
 
 
 Strategy = Greedy | Sample | BeamSearch
+
+# A filter's value in a strategy's program form (`program`): any value in (0, 1) marks
+# the filter as on; the loop reads the actual value from its SampleKnobs.
+_ON = 0.5
+
+
+@flax.struct.dataclass
+class SampleKnobs:
+    """A sampling strategy's float settings, one per row: inputs of the compiled loop."""
+
+    temperature: jax.Array  # [B] float32
+    top_p: jax.Array  # [B] float32
+    min_p: jax.Array  # [B] float32
+
+
+def knobs(strategy: Strategy, batch: int) -> SampleKnobs:
+    """The settings of `strategy` for `batch` rows (neutral values for non-sampling ones)."""
+    s = strategy if isinstance(strategy, Sample) else Sample()
+    return SampleKnobs(*(np.full((batch,), v, np.float32) for v in (s.temperature, s.top_p, s.min_p)))
+
+
+def program(strategy: Strategy) -> Strategy:
+    """`strategy` as its compiled loop sees it: which warpers run, not their values.
+
+    Strategies that differ only in temperature, top-p or min-p values share one program.
+    """
+    if not isinstance(strategy, Sample):
+        return strategy
+    return Sample(
+        temperature=1.0,  # always divided by: x / 1.0 == x exactly
+        top_k=strategy.top_k,
+        top_p=_ON if strategy.top_p < 1.0 else 1.0,
+        min_p=_ON if strategy.min_p > 0.0 else 0.0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +251,9 @@ def top_k_filter(scores: jax.Array, k: int) -> jax.Array:
     return jnp.where(scores < kth, NEG_INF, scores)
 
 
-def top_p_filter(scores: jax.Array, p: float) -> jax.Array:
-    """Keeps the smallest set of most probable tokens whose probability mass reaches `p`.
+def top_p_filter(scores: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Keeps the smallest set of most probable tokens whose probability mass reaches `p`
+    (a number, or one per row: [B, 1]).
 
     A token is kept when the mass of the tokens ranked above it is still below p; ties
     are ranked by token id, so exactly one such set is kept (at least one token).
@@ -246,22 +285,24 @@ def top_p_filter(scores: jax.Array, p: float) -> jax.Array:
     return jnp.where(keep, scores, NEG_INF)
 
 
-def min_p_filter(scores: jax.Array, min_p: float) -> jax.Array:
+def min_p_filter(scores: jax.Array, min_p: float | jax.Array) -> jax.Array:  # min_p: number or [B, 1]
     probs = jax.nn.softmax(scores, axis=-1)
     threshold = min_p * jnp.max(probs, axis=-1, keepdims=True)
     return jnp.where(probs < threshold, NEG_INF, scores)
 
 
-def warp(scores: jax.Array, strategy: Sample) -> jax.Array:
-    """Temperature, top-k, top-p, min-p: Hugging Face's warper order."""
-    if strategy.temperature != 1.0:
-        scores = scores / strategy.temperature
+def warp(scores: jax.Array, strategy: Sample, knobs: SampleKnobs) -> jax.Array:
+    """Temperature, top-k, top-p, min-p: Hugging Face's warper order.
+
+    `strategy` says which warpers run (its program form will do); `knobs` their values.
+    """
+    scores = scores / knobs.temperature[:, None]
     if strategy.top_k > 0:
         scores = top_k_filter(scores, min(strategy.top_k, scores.shape[-1]))
     if strategy.top_p < 1.0:
-        scores = top_p_filter(scores, strategy.top_p)
+        scores = top_p_filter(scores, knobs.top_p[:, None])
     if strategy.min_p > 0.0:
-        scores = min_p_filter(scores, strategy.min_p)
+        scores = min_p_filter(scores, knobs.min_p[:, None])
     return scores
 
 
@@ -272,11 +313,13 @@ def row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(row_ids)
 
 
-def choose(scores: jax.Array, strategy: Greedy | Sample, keys: jax.Array, step: jax.Array) -> jax.Array:
+def choose(
+    scores: jax.Array, strategy: Greedy | Sample, knobs: SampleKnobs, keys: jax.Array, step: jax.Array
+) -> jax.Array:
     """Picks one token per row from processed float32 scores [B, V] -> [B] int32."""
     if isinstance(strategy, Greedy):
         return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    return sample(warp(scores, strategy), keys, step)
+    return sample(warp(scores, strategy, knobs), keys, step)
 
 
 def sample(scores: jax.Array, keys: jax.Array, step: jax.Array) -> jax.Array:

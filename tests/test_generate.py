@@ -121,6 +121,24 @@ def test_limits_of_sampling_equal_greedy(llama, strategy):
     assert [c.tokens for c in sampled] == [c.tokens for c in greedy]
 
 
+def test_sampling_values_share_one_compiled_loop(llama):
+    cfg, params = llama
+    a = gen.DecodeSpec(strategy=sampling.Sample(temperature=0.7, top_p=0.9, min_p=0.05), buffer=16)
+    b = gen.DecodeSpec(strategy=sampling.Sample(temperature=1.6, top_p=0.6, min_p=0.01), buffer=16)
+    whole = gen.compiled(cfg, a)[0]
+    assert gen.compiled(cfg, b)[0] is whole
+
+    def run(spec):
+        out = gen.generate_ids(cfg, params, PROMPTS, spec, max_new_tokens=MAX_NEW, seed=5)
+        return [c.tokens for c in out]
+
+    first = run(a)
+    programs = whole._cache_size()
+    assert run(b) != first  # b's values reached the loop
+    assert run(a) == first
+    assert whole._cache_size() == programs  # and neither call compiled again
+
+
 def test_temperature_zero_is_greedy():
     assert sampling.make_strategy(temperature=0.0) == sampling.Greedy()
 

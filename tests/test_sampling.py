@@ -1,5 +1,6 @@
 """Logits processors and warpers against brute-force references (no model involved)."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -80,6 +81,28 @@ def test_top_k_and_min_p():
     assert np.isfinite(sampling.top_k_filter(logits, 2)).tolist() == [[True, True, False, False, False]]
     # min_p = 0.2: threshold 0.08 of the top probability 0.4
     assert np.isfinite(sampling.min_p_filter(logits, 0.2)).tolist() == [[True, True, True, False, False]]
+
+
+def test_warp_applies_each_rows_own_settings():
+    logits = jax.random.normal(jax.random.key(0), (3, 64))
+    rows = [(0.5, 0.9, 0.1), (1.0, 0.6, 0.02), (2.0, 0.95, 0.01)]  # (temperature, top_p, min_p)
+    knobs = sampling.SampleKnobs(*(np.array(col, np.float32) for col in zip(*rows, strict=True)))
+    program = sampling.program(sampling.Sample(top_k=20, top_p=0.9, min_p=0.1))
+    got = np.asarray(sampling.warp(logits, program, knobs))
+    for i, (temperature, top_p, min_p) in enumerate(rows):  # the filters one by one, scalar settings
+        want = sampling.top_k_filter(logits[i : i + 1] / temperature, 20)
+        want = sampling.min_p_filter(sampling.top_p_filter(want, top_p), min_p)
+        np.testing.assert_array_equal(got[i : i + 1], np.asarray(want))
+    assert len({int(np.isfinite(row).sum()) for row in got}) == 3  # the rows' settings did differ
+
+
+def test_program_keeps_which_filters_run_and_drops_their_values():
+    a = sampling.Sample(temperature=0.7, top_k=5, top_p=0.9)
+    assert sampling.program(a) == sampling.program(sampling.Sample(temperature=1.3, top_k=5, top_p=0.5))
+    assert sampling.program(a) != sampling.program(sampling.Sample(temperature=0.7, top_k=5))  # top-p off
+    assert sampling.program(a) != sampling.program(sampling.Sample(temperature=0.7, top_k=6, top_p=0.9))
+    assert sampling.program(a) != sampling.program(dataclasses.replace(a, min_p=0.1))
+    assert sampling.program(sampling.Greedy()) == sampling.Greedy()
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
