@@ -263,11 +263,10 @@ class LanguageModel:
         reasons = [c.finish_reason for c in completions]
         texts = None
         if self.tokenizer is not None:
-            texts = self.tokenizer.decode_batch(tokens)
+            texts = [continuation(self.tokenizer, prompt, t) for t in tokens]
             for j, text in enumerate(texts):  # a stop string the token match missed (other tokenization)
-                cut = min((text.find(s) for s in plan.stop_texts if s in text), default=-1)
-                if cut >= 0:
-                    texts[j], reasons[j] = text[:cut], "stop"
+                texts[j], stopped = cut_at_stop(text, plan.stop_texts)
+                reasons[j] = "stop" if stopped else reasons[j]
         scores = [c.score for c in completions] if completions[0].score is not None else None
         return GenerationResult(prompt, tokens, texts, reasons, scores)
 
@@ -275,6 +274,8 @@ class LanguageModel:
         """Yields the completion of one prompt piece by piece (text with a tokenizer, else ids).
 
         Decoding runs `chunk` steps inside jit between yields; sampling only (no beams).
+        The pieces add up to `generate`'s text: text that could begin a stop string is held
+        back until it is decided.
         """
         plan = self.plan(**options)
         if isinstance(plan.spec.strategy, sampling.BeamSearch):
@@ -283,7 +284,7 @@ class LanguageModel:
         new = self._resolve_new(plan, [ids])
         ids = self._fit(ids, new, plan.options, "prompt")
         tokens: list[int] = []
-        shown = ""
+        shown = text = ""
         for pieces in generate.stream_ids(
             self.config.model, self.serving_params, [ids], plan.spec, max_new_tokens=new, chunk=chunk,
             seed=plan.options.seed, row_ids=[row_id(0)], mesh=self.mesh, buckets=plan.options.prompt_buckets,
@@ -292,10 +293,37 @@ class LanguageModel:
             if self.tokenizer is None:
                 yield pieces[0]
                 continue
-            text = self.tokenizer.decode(tokens)
-            if text.startswith(shown) and len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+            text, stopped = cut_at_stop(continuation(self.tokenizer, ids, tokens), plan.stop_texts)
+            visible = text if stopped else text[: len(text) - _stop_text_prefix(text, plan.stop_texts)]
+            if visible.startswith(shown) and len(visible) > len(shown):
+                yield visible[len(shown) :]
+                shown = visible
+            if stopped:
+                return
+        if text.startswith(shown) and len(text) > len(shown):  # a held tail that began no stop string
+            yield text[len(shown) :]
+
+
+def continuation(tokenizer, prompt: Sequence[int], tokens: Sequence[int]) -> str:
+    """The text `tokens` add after `prompt`.
+
+    Decoded with the prompt, as Hugging Face's pipelines do: decoding the completion alone
+    drops its leading space with SentencePiece tokenizers that add a dummy prefix (Llama's).
+    """
+    head = tokenizer.decode(list(prompt))
+    whole = tokenizer.decode([*prompt, *tokens])
+    return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(list(tokens))
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first stop string in it, and whether there was one."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _stop_text_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest tail of `text` that begins some stop string."""
+    return max((h for s in stops for h in range(1, len(s)) if text.endswith(s[:h])), default=0)
 
 
 def load(

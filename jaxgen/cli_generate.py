@@ -8,6 +8,7 @@ is named after a `LanguageModel.generate` option and overrides the run config's
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -87,7 +88,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     options = _options(args)
     lm = load(args.run, step=args.checkpoint, dtype=args.dtype)
     if args.prompt is not None:
-        for piece in lm.stream(args.prompt, chunk=args.chunk, **options):
+        pieces = lm.stream(args.prompt, chunk=args.chunk, **options)
+        first = next(pieces, "")  # bad options or a prompt too long fail before anything is printed
+        print(args.prompt, end="")  # then the completion continues it, as it streams
+        for piece in itertools.chain([first], pieces):
             print(piece if isinstance(piece, str) else " ".join(map(str, piece)), end="", flush=True)
         print()
         return 0

@@ -354,8 +354,9 @@ def stream_ids(
 ) -> Iterator[list[list[int]]]:
     """Like `generate_ids`, yielding each row's newly kept tokens after every chunk of steps.
 
-    Tokens of a stop sequence may be yielded before the sequence is complete; the final
-    `Completion`s (with the stop sequence removed) are the generator's return value.
+    The pieces of a row add up to its final completion: a running row's last tokens are
+    held back while they could be the start of a stop sequence. The final `Completion`s
+    are the generator's return value.
     """
     batch = prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets)
     _, begin, advance_fn = compiled(config, spec)
@@ -364,15 +365,25 @@ def stream_ids(
     with mesh_context(mesh):
         state = begin(params, *device_args(batch, seed, max_new_tokens, mesh, spec.strategy))
         while True:
-            # Running rows keep every token so far; finished ones exclude eos and padding.
+            # Running rows keep every token so far; finished ones exclude eos and stop sequences.
             tokens, num = np.asarray(state.tokens[:, batch.prompt.shape[1] :]), np.asarray(state.num_tokens)
-            new = [tokens[i, sent[i] : num[i]].tolist() for i in range(batch.count)]
-            sent = [max(sent[i], int(num[i])) for i in range(batch.count)]
+            done = np.asarray(state.done)
+            new = []
+            for i in range(batch.count):
+                kept = tokens[i, : num[i]].tolist()
+                upto = len(kept) if done[i] else len(kept) - _stop_prefix(kept, spec.stopping.stop)
+                new.append(kept[sent[i] : upto])
+                sent[i] = max(sent[i], upto)
             yield new
-            if bool(np.all(np.asarray(state.done))):
+            if bool(np.all(done)):
                 break
             state = advance_fn(params, state, state.step + chunk)
     return _completions(*_outputs(state), batch.count)
+
+
+def _stop_prefix(tokens: list[int], stops: tuple[tuple[int, ...], ...]) -> int:
+    """The length of the longest tail of `tokens` that begins some stop sequence (unfinished)."""
+    return max((h for seq in stops for h in range(1, len(seq)) if tokens[-h:] == list(seq[:h])), default=0)
 
 
 def _dp_size(mesh) -> int:

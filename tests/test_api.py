@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxgen
-from jaxgen import cli, evaluate, generate_jsonl
+from jaxgen import api, cli, evaluate, generate_jsonl
 from jaxgen.checkpoint import save_params
 from jaxgen.config import load_config
 from jaxgen.errors import JaxgenError
@@ -136,6 +136,31 @@ def test_jsonl_resume_after_a_crash_and_a_torn_line(lm, tmp_path):
     assert set(lines[0]) >= {"id", "prompt", "completions", "finish_reason", "tokens"}
 
 
+def test_stream_adds_up_to_generate_and_never_shows_a_stop_string(lm):
+    [free] = lm.generate(["the cat"], temperature=0.0, max_new_tokens=8)
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    [want] = lm.generate(["the cat"], temperature=0.0, max_new_tokens=8, stop=[stop])
+    assert want.text == free.text[: free.text.index(stop)] and want.finish_reason == "stop"
+    pieces = list(lm.stream("the cat", chunk=1, temperature=0.0, max_new_tokens=8, stop=[stop]))
+    assert "".join(pieces) == want.text
+
+
+class _DummyPrefixTokenizer:
+    """Decodes like SentencePiece with a dummy prefix: words joined by spaces, none leading."""
+
+    words = ["the", "cat", "sat"]
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+def test_completion_text_keeps_the_space_decoding_it_alone_would_drop():
+    assert _DummyPrefixTokenizer().decode([2]) == "sat"
+    assert api.continuation(_DummyPrefixTokenizer(), [0, 1], [2]) == " sat"
+    assert api.continuation(_DummyPrefixTokenizer(), [], [2]) == "sat"
+
+
 def test_postprocess_filters(lm):
     opts = lm.config.generate.model_copy(update=dict(min_length=3, banned_words=("bad",), deduplicate=True))
     assert generate_jsonl.postprocess([" ok! ", "no", "a bad one", "ok!", "fine"], opts) == ["ok!", "fine"]
@@ -148,7 +173,7 @@ def test_cli_generate_streams_and_writes_jsonl(run_dir, tmp_path, capsys):
     assert code == 0
     streamed = capsys.readouterr().out.rstrip("\n")
     [want] = jaxgen.load(run_dir).generate(["the cat"], temperature=0.0)
-    assert streamed == want.text
+    assert streamed == "the cat" + want.text  # the prompt, then its completion
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     _write_prompts(prompts, 3, bad_lines=[(1, "[1, 2]")])
     args = ["generate", "--run", str(run_dir), "--input", str(prompts), "--output", str(out), "--no-progress"]

@@ -177,22 +177,40 @@ def test_eos_and_stop_sequences_end_rows_with_their_reason(llama):
     assert [c.tokens for c in short] == [c.tokens[:3] for c in free]
 
 
+def _drain(stream) -> tuple[list[list[int]], list, int]:
+    """Runs a stream_ids generator: (each row's pieces joined, the final Completions, chunks)."""
+    pieces, chunks = None, 0
+    try:
+        while True:
+            new = next(stream)
+            pieces = [[] for _ in new] if pieces is None else pieces
+            for i, tokens in enumerate(new):
+                pieces[i] += tokens
+            chunks += 1
+    except StopIteration as stop:
+        return pieces, stop.value, chunks
+
+
 def test_streaming_chunks_equal_whole_generation(llama):
     cfg, params = llama
     spec = gen.DecodeSpec(strategy=sampling.Sample(top_k=50), buffer=16)
     whole = gen.generate_ids(cfg, params, PROMPTS, spec, max_new_tokens=MAX_NEW, seed=1)
     stream = gen.stream_ids(cfg, params, PROMPTS, spec, max_new_tokens=MAX_NEW, chunk=5, seed=1)
-    pieces = [[] for _ in PROMPTS]
-    chunks = 0
-    try:
-        while True:
-            for i, new in enumerate(next(stream)):
-                pieces[i] += new
-            chunks += 1
-    except StopIteration as stop:
-        final = stop.value
+    pieces, final, chunks = _drain(stream)
     assert chunks == 4  # first token, then 5 + 5 + 1 steps
     assert pieces == [c.tokens for c in whole] == [c.tokens for c in final]
+
+
+def test_streaming_never_shows_a_stop_sequence(llama):
+    cfg, params = llama
+    free = gen.generate_ids(cfg, params, PROMPTS, gen.DecodeSpec(buffer=16), max_new_tokens=MAX_NEW)
+    row0 = free[0].tokens
+    stop = tuple(row0[5:8])  # three tokens: the first two are held back until the third decides
+    spec = gen.DecodeSpec(stopping=sampling.Stopping(stop=(stop,)), buffer=16)
+    pieces, final, _ = _drain(gen.stream_ids(cfg, params, PROMPTS, spec, max_new_tokens=MAX_NEW, chunk=1))
+    where = next(i for i in range(len(row0)) if tuple(row0[i : i + 3]) == stop)
+    assert final[0].tokens == row0[:where] and final[0].finish_reason == "stop"
+    assert pieces == [c.tokens for c in final]
 
 
 def test_sharded_generation_equals_single_device(llama):
