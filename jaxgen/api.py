@@ -345,7 +345,7 @@ def load(
         from jaxgen.convert.hf import default_mesh, load_hf
 
         mesh = mesh or default_mesh()
-        config, params, tokenizer = load_hf(path, dtype=dtype, mesh=mesh)
+        config, params, tokenizer = load_hf(path, dtype=dtype, mesh=mesh, serving=True)
         return LanguageModel(config, params, tokenizer, mesh)
     from jaxgen.checkpoint import load_params
     from jaxgen.config import MeshConfig

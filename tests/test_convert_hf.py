@@ -134,6 +134,19 @@ def test_import_places_params_on_the_mesh_sharding():
     assert_bit_identical(params, single)
 
 
+def test_serving_import_equals_the_stacked_import_unstacked():
+    from jaxgen.model.serving import unstack_layers
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    config, stacked, _ = hf.load_hf(FIXTURES / "llama-tiny", dtype="float32", mesh=mesh)
+    _, serving, _ = hf.load_hf(FIXTURES / "llama-tiny", dtype="float32", mesh=mesh, serving=True)
+    want = unstack_layers(stacked, config.model)
+    assert isinstance(serving["layers"], tuple) and len(serving["layers"]) == config.model.num_layers
+    assert_bit_identical(serving, want)
+    for a, b in zip(jax.tree.leaves(serving), jax.tree.leaves(want), strict=True):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+
+
 def test_bfloat16_import_rounds_each_tensor_once():
     config, params, _ = hf.load_hf(FIXTURES / "gpt2-tiny", dtype="bfloat16")
     _, params32, _ = hf.load_hf(FIXTURES / "gpt2-tiny", dtype="float32")

@@ -74,7 +74,9 @@ def default_mesh() -> Mesh:
     return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def load_hf(hf_dir: str | pathlib.Path, *, dtype: str | None = None, mesh: Mesh | None = None):
+def load_hf(
+    hf_dir: str | pathlib.Path, *, dtype: str | None = None, mesh: Mesh | None = None, serving: bool = False
+):
     """Converts an HF directory in memory.
 
     Args:
@@ -82,11 +84,13 @@ def load_hf(hf_dir: str | pathlib.Path, *, dtype: str | None = None, mesh: Mesh 
         dtype: "float32" / "bfloat16" / "float16"; None: the checkpoint's own dtype.
         mesh: where to place the params (their shardings follow LOGICAL_RULES);
             None: the first device.
+        serving: return the serving layout (one array per layer, what `LanguageModel`
+            keeps) instead of the stacked one.
     Returns:
         (Config, params, tokenizer or None): params is the unboxed jaxgen tree.
     """
     config = read_config(hf_dir, dtype)
-    params = read_params(hf_dir, config.model, mesh or default_mesh())
+    params = read_params(hf_dir, config.model, mesh or default_mesh(), serving=serving)
     return config, params, find_tokenizer(hf_dir)
 
 
@@ -103,11 +107,13 @@ def find_tokenizer(directory: str | pathlib.Path):
 # ----------------------------------------------------------------------------- params in
 
 
-def read_params(hf_dir: str | pathlib.Path, model: ModelConfig, mesh: Mesh):
+def read_params(hf_dir: str | pathlib.Path, model: ModelConfig, mesh: Mesh, *, serving: bool = False):
     """Reads every tensor the mapping needs, checked first, placed on `mesh`.
 
     Names and shapes are all checked from the file headers before any tensor is
     read, so a wrong checkpoint fails at once with the offending tensor named.
+    With `serving`, layer weights stay one array per layer (the layout of
+    jaxgen/model/serving.py): no stacking programs to compile and no unstacking copy.
     """
     from jaxgen.model.transformer import abstract_variables
     from jaxgen.sharding import param_shardings
@@ -120,10 +126,19 @@ def read_params(hf_dir: str | pathlib.Path, model: ModelConfig, mesh: Mesh):
     hf_params.check_tensors(model, rule_list, found, str(reader.dir))
     shapes = hf_params.leaf_shapes(model)
     params: dict = {}
+    layers: list[dict] = [{} for _ in range(model.num_layers)]  # serving: each layer's tree
     for rule in rule_list:
         leaf = shapes[rule.path]
         sharding = _lookup(shardings, rule.path)
-        _insert(params, rule.path, _read_leaf(reader, rule, leaf, sharding, model.num_layers))
+        if serving and rule.stacked:
+            assert rule.path[0] == "layers", rule.path  # stacked leaves live under "layers"
+            blocks = _layer_blocks(reader, rule, leaf, sharding, model.num_layers)
+            for tree, block in zip(layers, blocks, strict=True):
+                _insert(tree, rule.path[1:], block)
+        else:
+            _insert(params, rule.path, _read_leaf(reader, rule, leaf, sharding, model.num_layers))
+    if serving:
+        params["layers"] = tuple(layers)
     return params
 
 
@@ -139,21 +154,27 @@ def _insert(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _read_leaf(reader, rule: hf_params.Rule, leaf, sharding: NamedSharding, num_layers: int) -> jax.Array:
-    dtype = np.dtype(leaf.dtype)
+def _read_block(reader, rule: hf_params.Rule, leaf, name: str) -> np.ndarray:
+    """One HF tensor in the leaf's (per-layer) shape and dtype."""
+    block = rule.to_jax(reader.read(name, rule.part, rule.parts), leaf.shape[rule.stacked :])
+    return block.astype(np.dtype(leaf.dtype), copy=False)  # no second copy when the dtype matches
 
-    def read(name: str) -> np.ndarray:  # one HF tensor in the leaf's (per-layer) shape and dtype
-        block = rule.to_jax(reader.read(name, rule.part, rule.parts), leaf.shape[rule.stacked :])
-        return block.astype(dtype, copy=False)  # no second copy when the dtype already matches
 
-    if not rule.stacked:
-        return jax.device_put(read(rule.name), sharding).block_until_ready()
-    # The stacked leaf lives only on the mesh; the host holds one layer at a time.
+def _layer_blocks(reader, rule: hf_params.Rule, leaf, sharding: NamedSharding, num_layers: int):
+    """Yields a stacked leaf's layers one at a time, each placed on the mesh (the host holds
+    one layer at a time)."""
     layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
-    stacked = jnp.zeros(leaf.shape, dtype, device=sharding)
+    for name in rule.names(num_layers):
+        yield jax.device_put(_read_block(reader, rule, leaf, name), layer_sharding).block_until_ready()
+
+
+def _read_leaf(reader, rule: hf_params.Rule, leaf, sharding: NamedSharding, num_layers: int) -> jax.Array:
+    if not rule.stacked:
+        return jax.device_put(_read_block(reader, rule, leaf, rule.name), sharding).block_until_ready()
+    # The stacked leaf lives only on the mesh.
+    stacked = jnp.zeros(leaf.shape, np.dtype(leaf.dtype), device=sharding)
     set_layer = _layer_setter(sharding)
-    for i, name in enumerate(rule.names(num_layers)):
-        layer = jax.device_put(read(name), layer_sharding)
+    for i, layer in enumerate(_layer_blocks(reader, rule, leaf, sharding, num_layers)):
         # Dispatch is asynchronous: without waiting, the loop runs ahead and keeps
         # several layers' host buffers alive at once.
         stacked = set_layer(stacked, layer, i).block_until_ready()
