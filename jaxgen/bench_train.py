@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxgen import host
 from jaxgen.config import Config
+from jaxgen.errors import JaxgenError
 from jaxgen.metrics import mfu, peak_tflops
 from jaxgen.model.layers import compute_dtype
 from jaxgen.model.transformer import model_flops_per_token, param_count
@@ -35,6 +36,27 @@ def synthetic_batch(config: Config, seed: int = 0) -> dict:
     }
 
 
+def as_trained(config: Config) -> tuple[Config, str]:
+    """The config `jaxgen train` would run, and where its vocab came from.
+
+    Training takes the model's vocab from the tokenizer (rounded up to
+    `tokenizer.vocab_multiple`), whatever `model.vocab_size` says: the tokenizer file when
+    it exists, else the vocab size the tokenizer will be trained to.
+    """
+    from jaxgen.tokenizer import load_tokenizer, tokenizer_path
+    from jaxgen.train import resolve_config
+
+    path = tokenizer_path(config)
+    if path.is_file():
+        return resolve_config(config, load_tokenizer(path)), str(path)
+    if config.tokenizer.path is not None:
+        raise JaxgenError(f"tokenizer.path: {config.tokenizer.path} does not exist")
+    multiple = config.tokenizer.vocab_multiple
+    vocab = -(-config.tokenizer.vocab_size // multiple) * multiple
+    model = config.model.model_copy(update={"vocab_size": vocab})
+    return config.model_copy(update={"model": model}), "tokenizer.vocab_size"
+
+
 def _peak_memory(compiled) -> tuple[int | None, str]:
     """Peak bytes on device 0: the allocator's figure where it exists (GPU/TPU),
     otherwise XLA's static estimate for the compiled step (CPU)."""
@@ -49,7 +71,9 @@ def _peak_memory(compiled) -> tuple[int | None, str]:
 
 
 def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
-    """Compiles and times `steps` train steps after `warmup` untimed ones."""
+    """Compiles and times `steps` train steps after `warmup` untimed ones, for the model
+    `jaxgen train` would build from `config` (its vocab from the tokenizer)."""
+    config, vocab_source = as_trained(config)
     mesh = make_mesh(config.mesh)
     check_shapes(config, mesh)
     host.prepare_for_training()
@@ -79,6 +103,8 @@ def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
         "device": kind,
         "devices": jax.device_count(),
         "params": param_count(config.model),
+        "vocab_size": config.model.vocab_size,
+        "vocab_source": vocab_source,
         "batch": config.train.batch_size,
         "seq_len": config.train.seq_len,
         "compute_dtype": str(compute_dtype(config.model)),

@@ -284,3 +284,27 @@ def test_chunked_cross_entropy_equals_one_chunk():
         atol=1e-5,
         rtol=1e-6,
     )
+
+
+def test_bench_train_times_the_model_train_would_build(corpus, tmp_path, capsys):
+    from jaxgen import cli
+    from jaxgen.bench_train import as_trained
+    from jaxgen.model.transformer import param_count
+    from jaxgen.tokenizer import load_tokenizer, model_vocab_size, train_tokenizer
+
+    # No tokenizer yet: the vocab it will be trained to, rounded up (not model.vocab_size's 512).
+    config = _config(corpus, **{"data.data_dir": str(tmp_path / "prepared"), "tokenizer.vocab_size": 300})
+    assert as_trained(config)[0].model.vocab_size == 384
+    path = train_tokenizer(config)
+    want = model_vocab_size(load_tokenizer(path), config.tokenizer.vocab_multiple)
+    resolved, source = as_trained(config)
+    assert (resolved.model.vocab_size, source) == (want, str(path))
+    args = ["bench", "train", "--steps", "2", "--warmup", "1", str(ROOT / "configs" / "tiny.yaml")]
+    args += _overrides(corpus)
+    args += [f"data.data_dir={tmp_path / 'prepared'}", "tokenizer.vocab_size=300"]
+    assert cli.main(args) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["vocab_size"] == want and line["params"] == param_count(resolved.model)
+    missing = [*args, f"tokenizer.path={tmp_path / 'nope.model'}"]
+    assert cli.main(missing) == 1
+    assert "tokenizer.path:" in capsys.readouterr().err
