@@ -170,6 +170,8 @@ class DataConfig(_Section):
     shuffle_seed: int = 0
     num_epochs: PositiveInt | None = None  # None: repeat forever
     worker_count: NonNegInt = 0  # >0: grain worker processes; 0: reader threads in-process
+    # seconds to wait for a worker's next batch before stopping with the worker's stack
+    worker_timeout: pydantic.PositiveFloat = 300.0
     read_threads: PositiveInt = 2
     prefetch: PositiveInt = 4  # batches read ahead
 

@@ -109,12 +109,13 @@ def _memory_hint(config: Config) -> Iterator[None]:
 def evaluate(trainer: Trainer, params, config: Config, mesh, max_batches: int | None) -> dict:
     """Validation loss/perplexity; nats/char and bits/byte when the whole split is seen."""
     nll, count, seen, complete = 0.0, 0.0, 0, True
-    for batch in data.eval_batches(config, mesh, "validation", config.train.batch_size):
-        if max_batches is not None and seen >= max_batches:
-            complete = False
-            break
-        b_nll, b_count = trainer.eval_sums(params, batch)
-        nll, count, seen = nll + float(b_nll), count + float(b_count), seen + 1
+    with data.eval_batches(config, mesh, "validation", config.train.batch_size) as batches:
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                complete = False
+                break
+            b_nll, b_count = trainer.eval_sums(params, batch)
+            nll, count, seen = nll + float(b_nll), count + float(b_count), seen + 1
     stats = data.split_stats(config, "validation")
     if complete:
         return {**eval_figures(nll, count, stats.chars, stats.bytes), "tokens": count}
@@ -278,7 +279,15 @@ def train(
             f"training {config.name}: {config.model.family} {config.model.num_layers}x{config.model.d_model},"
             f" vocab {config.model.vocab_size}, mesh {mesh_shape}, run dir {run_dir}"
         )
-        return _run(loop, flag, started)
+        try:
+            return _run(loop, flag, started)
+        except BaseException:
+            # Whatever stopped the loop (a data worker, NaNs, Ctrl-C twice), a save in flight
+            # completes, so the last checkpoint is whole and the run resumes from it.
+            loop.mngr.wait_until_finished()
+            raise
+        finally:
+            loop.batches.close()  # stops worker processes before grain's exit-time finalizers
 
 
 def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
@@ -307,7 +316,6 @@ def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
                 skipped += bad
                 pending = []
                 if bad and cfg.nan_policy == "stop":
-                    loop.mngr.wait_until_finished()
                     raise JaxgenError(
                         f"step {step}: loss or gradient is NaN/Inf; stopped (train.nan_policy=stop),"
                         " the last good checkpoint is kept"

@@ -15,6 +15,7 @@ import numpy as np
 from jaxgen.data import pipeline
 from jaxgen.data.pipeline import Shard
 from jaxgen.data.prepare import read_metadata
+from jaxgen.data.workers import WorkerWatch
 from jaxgen.errors import JaxgenError
 
 _STATE_VERSION = 1
@@ -27,9 +28,12 @@ class Batches(Iterator):
     without one (`mesh=None`), this process's rows as numpy arrays.
     """
 
-    def __init__(self, dataset, mesh, global_shape: tuple[int, int], what: str):
+    def __init__(
+        self, dataset, mesh, global_shape: tuple[int, int], what: str, watch: WorkerWatch | None = None
+    ):
         self._dataset = dataset
         self._it = iter(dataset)
+        self._watch = watch
         self._mesh = mesh
         self._shape = global_shape
         self._what = what
@@ -43,7 +47,7 @@ class Batches(Iterator):
         return self
 
     def __next__(self) -> dict:
-        local = next(self._it)
+        local = next(self._it) if self._watch is None else self._watch.next(self._it)
         if self._sharding is None:
             return local
         import jax
@@ -58,6 +62,8 @@ class Batches(Iterator):
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+        if self._watch is not None:
+            self._watch.close()
 
     def __enter__(self) -> Batches:
         return self
@@ -105,11 +111,13 @@ def _check(config, mesh, batch_size: int, key: str) -> None:
         raise JaxgenError(f"{key}: {batch_size} is not a multiple of the {n} batch shards of the mesh")
 
 
-def _dataset(config, split, shard, seed, train, batch_size):
+def _batches(config, mesh, split, shard, seed, train, shape, what) -> Batches:
     meta = read_metadata(config)
     make = pipeline.sft_dataset if meta and meta["kind"] == "sft" else pipeline.pretrain_dataset
-    pipeline.check_batch(batch_size, shard, "train.batch_size" if train else "eval.batch_size")
-    return make(config, split, shard, seed, train, batch_size)
+    pipeline.check_batch(shape[0], shard, "train.batch_size" if train else "eval.batch_size")
+    d = config.data
+    watch = WorkerWatch(d.worker_count, d.worker_timeout, f"'{what}'") if d.worker_count else None
+    return Batches(make(config, split, shard, seed, train, shape[0], watch), mesh, shape, what, watch)
 
 
 def train_batches(config, mesh, *, seed=None, process_index=None, process_count=None) -> Batches:
@@ -127,8 +135,7 @@ def train_batches(config, mesh, *, seed=None, process_index=None, process_count=
     _check(config, mesh, b, "train.batch_size")
     shard = _shard(mesh, (b, t), process_index, process_count)
     seed = config.data.shuffle_seed if seed is None else seed
-    ds = _dataset(config, "train", shard, seed, True, b)
-    return Batches(ds, mesh, (b, t), f"train/seed={seed}/batch={b}/seq={t}")
+    return _batches(config, mesh, "train", shard, seed, True, (b, t), f"train/seed={seed}/batch={b}/seq={t}")
 
 
 def eval_batches(
@@ -147,8 +154,7 @@ def eval_batches(
     b, t = batch_size or config.eval.batch_size, config.train.seq_len
     _check(config, mesh, b, "eval.batch_size")
     shard = _shard(mesh, (b, t), process_index, process_count)
-    ds = _dataset(config, split, shard, 0, False, b)
-    return Batches(ds, mesh, (b, t), f"{split}/batch={b}/seq={t}")
+    return _batches(config, mesh, split, shard, 0, False, (b, t), f"{split}/batch={b}/seq={t}")
 
 
 def as_numpy(batch: dict) -> dict[str, np.ndarray]:

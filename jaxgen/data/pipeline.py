@@ -23,9 +23,11 @@ import math
 
 import grain
 import numpy as np
+from absl import flags
 
 from jaxgen.data import builder
 from jaxgen.data.prepare import dataset_dir, read_metadata
+from jaxgen.data.workers import WorkerWatch
 from jaxgen.errors import JaxgenError
 
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
@@ -45,7 +47,8 @@ class Shard:
 class WindowReader:
     """Turns an array of window ids into a batch dict; id -1 is a padding row.
 
-    Picklable (opens the split lazily), so grain worker processes can run it.
+    Picklable, so grain worker processes can run it: the split is reopened as the reader
+    is unpickled, on the worker's main thread.
     """
 
     def __init__(self, directory: str, split: str, seq_len: int, num_tokens: int):
@@ -59,9 +62,15 @@ class WindowReader:
     def __getstate__(self):
         return {**self.__dict__, "_source": None}
 
+    def __setstate__(self, state):
+        # Not lazily on first use: in a worker process the first use comes from grain's read
+        # threads at once, and two threads importing TFDS deadlocked (one holds an import
+        # lock and waits for etils' lazy-module lock, the other the reverse); see
+        # tests/test_data_workers.py.
+        self.__dict__.update(state)
+        self._source = builder.open_split(self._dir, self._split)
+
     def _chunks(self, first: int, last: int) -> np.ndarray:
-        if self._source is None:
-            self._source = builder.open_split(self._dir, self._split)
         return np.concatenate([self._source[c]["tokens"] for c in range(first, last + 1)])
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -104,20 +113,22 @@ def _read_options(config) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch)
 
 
-def _finish(config, ds: grain.MapDataset) -> grain.IterDataset:
+def _finish(config, ds: grain.MapDataset, watch: WorkerWatch | None) -> grain.IterDataset:
     it = ds.to_iter_dataset(_read_options(config))
-    if config.data.worker_count > 0:
-        from absl import flags
-
+    if watch is not None:
         # grain's worker processes read absl flags; jaxgen has none, so defaults are parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+        options = grain.MultiprocessingOptions(num_workers=watch.count)
+        it = it.mp_prefetch(options, worker_init_fn=watch.init_fn())
     return it
 
 
-def pretrain_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int):
-    """grain IterDataset of this process's rows of each global batch (numpy dicts)."""
+def pretrain_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int, watch=None):
+    """grain IterDataset of this process's rows of each global batch (numpy dicts).
+
+    `watch`: runs the reads in `watch.count` worker processes it supervises (None: threads).
+    """
     meta = _metadata(config, split)
     t = config.train.seq_len
     n = meta["splits"][split]["tokens"]
@@ -137,7 +148,7 @@ def pretrain_dataset(config, split: str, shard: Shard, seed: int, train: bool, b
         windows = math.ceil((n - 1) / t)
         total = math.ceil(windows / batch_size) * batch_size
         ids = grain.MapDataset.range(total).map(functools.partial(_or_padding, windows)).batch(rows)
-    return _finish(config, ids[shard.index :: shard.count].map(reader))
+    return _finish(config, ids[shard.index :: shard.count].map(reader), watch)
 
 
 def _or_padding(limit: int, i: int) -> int:
@@ -168,7 +179,7 @@ def _sft_rows(shard: Shard, batch_size: int, batch: dict[str, np.ndarray]) -> di
     return {k: np.ascontiguousarray(v[lo : lo + rows]) for k, v in out.items()}
 
 
-def sft_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int):
+def sft_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int, watch=None):
     """Packed SFT batches: every process packs the same global stream, then keeps its rows.
 
     Packing globally (rather than per process) keeps batch k independent of the process
@@ -180,7 +191,7 @@ def sft_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_
     ds = grain.MapDataset.source(source)
     if train:
         ds = ds.shuffle(seed=seed).repeat(config.data.num_epochs)
-    ds = _finish(config, ds.map(_sft_example))
+    ds = _finish(config, ds.map(_sft_example), watch)
     lengths = {k: t for k in ("tokens", "targets", "loss_mask")}
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
