@@ -10,22 +10,29 @@ load: the worker's two read threads both opened the split lazily, importing TFDS
 import json
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
 import time
 
 import grain
+import numpy as np
 import pytest
 
 from jaxgen import checkpoint
 from jaxgen.config import load_config, to_yaml
-from jaxgen.data import as_numpy, prepare, train_batches
+from jaxgen.data import as_numpy, dataset_dir, prepare, train_batches
+from jaxgen.data.pipeline import WindowReader
+from jaxgen.data.prepare import read_metadata
 from jaxgen.data.workers import WorkerWatch, _where
 from jaxgen.errors import JaxgenError
 
 ROOT = pathlib.Path(__file__).parent.parent
 STRESS = int(os.environ.get("JAXGEN_WORKER_STRESS", "6"))
+# With JAXGEN_WORKER_STRESS set, busy processes load the CPU as a full suite run does: the
+# old deadlock needed a read thread to be descheduled inside TFDS's import.
+BURNERS = 2 * (os.cpu_count() or 1) if "JAXGEN_WORKER_STRESS" in os.environ else 0
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +103,30 @@ def test_stress_fresh_worker_processes_never_hang(config, tmp_path):
     path.write_text(to_yaml(_with_workers(config, worker_timeout=60)))
     script = tmp_path / "stress.py"  # a file: spawned workers re-import the main module
     script.write_text(_STRESS_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), str(path), str(STRESS)],
-        capture_output=True,
-        text=True,
-        timeout=120 + 30 * STRESS,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BURNERS)]
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), str(path), str(STRESS)],
+            capture_output=True,
+            text=True,
+            timeout=120 + 30 * STRESS,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+    finally:
+        for p in burners:
+            p.kill()
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["runs"] == STRESS
+
+
+def test_a_reader_opens_its_split_as_it_is_unpickled(config):
+    # In a worker, unpickling runs on the main thread before any read thread starts; a
+    # source opened lazily on first read was opened by two read threads at once.
+    meta = read_metadata(config)
+    reader = WindowReader(str(dataset_dir(config)), "train", 32, meta["splits"]["train"]["tokens"])
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy._source is not None
+    assert np.array_equal(copy(np.array([0, 1]))["tokens"], reader(np.array([0, 1]))["tokens"])
 
 
 def _until_error(it, limit: int = 100) -> JaxgenError:
