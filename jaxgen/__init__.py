@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `load` / `LanguageModel` import JAX: resolved on first use so `import jaxgen` stays light.
     if name in ("load", "LanguageModel"):
-        from jaxgen import api
+        from jaxgen.inference import language_model as api
 
         return getattr(api, name)
     raise AttributeError(f"module 'jaxgen' has no attribute {name!r}")

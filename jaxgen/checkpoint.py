@@ -138,7 +138,7 @@ def load_params(
     cast to `dtype` when given (e.g. "bfloat16" for serving).
     """
     from jaxgen.model.transformer import abstract_params, abstract_variables
-    from jaxgen.sharding import make_mesh, param_shardings
+    from jaxgen.runtime.mesh import make_mesh, param_shardings
 
     config = read_run_config(run_dir)
     mesh = mesh or make_mesh(MeshConfig())

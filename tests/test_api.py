@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 
 import jaxgen
-from jaxgen import api, cli, evaluate, generate_jsonl
 from jaxgen.checkpoint import save_params
+from jaxgen import cli
 from jaxgen.config import load_config
+from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.errors import JaxgenError
+from jaxgen.evaluate import perplexity as evaluate
+from jaxgen.inference import jsonl as generate_jsonl
+from jaxgen.inference import language_model as api
 from jaxgen.model.transformer import init_params
-from jaxgen.tokenizer import train_tokenizer
 
 TEXT = "the cat sat on the mat. the dog ate the bone. a bird sang in the tree.\n" * 30
 

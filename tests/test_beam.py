@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen import beam, sampling
-from jaxgen.generate import DecodeSpec
+from jaxgen.decode import beam, sampling
+from jaxgen.decode.loop import DecodeSpec
 from jaxgen.model.transformer import Transformer, init_params
 
 V, NEW = 5, 3

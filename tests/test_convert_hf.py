@@ -17,7 +17,7 @@ from param_trees import assert_bit_identical, leaves
 import jaxgen
 from jaxgen.config import MeshConfig
 from jaxgen.convert import hf
-from jaxgen.sharding import make_mesh
+from jaxgen.runtime.mesh import make_mesh
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 NAMES = ("gpt2-tiny", "llama-tiny")

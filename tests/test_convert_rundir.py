@@ -14,9 +14,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from jaxgen.checkpoint import load_params
 from jaxgen.cli import main
 from jaxgen.convert import hf
-from jaxgen.convert.hf_tokenizer import HFTokenizer
 from jaxgen.errors import JaxgenError
 from jaxgen.tokenizer import load_tokenizer
+from jaxgen.tokenizer.hf import HFTokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 

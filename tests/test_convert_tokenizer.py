@@ -8,8 +8,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxgen.convert.hf import find_tokenizer
-from jaxgen.convert.hf_tokenizer import HFTokenizer
 from jaxgen.errors import JaxgenError
+from jaxgen.tokenizer.hf import HFTokenizer
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "hello world, hello jax", "naïve café ☕ 123"] * 20
 EOT = "<|endoftext|>"

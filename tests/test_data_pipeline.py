@@ -15,7 +15,7 @@ from jaxgen.config import load_config, to_yaml
 from jaxgen.data import as_numpy, builder, eval_batches, prepare, train_batches
 from jaxgen.errors import JaxgenError
 from jaxgen.model.attention import attention_mask
-from jaxgen.sharding import batch_sharding, make_mesh
+from jaxgen.runtime.mesh import batch_sharding, make_mesh
 from jaxgen.tokenizer import load_tokenizer
 
 T, B = 16, 8

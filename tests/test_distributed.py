@@ -1,4 +1,4 @@
-"""jaxgen.distributed: environment parsing, and a real 2-process JAX job on CPU."""
+"""jaxgen.runtime.distributed: environment parsing, and a real 2-process JAX job on CPU."""
 
 import os
 import socket
@@ -8,14 +8,14 @@ import sys
 import jax
 import pytest
 
-from jaxgen.distributed import (
+from jaxgen.errors import JaxgenError
+from jaxgen.runtime.distributed import (
     DistributedPlan,
     first_slurm_host,
     initialize_from_env,
     plan_from_env,
     process_info,
 )
-from jaxgen.errors import JaxgenError
 
 EXPLICIT = {"JAXGEN_COORDINATOR": "10.0.0.1:1234", "JAXGEN_NUM_PROCESSES": "4", "JAXGEN_PROCESS_ID": "3"}
 SLURM = {
@@ -116,7 +116,7 @@ def test_initialize_after_jax_started_is_one_line():
 # ----------------------------------------------------------------------------- two real processes
 
 WORKER = """
-from jaxgen.distributed import initialize_from_env, process_info
+from jaxgen.runtime.distributed import initialize_from_env, process_info
 assert initialize_from_env() is True
 assert initialize_from_env() is True  # a second call must not initialize again
 import jax, jax.numpy as jnp, numpy as np

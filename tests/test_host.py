@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxgen import host
+from jaxgen.runtime import cpu_malloc as host
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
 _libc.malloc.restype = ctypes.c_void_p

@@ -277,7 +277,7 @@ FAKE_JAXGEN = """
 import sys
 if sys.argv[1:3] == ["data", "prepare"]:
     sys.exit(0)
-from jaxgen.distributed import initialize_from_env, process_info
+from jaxgen.runtime.distributed import initialize_from_env, process_info
 assert initialize_from_env()
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, Mesh, PartitionSpec as P

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxgen.config import load_config
-from jaxgen.kvcache import init_cache
+from jaxgen.model.kvcache import init_cache
 from jaxgen.model.transformer import Transformer, init_params, model_flops_per_token, param_count
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen import sampling
+from jaxgen.decode import sampling
 from jaxgen.errors import JaxgenError
 
 V = 12

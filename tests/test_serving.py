@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen import generate as gen
 from jaxgen.config import MeshConfig
+from jaxgen.decode import loop as gen
 from jaxgen.model import serving
 from jaxgen.model.transformer import Transformer, abstract_variables, init_params
-from jaxgen.sharding import activate, make_mesh, param_shardings
+from jaxgen.runtime.mesh import activate, make_mesh, param_shardings
 
 PROMPTS = [[5, 17, 9, 33, 2, 101, 7], [44], [250, 3, 8, 61]]  # ragged: left-padded to 8
 STEPS = 3

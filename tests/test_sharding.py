@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgen.config import MeshConfig
 from jaxgen.errors import JaxgenError
 from jaxgen.model.transformer import Transformer, abstract_variables, init_params
-from jaxgen.sharding import activate, batch_sharding, make_mesh, mesh_shape, param_shardings
+from jaxgen.runtime.mesh import activate, batch_sharding, make_mesh, mesh_shape, param_shardings
 
 
 def test_mesh_shape_resolves_the_rest_and_rejects_mismatches():

@@ -5,14 +5,9 @@ import pathlib
 import pytest
 
 from jaxgen.config import load_config
+from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.errors import JaxgenError
-from jaxgen.tokenizer import (
-    Tokenizer,
-    check_vocab,
-    load_tokenizer,
-    model_vocab_size,
-    train_tokenizer,
-)
+from jaxgen.tokenizer import Tokenizer, check_vocab, load_tokenizer, model_vocab_size
 
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -140,7 +135,7 @@ def test_directory_with_tokenizer_json_loads_the_hf_tokenizer(tmp_path):
     import tokenizers
     from tokenizers import models, pre_tokenizers
 
-    from jaxgen.convert.hf_tokenizer import HFTokenizer
+    from jaxgen.tokenizer.hf import HFTokenizer
 
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
     hf = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

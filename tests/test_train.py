@@ -16,10 +16,10 @@ import pytest
 from jaxgen import checkpoint
 from jaxgen.config import ScheduleConfig, load_config
 from jaxgen.errors import JaxgenError
-from jaxgen.optim import make_schedule
-from jaxgen.sharding import activate, make_mesh
-from jaxgen.train import train
-from jaxgen.train_step import Trainer
+from jaxgen.runtime.mesh import activate, make_mesh
+from jaxgen.train.loop import train
+from jaxgen.train.optim import make_schedule
+from jaxgen.train.step import Trainer
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -249,7 +249,7 @@ def test_bad_shapes_are_one_line_errors(corpus, tmp_path):
 
 
 def test_out_of_memory_names_the_knobs(tiny_config):
-    from jaxgen.train import _memory_hint
+    from jaxgen.train.loop import _memory_hint
 
     with pytest.raises(JaxgenError, match=r"out of memory in the train step: lower train.batch_size \(8\)"):
         with _memory_hint(tiny_config):
@@ -260,7 +260,7 @@ def test_out_of_memory_names_the_knobs(tiny_config):
 
 
 def test_chunked_cross_entropy_equals_one_chunk():
-    from jaxgen.train_step import chunked_cross_entropy
+    from jaxgen.train.step import chunked_cross_entropy
 
     hidden = jax.random.normal(jax.random.key(0), (2, 12, 8))
     kernel = jax.random.normal(jax.random.key(1), (8, 32))
@@ -287,10 +287,11 @@ def test_chunked_cross_entropy_equals_one_chunk():
 
 
 def test_bench_train_times_the_model_train_would_build(corpus, tmp_path, capsys):
+    from jaxgen.bench.train import as_trained
     from jaxgen import cli
-    from jaxgen.bench_train import as_trained
+    from jaxgen.data.tokenizer_training import train_tokenizer
     from jaxgen.model.transformer import param_count
-    from jaxgen.tokenizer import load_tokenizer, model_vocab_size, train_tokenizer
+    from jaxgen.tokenizer import load_tokenizer, model_vocab_size
 
     # No tokenizer yet: the vocab it will be trained to, rounded up (not model.vocab_size's 512).
     config = _config(corpus, **{"data.data_dir": str(tmp_path / "prepared"), "tokenizer.vocab_size": 300})

@@ -7,8 +7,9 @@ import pytest
 import sentencepiece as spm
 from test_tokenizer import TEXT, _config
 
-from jaxgen.tokenizer import load_tokenizer, train_tokenizer
-from jaxgen.unit_cache import UnitCache, flatten
+from jaxgen.data.tokenizer_training import train_tokenizer
+from jaxgen.tokenizer import load_tokenizer
+from jaxgen.tokenizer.word_cache import UnitCache, flatten
 
 # Characters the training text has and has not seen (unknown -> byte fallback or unk),
 # runs of spaces, tabs, newlines, digits, a control token.

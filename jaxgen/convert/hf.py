@@ -69,7 +69,7 @@ def read_config(hf_dir: str | pathlib.Path, dtype: str | None = None) -> Config:
 def default_mesh() -> Mesh:
     """One device: a model converted without a mesh is placed on the first device."""
     from jaxgen.config import MeshConfig
-    from jaxgen.sharding import make_mesh
+    from jaxgen.runtime.mesh import make_mesh
 
     return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
@@ -116,7 +116,7 @@ def read_params(hf_dir: str | pathlib.Path, model: ModelConfig, mesh: Mesh, *, s
     jaxgen/model/serving.py): no stacking programs to compile and no unstacking copy.
     """
     from jaxgen.model.transformer import abstract_variables
-    from jaxgen.sharding import param_shardings
+    from jaxgen.runtime.mesh import param_shardings
 
     shardings = param_shardings(mesh, abstract_variables(model))["params"]
     reader = hf_files.SafetensorsReader(hf_dir)

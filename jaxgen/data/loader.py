@@ -39,7 +39,7 @@ class Batches(Iterator):
         self._what = what
         self._sharding = None
         if mesh is not None:
-            from jaxgen.sharding import batch_sharding
+            from jaxgen.runtime.mesh import batch_sharding
 
             self._sharding = batch_sharding(mesh)
 
@@ -93,7 +93,7 @@ def _shard(mesh, shape: tuple[int, int], process_index, process_count) -> Shard:
         return Shard(index, count)
     if mesh is None:
         return Shard(0, 1)
-    from jaxgen.sharding import batch_sharding
+    from jaxgen.runtime.mesh import batch_sharding
 
     slices = batch_sharding(mesh).addressable_devices_indices_map(shape).values()
     rows = sorted({(s[0].start or 0, s[0].stop or shape[0]) for s in slices})
@@ -104,7 +104,7 @@ def _shard(mesh, shape: tuple[int, int], process_index, process_count) -> Shard:
 def _check(config, mesh, batch_size: int, key: str) -> None:
     if mesh is None:
         return
-    from jaxgen.sharding import data_parallel_size
+    from jaxgen.runtime.mesh import data_parallel_size
 
     n = data_parallel_size(mesh)
     if batch_size % n:

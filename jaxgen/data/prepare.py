@@ -30,15 +30,15 @@ from jaxgen.data import builder, documents, sources
 from jaxgen.data.documents import Counts
 from jaxgen.data.encode import encode_all
 from jaxgen.data.sft import write_sft
-from jaxgen.errors import JaxgenError
-from jaxgen.tokenizer import (
-    load_tokenizer,
+from jaxgen.data.tokenizer_training import (
     tokenizer_dir,
     tokenizer_fingerprint,
     tokenizer_path,
     tokenizer_up_to_date,
     train_tokenizer,
 )
+from jaxgen.errors import JaxgenError
+from jaxgen.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
 _ENCODE_CHARS = 1 << 18  # text per encode_batch call: large enough to amortise the call

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import ModelConfig
-from jaxgen.kvcache import KVCache
+from jaxgen.model.kvcache import KVCache
 from jaxgen.model.transformer import Block, Transformer, cache_inputs, cache_outputs
 
 

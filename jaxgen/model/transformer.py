@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import ModelConfig
-from jaxgen.kvcache import KVCache
 from jaxgen.model.attention import Attention
+from jaxgen.model.kvcache import KVCache
 from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum
 
 _REMAT_POLICIES = {

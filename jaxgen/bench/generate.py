@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import beam, generate, sampling
 from jaxgen.config import Config
+from jaxgen.decode import beam, loop, sampling
 from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
@@ -40,8 +40,8 @@ def _prompts(batch: int, length: int, vocab: int) -> tuple[np.ndarray, np.ndarra
 
 def _decode_line(config, params, batch, prompt_len, new_tokens, strategy) -> dict:
     cfg = config.model
-    spec = generate.DecodeSpec(strategy, buffer=generate.bucket(new_tokens))
-    whole, start, _ = generate.compiled(cfg, spec)
+    spec = loop.DecodeSpec(strategy, buffer=loop.bucket(new_tokens))
+    whole, start, _ = loop.compiled(cfg, spec)
     prompt, lengths, ids = _prompts(batch, prompt_len, cfg.vocab_size)
     args = (params, prompt, lengths, ids, np.int32(0), np.int32(new_tokens), sampling.knobs(strategy, batch))
     first_prefill, prefill_s = _timed(start, *args)  # prefill + the first token
@@ -117,9 +117,7 @@ def _baseline_line(config, params, batch, prompt_len, new_tokens) -> dict:
 
 def _beam_line(config, params, batch, prompt_len, new_tokens, num_beams) -> dict:
     cfg = config.model
-    spec = generate.DecodeSpec(
-        sampling.BeamSearch(num_beams, 1, 1.0, False), buffer=generate.bucket(new_tokens)
-    )
+    spec = loop.DecodeSpec(sampling.BeamSearch(num_beams, 1, 1.0, False), buffer=loop.bucket(new_tokens))
     prompt, lengths, _ = _prompts(batch, prompt_len, cfg.vocab_size)
     first, total = _timed(beam.compiled(cfg, spec), params, prompt, lengths, np.int32(new_tokens))
     return {
@@ -144,7 +142,7 @@ def run(
     Greedy cached decoding is timed at every batch size; each of `samplers` at the first.
     """
     cfg = config.model
-    generate.check_room(cfg, prompt_len, new_tokens, "bench")
+    loop.check_room(cfg, prompt_len, new_tokens, "bench")
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     serving = unstack_layers(params, cfg)  # as LanguageModel decodes: one array per layer
     common = {

@@ -88,7 +88,7 @@ def perplexity_of_text(lm, path: str | pathlib.Path, batch_size: int | None = No
     fn = _nll_fn(cfg.model)
     positions = np.broadcast_to(np.arange(cfg.model.max_len, dtype=np.int32), (batch, cfg.model.max_len))
     total, count = 0.0, 0
-    from jaxgen.generate import mesh_context
+    from jaxgen.decode.loop import mesh_context
 
     with mesh_context(lm.mesh):
         for tokens, targets, mask in text_windows(lm.tokenizer.encode(text), start, cfg.model.max_len, batch):
@@ -105,7 +105,7 @@ def perplexity_of_split(lm, split: str = "validation") -> dict:
     stats = split_stats(cfg, split)
     fn = _nll_fn(cfg.model)
     total, count = 0.0, 0
-    from jaxgen.generate import mesh_context
+    from jaxgen.decode.loop import mesh_context
 
     with mesh_context(lm.mesh):
         for i, b in enumerate(eval_batches(cfg, lm.mesh, split)):

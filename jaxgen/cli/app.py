@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from jaxgen import cli_generate
+from jaxgen.cli import generate as cli_generate
 from jaxgen.errors import JaxgenError
 
 NOT_IMPLEMENTED = 2  # exit code for commands that later issues fill in
@@ -68,11 +68,11 @@ def _cmd_convert_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from jaxgen.distributed import initialize_from_env
+    from jaxgen.runtime.distributed import initialize_from_env
 
     initialize_from_env()  # a no-op on one host; must run before JAX touches a device
     from jaxgen.config import load_config
-    from jaxgen.train import train
+    from jaxgen.train.loop import train
 
     result = train(load_config(args.config, args.overrides), args.run_dir)
     if result.preempted:
@@ -115,14 +115,14 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from jaxgen.bench_train import main as bench_train
+    from jaxgen.bench.train import main as bench_train
     from jaxgen.config import load_config
 
     return bench_train(load_config(args.config, args.overrides), args.steps, args.warmup)
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
-    from jaxgen.data.bench import run
+    from jaxgen.bench.data import run
 
     run(mb=args.mb, batches=args.batches, kind=args.kind, workdir=args.workdir)
     return 0

@@ -26,14 +26,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from jaxgen import checkpoint, data, host
+from jaxgen import checkpoint, data
 from jaxgen.config import Config, check_no_placeholders
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import MetricsWriter, eval_figures, mfu, peak_tflops
 from jaxgen.model.transformer import model_flops_per_token
-from jaxgen.sharding import activate, data_parallel_size, make_mesh
+from jaxgen.runtime import cpu_malloc
+from jaxgen.runtime.mesh import activate, data_parallel_size, make_mesh
 from jaxgen.tokenizer import load_tokenizer, model_vocab_size
-from jaxgen.train_step import Trainer, TrainState
+from jaxgen.train.step import Trainer, TrainState
 
 
 @dataclasses.dataclass
@@ -207,7 +208,7 @@ class _Loop:
 
     def sample(self, state: TrainState, step: int) -> None:
         """A short greedy-or-sampled completion of `train.sample_prompt` with the current params."""
-        from jaxgen.api import LanguageModel
+        from jaxgen.inference.language_model import LanguageModel
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.run_dir)
@@ -272,7 +273,7 @@ def train(
         checkpoint.copy_tokenizer(info.tokenizer_path, run_dir)
     _barrier("jaxgen-run-dir")
     mesh_shape = dict(make_mesh(config.mesh).shape)
-    host.prepare_for_training()
+    cpu_malloc.prepare_for_training()
     with activate(make_mesh(config.mesh)), _preemption_flag() as flag:
         loop = _Loop(config, run_dir, console)
         console.print(

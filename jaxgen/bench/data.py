@@ -133,14 +133,14 @@ def _child_prepare(workdir: str, kind: str) -> None:
 def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -> dict:
     from jaxgen.data import dataset_dir
     from jaxgen.data.prepare import tokenizing_workers
-    from jaxgen.tokenizer import train_tokenizer
+    from jaxgen.data.tokenizer_training import train_tokenizer
 
     config = _config(workdir, kind, files)
     start = time.perf_counter()
     train_tokenizer(config)
     tok_seconds = time.perf_counter() - start
     shutil.rmtree(dataset_dir(config), ignore_errors=True)  # measure a full build
-    code = f"from jaxgen.data.bench import _child_prepare; _child_prepare({str(workdir)!r}, {kind!r})"
+    code = f"from jaxgen.bench.data import _child_prepare; _child_prepare({str(workdir)!r}, {kind!r})"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     child = json.loads(out.stdout.strip().splitlines()[-1])
     mb = sum(p.stat().st_size for p in files) / 1e6
@@ -165,7 +165,7 @@ def bench_pipeline(workdir: pathlib.Path, kind: str, files: list[pathlib.Path], 
     import jax
 
     from jaxgen.data import train_batches
-    from jaxgen.sharding import make_mesh
+    from jaxgen.runtime.mesh import make_mesh
 
     config = _config(workdir, kind, files)
     mesh = make_mesh(devices=jax.devices()[:1])

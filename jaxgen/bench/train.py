@@ -13,15 +13,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxgen import host
 from jaxgen.config import Config
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import mfu, peak_tflops
 from jaxgen.model.layers import compute_dtype
 from jaxgen.model.transformer import model_flops_per_token, param_count
-from jaxgen.sharding import activate, make_mesh
-from jaxgen.train import check_shapes
-from jaxgen.train_step import Trainer
+from jaxgen.runtime import cpu_malloc
+from jaxgen.runtime.mesh import activate, make_mesh
+from jaxgen.train.loop import check_shapes
+from jaxgen.train.step import Trainer
 
 
 def synthetic_batch(config: Config, seed: int = 0) -> dict:
@@ -43,8 +43,9 @@ def as_trained(config: Config) -> tuple[Config, str]:
     `tokenizer.vocab_multiple`), whatever `model.vocab_size` says: the tokenizer file when
     it exists, else the vocab size the tokenizer will be trained to.
     """
-    from jaxgen.tokenizer import load_tokenizer, tokenizer_path
-    from jaxgen.train import resolve_config
+    from jaxgen.data.tokenizer_training import tokenizer_path
+    from jaxgen.tokenizer import load_tokenizer
+    from jaxgen.train.loop import resolve_config
 
     path = tokenizer_path(config)
     if path.is_file():
@@ -76,7 +77,7 @@ def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
     config, vocab_source = as_trained(config)
     mesh = make_mesh(config.mesh)
     check_shapes(config, mesh)
-    host.prepare_for_training()
+    cpu_malloc.prepare_for_training()
     with activate(mesh):
         trainer = Trainer(config, mesh)
         state = trainer.init(jax.random.key(0))

@@ -16,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgen.config import Config
 from jaxgen.model.transformer import Transformer, abstract_params, abstract_variables, init_params
-from jaxgen.optim import make_optimizer, make_schedule
-from jaxgen.sharding import batch_sharding, param_shardings
+from jaxgen.runtime.mesh import batch_sharding, param_shardings
+from jaxgen.train.optim import make_optimizer, make_schedule
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 

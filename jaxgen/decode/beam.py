@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import sampling
-from jaxgen.generate import (
+from jaxgen.decode import sampling
+from jaxgen.decode.loop import (
     EOS,
     FINISH_REASONS,
     LENGTH,
@@ -43,7 +43,7 @@ from jaxgen.generate import (
     prefill,
     prepare_batch,
 )
-from jaxgen.kvcache import KVCache
+from jaxgen.model.kvcache import KVCache
 from jaxgen.model.serving import ServingTransformer, unstack_layers
 
 NEG = -1.0e9  # HF's "impossible" score

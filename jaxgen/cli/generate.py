@@ -81,7 +81,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from jaxgen.api import load
+    from jaxgen.inference.language_model import load
 
     if args.input and not args.output:
         raise JaxgenError("--input needs --output (the JSONL file to write or resume)")
@@ -95,7 +95,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(piece if isinstance(piece, str) else " ".join(map(str, piece)), end="", flush=True)
         print()
         return 0
-    from jaxgen.generate_jsonl import run
+    from jaxgen.inference.jsonl import run
 
     summary = run(lm, args.input, args.output, options, progress=not args.no_progress)
     rate = summary.tokens / summary.seconds if summary.seconds else 0.0
@@ -132,8 +132,8 @@ def add_eval_parser(sub) -> None:
 
 
 def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    from jaxgen import evaluate
-    from jaxgen.api import load
+    from jaxgen.evaluate import perplexity as evaluate
+    from jaxgen.inference.language_model import load
 
     lm = load(args.run, step=args.checkpoint)
     if args.text:
@@ -149,7 +149,7 @@ def _cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_text_metric(args: argparse.Namespace) -> int:
-    from jaxgen import evaluate
+    from jaxgen.evaluate import perplexity as evaluate
 
     hyps, refs = evaluate.paired(args.predictions, args.references)
     result = getattr(evaluate, args.metric)(hyps, refs)
@@ -179,7 +179,7 @@ def add_bench_generate(bench_sub) -> None:
 
 
 def _cmd_bench_generate(args: argparse.Namespace) -> int:
-    from jaxgen.bench_generate import parse_sample, run
+    from jaxgen.bench.generate import parse_sample, run
     from jaxgen.config import load_config
 
     path, overrides = args.config, list(args.overrides)

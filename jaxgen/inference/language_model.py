@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pydantic
 
-from jaxgen import beam, generate, sampling
 from jaxgen.config import Config, GenerateConfig
+from jaxgen.decode import beam, loop, sampling
 from jaxgen.errors import JaxgenError
 
 Prompt = str | Sequence[int]
@@ -63,7 +63,7 @@ class Plan:
     """Resolved options of one `generate` call."""
 
     options: GenerateConfig
-    spec: generate.DecodeSpec
+    spec: loop.DecodeSpec
     max_new_tokens: int
     max_length: int | None  # when given, wins over max_new_tokens (HF: the prompt counts)
     stop_texts: tuple[str, ...]
@@ -121,7 +121,7 @@ class LanguageModel:
             raise JaxgenError(
                 f"token_ids: length {tokens.shape[1]} exceeds max_len={self.config.model.max_len}"
             )
-        with generate.mesh_context(self.mesh):
+        with loop.mesh_context(self.mesh):
             return np.asarray(self._forward(self.serving_params, tokens))
 
     # ------------------------------------------------------------------ generation
@@ -157,7 +157,7 @@ class LanguageModel:
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise JaxgenError(f"max_length: {max_length!r} must be a positive integer")
         most = opts.max_new_tokens if max_length is None else max_length  # an upper bound of new tokens
-        spec = generate.DecodeSpec(strategy, processors, stopping, buffer=generate.bucket(most))
+        spec = loop.DecodeSpec(strategy, processors, stopping, buffer=loop.bucket(most))
         return Plan(opts, spec, opts.max_new_tokens, max_length, tuple(opts.stop))
 
     def _encode_piece(self, text: str) -> tuple[int, ...]:
@@ -194,7 +194,7 @@ class LanguageModel:
             return ids
         if opts.truncate_prompt and room > 0:
             return ids[-room:]
-        generate.check_room(self.config.model, len(ids), new, where)
+        loop.check_room(self.config.model, len(ids), new, where)
         return ids
 
     def generate(self, prompts: Sequence[Prompt], *, row_ids=None, **options) -> list[GenerationResult]:
@@ -244,7 +244,7 @@ class LanguageModel:
             rows = beam.beam_ids(self.config.model, self.serving_params, prompts, plan.spec, **kw)
         else:
             ids = [row_id(r) for r in row_ids]
-            rows = generate.generate_ids(
+            rows = loop.generate_ids(
                 self.config.model,
                 self.serving_params,
                 prompts,
@@ -256,9 +256,7 @@ class LanguageModel:
             rows = [[c] for c in rows]
         return [self._result(p, cs, plan) for p, cs in zip(prompts, rows, strict=True)]
 
-    def _result(
-        self, prompt: list[int], completions: list[generate.Completion], plan: Plan
-    ) -> GenerationResult:
+    def _result(self, prompt: list[int], completions: list[loop.Completion], plan: Plan) -> GenerationResult:
         tokens = [c.tokens for c in completions]
         reasons = [c.finish_reason for c in completions]
         texts = None
@@ -285,7 +283,7 @@ class LanguageModel:
         ids = self._fit(ids, new, plan.options, "prompt")
         tokens: list[int] = []
         shown = text = ""
-        for pieces in generate.stream_ids(
+        for pieces in loop.stream_ids(
             self.config.model, self.serving_params, [ids], plan.spec, max_new_tokens=new, chunk=chunk,
             seed=plan.options.seed, row_ids=[row_id(0)], mesh=self.mesh, buckets=plan.options.prompt_buckets,
         ):  # fmt: skip
@@ -349,7 +347,7 @@ def load(
         return LanguageModel(config, params, tokenizer, mesh)
     from jaxgen.checkpoint import load_params
     from jaxgen.config import MeshConfig
-    from jaxgen.sharding import make_mesh
+    from jaxgen.runtime.mesh import make_mesh
 
     mesh = mesh or make_mesh(MeshConfig())
     config, params = load_params(path, step=step, mesh=mesh, dtype=dtype)

@@ -21,7 +21,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from jaxgen.errors import JaxgenError
-from jaxgen.unit_cache import flatten
+from jaxgen.tokenizer.word_cache import flatten
 
 _GPT2_EOT = "<|endoftext|>"
 _ROLES = ("pad", "bos", "eos", "unk")

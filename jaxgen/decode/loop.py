@@ -28,13 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen import sampling
 from jaxgen.config import ModelConfig
+from jaxgen.decode import sampling
 from jaxgen.errors import JaxgenError
-from jaxgen.kvcache import CACHE_NAMES, KVCache, init_cache
+from jaxgen.model.kvcache import CACHE_NAMES, KVCache, init_cache
 from jaxgen.model.layers import constrain
 from jaxgen.model.serving import ServingTransformer, unstack_layers
 from jaxgen.model.transformer import Transformer
+from jaxgen.runtime.mesh import batch_sharding, data_parallel_size, mesh_context
 
 FINISH_REASONS = (None, "length", "eos", "stop")  # index = the code kept in the state
 LENGTH, EOS, STOP = 1, 2, 3
@@ -286,8 +287,6 @@ def device_args(batch: Batch, seed: int, limit: int, mesh, strategy: sampling.St
     """The compiled loop's arguments after params: per-row arrays sharded like the batch."""
     rows = (batch.prompt, batch.lengths, batch.row_ids, sampling.knobs(strategy, len(batch.lengths)))
     if mesh is not None:
-        from jaxgen.sharding import batch_sharding
-
         rows = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(mesh, a.ndim)), rows)
     prompt, lengths, row_ids, knobs = rows
     return prompt, lengths, row_ids, np.int32(seed), np.int32(limit), knobs
@@ -298,23 +297,13 @@ def _completions(tokens, num, finish, count) -> list[Completion]:
     return [Completion(tokens[i, : num[i]].tolist(), FINISH_REASONS[finish[i]]) for i in range(count)]
 
 
-def mesh_context(mesh):
-    if mesh is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    from jaxgen.sharding import activate
-
-    return activate(mesh)
-
-
 def prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:
     if max_new_tokens > spec.buffer:  # the buffer is static; the loop would stop early
         raise ValueError(f"max_new_tokens={max_new_tokens} exceeds DecodeSpec.buffer={spec.buffer}")
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     for rid, prompt in zip(row_ids, prompts, strict=True):
         check_room(config, len(prompt), max_new_tokens, f"prompt {rid}")
-    multiple = 1 if mesh is None else _dp_size(mesh)
+    multiple = 1 if mesh is None else data_parallel_size(mesh)
     return make_batch(prompts, row_ids, buckets=buckets, batch_multiple=multiple, max_len=config.max_len)
 
 
@@ -384,9 +373,3 @@ def stream_ids(
 def _stop_prefix(tokens: list[int], stops: tuple[tuple[int, ...], ...]) -> int:
     """The length of the longest tail of `tokens` that begins some stop sequence (unfinished)."""
     return max((h for seq in stops for h in range(1, len(seq)) if tokens[-h:] == list(seq[:h])), default=0)
-
-
-def _dp_size(mesh) -> int:
-    from jaxgen.sharding import data_parallel_size
-
-    return data_parallel_size(mesh)

@@ -116,3 +116,8 @@ def activate(mesh: Mesh) -> Iterator[Mesh]:
     """Makes `mesh` and LOGICAL_RULES current, so layers' logical constraints resolve."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         yield mesh
+
+
+def mesh_context(mesh: Mesh | None):
+    """`activate(mesh)`, or nothing for None (one device, no named shardings)."""
+    return contextlib.nullcontext() if mesh is None else activate(mesh)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `jaxgen bench train|generate|data`: one JSON line per setting."""

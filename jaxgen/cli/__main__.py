@@ -1,0 +1,5 @@
+import sys
+
+from jaxgen.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""Loading configs: YAML files with `extends:`, dotted `a.b.c=value` overrides, one-line errors."""
+
+from __future__ import annotations
+
+import difflib
+import pathlib
+
+import pydantic
+import yaml
+
+from jaxgen.config.schema import Config
+from jaxgen.errors import JaxgenError
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) -> dict:
+    """Reads a config file as a dict, following `extends:` (relative to the file)."""
+    path = pathlib.Path(path).resolve()
+    if path in _seen:
+        raise JaxgenError(f"{path}: circular extends")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise JaxgenError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise JaxgenError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise JaxgenError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        base = read_yaml(path.parent / parent, (*_seen, path))
+        data = _deep_merge(base, data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Applies `a.b.c=value` overrides; values are parsed as YAML scalars."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise JaxgenError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise JaxgenError(f"override {key}: cannot parse value {raw!r}") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None else child
+            if not isinstance(child, dict):
+                raise JaxgenError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _field_names(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section that `loc` points into (for 'did you mean')."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+            model = ann
+        else:
+            break
+    return list(model.model_fields)
+
+
+def _error_line(err: pydantic.ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = _field_names(Config, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?)" if close else ""
+        return f"{where}{key}: unknown key{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":  # our validators start with the field they judge
+        field, sep, rest = msg.partition(": ")
+        if sep and field.isidentifier():
+            return f"{where}{key}.{field}: {rest}"
+        return f"{where}{key}: {msg}"
+    return f"{where}{key}: {msg} (got {first.get('input')!r})"
+
+
+def load_config(
+    path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Loads a YAML config (or the defaults when `path` is None) with dotted overrides.
+
+    Raises:
+        JaxgenError: one line naming the file, the dotted key and the bad value.
+    """
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    if path is not None and "name" not in data:
+        data["name"] = pathlib.Path(path).stem
+    return config_from_dict(data, where=f"{path}: " if path is not None else "")
+
+
+def config_from_dict(data: dict, where: str = "") -> Config:
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise JaxgenError(_error_line(e, where)) from None
+
+
+# Keys that shipped configs leave for the user to fill in, as "<what to put here>".
+PLACEHOLDER_KEYS = ("data.train_files", "data.validation_files", "data.data_dir", "tokenizer.path")
+
+
+def check_no_placeholders(config: Config) -> None:
+    """Refuses to run a config whose paths still hold a "<...>" placeholder.
+
+    Raises:
+        JaxgenError: naming the first unset dotted key and its placeholder text.
+    """
+    for key in PLACEHOLDER_KEYS:
+        section, field = key.split(".")
+        value = getattr(getattr(config, section), field)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, str) and "<" in item and ">" in item:
+                raise JaxgenError(f"{key}: {item!r} is a placeholder; set it in the config or as {key}=...")
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML, loadable again by `load_config`."""
+    data = config.model_dump(mode="json", exclude={"model": {"preset"}})
+    return yaml.safe_dump(data, sort_keys=False)

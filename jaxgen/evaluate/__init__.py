@@ -1,0 +1,1 @@
+"""Evaluation: perplexity of a text or a prepared split, BLEU / ROUGE of generations."""
