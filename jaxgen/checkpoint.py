@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 
 from jaxgen.config import Config, MeshConfig, load_config, to_yaml
 from jaxgen.errors import JaxgenError
+from jaxgen.model.transformer import abstract_params, abstract_variables
+from jaxgen.runtime.mesh import make_mesh, param_shardings
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -137,8 +139,6 @@ def load_params(
     Params are placed with the model's shardings on `mesh` (default: all devices) and
     cast to `dtype` when given (e.g. "bfloat16" for serving).
     """
-    from jaxgen.model.transformer import abstract_params, abstract_variables
-    from jaxgen.runtime.mesh import make_mesh, param_shardings
 
     config = read_run_config(run_dir)
     mesh = mesh or make_mesh(MeshConfig())

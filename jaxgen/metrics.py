@@ -8,6 +8,7 @@ import pathlib
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device.device_kind`.
 # Order matters: more specific names first ("v5 lite" before "v5").
@@ -69,8 +70,6 @@ class MetricsWriter:
         if self.enabled:
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             try:
-                from tensorboardX import SummaryWriter
-
                 self._tb = SummaryWriter(str(run_dir / "events"))
             except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
                 self._tb = None

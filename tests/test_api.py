@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 import jaxgen
-from jaxgen.checkpoint import save_params
 from jaxgen import cli
+from jaxgen.checkpoint import save_params
 from jaxgen.config import load_config
 from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.errors import JaxgenError
 from jaxgen.evaluate import perplexity as evaluate
 from jaxgen.inference import jsonl as generate_jsonl
-from jaxgen.inference import language_model as api
 from jaxgen.model.transformer import init_params
+from jaxgen.tokenizer.text import continuation
 
 TEXT = "the cat sat on the mat. the dog ate the bone. a bird sang in the tree.\n" * 30
 
@@ -160,8 +160,8 @@ class _DummyPrefixTokenizer:
 
 def test_completion_text_keeps_the_space_decoding_it_alone_would_drop():
     assert _DummyPrefixTokenizer().decode([2]) == "sat"
-    assert api.continuation(_DummyPrefixTokenizer(), [0, 1], [2]) == " sat"
-    assert api.continuation(_DummyPrefixTokenizer(), [], [2]) == "sat"
+    assert continuation(_DummyPrefixTokenizer(), [0, 1], [2]) == " sat"
+    assert continuation(_DummyPrefixTokenizer(), [], [2]) == "sat"
 
 
 def test_postprocess_filters(lm):

@@ -287,8 +287,8 @@ def test_chunked_cross_entropy_equals_one_chunk():
 
 
 def test_bench_train_times_the_model_train_would_build(corpus, tmp_path, capsys):
-    from jaxgen.bench.train import as_trained
     from jaxgen import cli
+    from jaxgen.bench.train import as_trained
     from jaxgen.data.tokenizer_training import train_tokenizer
     from jaxgen.model.transformer import param_count
     from jaxgen.tokenizer import load_tokenizer, model_vocab_size

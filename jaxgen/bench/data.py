@@ -19,7 +19,14 @@ import tempfile
 import threading
 import time
 
+import jax
 import numpy as np
+
+from jaxgen.config import load_config
+from jaxgen.data import dataset_dir, prepare, train_batches
+from jaxgen.data.prepare import tokenizing_workers
+from jaxgen.data.tokenizer_training import train_tokenizer
+from jaxgen.runtime.mesh import make_mesh
 
 _WORDS = 20_000
 
@@ -50,7 +57,6 @@ def synthetic_corpus(directory: pathlib.Path, mb: float, files: int = 4, seed: i
 
 
 def _config(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]):
-    from jaxgen.config import load_config
 
     return load_config(
         None,
@@ -110,7 +116,6 @@ class _PeakRSS:
 
 def _child_prepare(workdir: str, kind: str) -> None:
     """Runs in the child: prepare (the tokenizer already exists), print figures as JSON."""
-    from jaxgen.data import prepare
 
     files = sorted(pathlib.Path(workdir, "corpus").glob("*.txt"))
     sampler = _PeakRSS()
@@ -131,9 +136,6 @@ def _child_prepare(workdir: str, kind: str) -> None:
 
 
 def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -> dict:
-    from jaxgen.data import dataset_dir
-    from jaxgen.data.prepare import tokenizing_workers
-    from jaxgen.data.tokenizer_training import train_tokenizer
 
     config = _config(workdir, kind, files)
     start = time.perf_counter()
@@ -162,10 +164,6 @@ def bench_prepare(workdir: pathlib.Path, kind: str, files: list[pathlib.Path]) -
 
 
 def bench_pipeline(workdir: pathlib.Path, kind: str, files: list[pathlib.Path], batches: int) -> dict:
-    import jax
-
-    from jaxgen.data import train_batches
-    from jaxgen.runtime.mesh import make_mesh
 
     config = _config(workdir, kind, files)
     mesh = make_mesh(devices=jax.devices()[:1])

@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import Config
+from jaxgen.data.tokenizer_training import tokenizer_path
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import mfu, peak_tflops
 from jaxgen.model.layers import compute_dtype
 from jaxgen.model.transformer import model_flops_per_token, param_count
 from jaxgen.runtime import cpu_malloc
 from jaxgen.runtime.mesh import activate, make_mesh
-from jaxgen.train.loop import check_shapes
+from jaxgen.tokenizer import load_tokenizer
+from jaxgen.train.loop import check_shapes, resolve_config
 from jaxgen.train.step import Trainer
 
 
@@ -43,9 +45,6 @@ def as_trained(config: Config) -> tuple[Config, str]:
     `tokenizer.vocab_multiple`), whatever `model.vocab_size` says: the tokenizer file when
     it exists, else the vocab size the tokenizer will be trained to.
     """
-    from jaxgen.data.tokenizer_training import tokenizer_path
-    from jaxgen.tokenizer import load_tokenizer
-    from jaxgen.train.loop import resolve_config
 
     path = tokenizer_path(config)
     if path.is_file():

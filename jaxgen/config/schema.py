@@ -90,15 +90,6 @@ class ModelConfig(_Section):
         return self.mlp_dim or 4 * self.d_model
 
     @property
-    def scanned(self) -> bool:
-        """Whether the layer loop stays rolled (resolves `scan_layers: null` by platform)."""
-        if self.scan_layers is not None:
-            return self.scan_layers
-        import jax
-
-        return jax.default_backend() == "tpu"
-
-    @property
     def use_attention_bias(self) -> bool:
         return self.family == "gpt2" if self.attention_bias is None else self.attention_bias
 

@@ -22,9 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxgen.config import Config, ModelConfig, config_from_dict
+from jaxgen.checkpoint import load_params, save_params
+from jaxgen.config import Config, MeshConfig, ModelConfig, config_from_dict
 from jaxgen.convert import hf_config, hf_files, hf_params
 from jaxgen.errors import JaxgenError
+from jaxgen.model.transformer import abstract_variables
+from jaxgen.runtime.mesh import make_mesh, param_shardings
+from jaxgen.tokenizer import load_tokenizer
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -68,8 +72,6 @@ def read_config(hf_dir: str | pathlib.Path, dtype: str | None = None) -> Config:
 
 def default_mesh() -> Mesh:
     """One device: a model converted without a mesh is placed on the first device."""
-    from jaxgen.config import MeshConfig
-    from jaxgen.runtime.mesh import make_mesh
 
     return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
@@ -96,7 +98,6 @@ def load_hf(
 
 def find_tokenizer(directory: str | pathlib.Path):
     """The tokenizer stored in an HF (or run) directory, or None when it has none."""
-    from jaxgen.tokenizer import load_tokenizer  # picks SentencePiece or HFTokenizer
 
     directory = pathlib.Path(directory)
     if any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
@@ -115,8 +116,6 @@ def read_params(hf_dir: str | pathlib.Path, model: ModelConfig, mesh: Mesh, *, s
     With `serving`, layer weights stay one array per layer (the layout of
     jaxgen/model/serving.py): no stacking programs to compile and no unstacking copy.
     """
-    from jaxgen.model.transformer import abstract_variables
-    from jaxgen.runtime.mesh import param_shardings
 
     shardings = param_shardings(mesh, abstract_variables(model))["params"]
     reader = hf_files.SafetensorsReader(hf_dir)
@@ -206,7 +205,6 @@ def import_hf(
     Returns:
         the Config written to the run directory.
     """
-    from jaxgen.checkpoint import save_params
 
     hf_dir = pathlib.Path(hf_dir)
     config, params, _ = load_hf(hf_dir, dtype=dtype, mesh=mesh)
@@ -238,7 +236,6 @@ def export_hf(
     Returns:
         the names of the files written.
     """
-    from jaxgen.checkpoint import load_params
 
     run_dir = pathlib.Path(run_dir)
     config, params = load_params(run_dir, step=step)

@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -171,8 +173,6 @@ def staged_dir(out_dir: str | pathlib.Path) -> Iterator[pathlib.Path]:
 
     `out_dir` must not exist or be empty, so no half-written or mixed output remains.
     """
-    import shutil
-    import tempfile
 
     out = pathlib.Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxgen.config import ModelConfig
 from jaxgen.errors import JaxgenError
+from jaxgen.model.transformer import abstract_variables
 
 Path = tuple[str, ...]
 
@@ -139,7 +140,6 @@ def _llama_rule(path: Path, m: ModelConfig, prefix: str) -> Rule:
 
 def leaf_shapes(model: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
     """The jaxgen params tree as {path: abstract leaf}, in tree order."""
-    from jaxgen.model.transformer import abstract_variables
 
     params = nn.unbox(abstract_variables(model))["params"]
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

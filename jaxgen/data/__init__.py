@@ -1,22 +1,20 @@
 """Datasets: local sources -> a tokenized TFDS array_record dataset -> grain batches.
 
-    info = prepare(config)                 # tokenizer + dataset, a no-op when up to date
-    it = train_batches(config, mesh)       # next(it) -> {tokens, targets, positions, segment_ids, loss_mask}
-    state = it.get_state(); it.set_state(state)
-    for batch in eval_batches(config, mesh): ...
-    split_stats(config, "validation").chars  # for nats per character
-
-The pipeline names resolve lazily, so `prepare` (and a tokenizing worker process,
-which imports `jaxgen.data.encode`) does not import grain.
+info = prepare(config)                 # tokenizer + dataset, a no-op when up to date
+it = train_batches(config, mesh)       # next(it) -> {tokens, targets, positions, segment_ids, loss_mask}
+state = it.get_state(); it.set_state(state)
+for batch in eval_batches(config, mesh): ...
+split_stats(config, "validation").chars  # for nats per character
 """
 
-import importlib
+from jaxgen.data.loader import Batches, as_numpy, eval_batches, train_batches
+from jaxgen.data.pipeline import FIELDS
 
-# Imported eagerly: the function `prepare` must shadow the submodule of the same name.
+# Last: the function `prepare` must shadow the submodule of the same name.
 from jaxgen.data.prepare import DatasetInfo, SplitStats, dataset_dir, prepare, split_stats
 
-_LAZY = {name: "jaxgen.data.loader" for name in ("Batches", "as_numpy", "eval_batches", "train_batches")}
 __all__ = [
+    "FIELDS",
     "Batches",
     "DatasetInfo",
     "SplitStats",
@@ -27,9 +25,3 @@ __all__ = [
     "split_stats",
     "train_batches",
 ]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'jaxgen.data' has no attribute {name!r}")

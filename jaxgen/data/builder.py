@@ -21,6 +21,8 @@ import shutil
 import socket
 
 import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 DATASET_NAME = "jaxgen_tokens"
 VERSION = "1.0.0"
@@ -33,7 +35,6 @@ CHUNK_TOKENS = 4096  # tokens per pretraining record: windows of any seq_len rea
 
 def features(kind: str):
     """Feature spec: pretraining records hold a chunk of the token stream; SFT records one example."""
-    import tensorflow_datasets as tfds
 
     def array(dtype):
         return tfds.features.Tensor(shape=(None,), dtype=dtype, encoding=tfds.features.Encoding.BYTES)
@@ -46,7 +47,6 @@ def features(kind: str):
 
 def template(dataset_dir: pathlib.Path, split: str, name: str = DATASET_NAME):
     """TFDS's default shard naming: `NAME-SPLIT.array_record-0000X-of-0000N`."""
-    import tensorflow_datasets as tfds
 
     return tfds.core.ShardedFileTemplate(
         data_dir=dataset_dir,
@@ -80,7 +80,6 @@ class SplitWriter:
         self._shard_size = 0
 
     def write(self, example: dict) -> None:
-        from array_record.python import array_record_module
 
         if self._writer is None:
             path = self._dir / f".{self._split}-{len(self._paths):05d}.tmp"
@@ -104,7 +103,6 @@ class SplitWriter:
 
     def finish(self):
         """Renames the shards to TFDS names; returns the split's `tfds.core.SplitInfo`."""
-        import tensorflow_datasets as tfds
 
         self._close_shard()
         names = template(self._dir, self._split, self._name)
@@ -147,7 +145,6 @@ class StreamWriter:
 
 def write_metadata(dataset_dir: pathlib.Path, kind: str, split_infos: list, metadata: dict) -> None:
     """Writes dataset_info.json, features.json and metadata.json next to the shards."""
-    import tensorflow_datasets as tfds
 
     tfds.folder_dataset.write_metadata(
         data_dir=dataset_dir,
@@ -177,7 +174,6 @@ def replace_dir(tmp: pathlib.Path, final: pathlib.Path) -> None:
 
 def open_split(dataset_dir: pathlib.Path, split: str):
     """A random-access source of the split's decoded records (dicts of numpy arrays)."""
-    import tensorflow_datasets as tfds
 
     builder = tfds.builder_from_directory(dataset_dir)
     return builder.as_data_source(split=split)

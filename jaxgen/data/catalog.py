@@ -12,6 +12,8 @@ import json
 import pathlib
 from collections.abc import Iterator
 
+import tensorflow_datasets as tfds
+
 from jaxgen.errors import JaxgenError
 
 
@@ -42,7 +44,6 @@ def catalog_dir(config, pattern: str) -> pathlib.Path:
 
 
 def _source(config, pattern: str, default_split: str):
-    import tensorflow_datasets as tfds
 
     path = catalog_dir(config, pattern)
     _, split = parse(pattern, default_split)

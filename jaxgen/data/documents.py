@@ -13,6 +13,7 @@ import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
 from jaxgen.data import sources
+from jaxgen.data.catalog import catalog_texts
 
 Segment = tuple[str, bool]
 
@@ -138,7 +139,6 @@ def jsonl_segments(files, data, lo, hi, counts, advance) -> Iterator[Segment]:
 
 def catalog_segments(config, patterns: Sequence[str], default_split: str) -> Iterator[Segment]:
     """Pretraining documents from `tfds:` sources: one per example."""
-    from jaxgen.data.catalog import catalog_texts
 
     for pattern in patterns:
         for text in catalog_texts(config, pattern, default_split):

@@ -15,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from jaxgen.tokenizer import load_tokenizer
+
 Segment = tuple[str, bool]
 _tokenizer = None  # per worker process
 
@@ -31,7 +33,6 @@ def encode_segments(tokenizer, batch: list[Segment]) -> tuple[np.ndarray, int, i
 
 def _init(path: str) -> None:
     global _tokenizer
-    from jaxgen.tokenizer import load_tokenizer
 
     _tokenizer = load_tokenizer(path)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
 from jaxgen.data import pipeline
@@ -17,6 +18,7 @@ from jaxgen.data.pipeline import Shard
 from jaxgen.data.prepare import read_metadata
 from jaxgen.data.workers import WorkerWatch
 from jaxgen.errors import JaxgenError
+from jaxgen.runtime.mesh import batch_sharding, data_parallel_size
 
 _STATE_VERSION = 1
 
@@ -39,8 +41,6 @@ class Batches(Iterator):
         self._what = what
         self._sharding = None
         if mesh is not None:
-            from jaxgen.runtime.mesh import batch_sharding
-
             self._sharding = batch_sharding(mesh)
 
     def __iter__(self) -> Batches:
@@ -50,7 +50,6 @@ class Batches(Iterator):
         local = next(self._it) if self._watch is None else self._watch.next(self._it)
         if self._sharding is None:
             return local
-        import jax
 
         return {
             k: jax.make_array_from_process_local_data(self._sharding, local[k], self._shape)
@@ -93,7 +92,6 @@ def _shard(mesh, shape: tuple[int, int], process_index, process_count) -> Shard:
         return Shard(index, count)
     if mesh is None:
         return Shard(0, 1)
-    from jaxgen.runtime.mesh import batch_sharding
 
     slices = batch_sharding(mesh).addressable_devices_indices_map(shape).values()
     rows = sorted({(s[0].start or 0, s[0].stop or shape[0]) for s in slices})
@@ -104,7 +102,6 @@ def _shard(mesh, shape: tuple[int, int], process_index, process_count) -> Shard:
 def _check(config, mesh, batch_size: int, key: str) -> None:
     if mesh is None:
         return
-    from jaxgen.runtime.mesh import data_parallel_size
 
     n = data_parallel_size(mesh)
     if batch_size % n:

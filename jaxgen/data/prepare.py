@@ -25,8 +25,10 @@ import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from jaxgen.data import builder, documents, sources
+from jaxgen.data.catalog import catalog_digest
 from jaxgen.data.documents import Counts
 from jaxgen.data.encode import encode_all
 from jaxgen.data.sft import write_sft
@@ -181,8 +183,6 @@ def ensure_tokenizer(config, say=print, scans: dict | None = None) -> pathlib.Pa
         scans = _scan(config, (read_metadata(config) or {}).get("files", {}))
     digests = {p: scans[p].sha256 for p in map(str, sources.resolve_files(config.data.train_files, "-"))}
     for pattern in filter(sources.is_tfds, config.data.train_files):
-        from jaxgen.data.catalog import catalog_digest
-
         digests[pattern] = catalog_digest(config, pattern)
     fingerprint = tokenizer_fingerprint(config, digests)
     if tokenizer_up_to_date(config, fingerprint):
@@ -211,8 +211,6 @@ def _fingerprint(config, scans: dict, tokenizer_sha: str) -> str:
         "seq_len": config.train.seq_len if config.data.format == "sft" else None,
     }
     for pattern in filter(sources.is_tfds, (*config.data.train_files, *config.data.validation_files)):
-        from jaxgen.data.catalog import catalog_digest
-
         blob[pattern] = catalog_digest(config, pattern)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
@@ -261,7 +259,6 @@ def _plans(config, scans: dict) -> list[_Plan]:
 
 
 def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, progress: bool):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     # Import TFDS before rich's refresh thread starts: TFDS swaps `__import__` for a lazy
     # importer while it loads, and rich's thread importing `.markup` then would fail.

@@ -14,6 +14,7 @@ import json
 import pathlib
 from collections.abc import Iterator, Sequence
 
+from jaxgen.data.catalog import catalog_digest, catalog_texts
 from jaxgen.errors import JaxgenError
 
 BLOCK_BYTES = 1 << 20
@@ -92,7 +93,6 @@ def scan_file(path: pathlib.Path, strict: bool, known: dict | None = None) -> Fi
 
 def file_digests(config, patterns: Sequence[str]) -> dict[str, str]:
     """{path: sha256} of the files `patterns` name (tfds: sources by their metadata)."""
-    from jaxgen.data.catalog import catalog_digest
 
     out = {}
     for pattern in patterns:
@@ -231,8 +231,6 @@ def sentence_iterator(config) -> Iterator[str]:
     data = config.data
     for pattern in data.train_files:
         if is_tfds(pattern):
-            from jaxgen.data.catalog import catalog_texts
-
             for text in catalog_texts(config, pattern, default_split="train"):
                 yield from _lines(text)
     for path in resolve_files(data.train_files, "data.train_files"):

@@ -36,6 +36,7 @@ from jaxgen.model.layers import constrain
 from jaxgen.model.serving import ServingTransformer, unstack_layers
 from jaxgen.model.transformer import Transformer
 from jaxgen.runtime.mesh import batch_sharding, data_parallel_size, mesh_context
+from jaxgen.tokenizer.text import stop_prefix
 
 FINISH_REASONS = (None, "length", "eos", "stop")  # index = the code kept in the state
 LENGTH, EOS, STOP = 1, 2, 3
@@ -360,7 +361,7 @@ def stream_ids(
             new = []
             for i in range(batch.count):
                 kept = tokens[i, : num[i]].tolist()
-                upto = len(kept) if done[i] else len(kept) - _stop_prefix(kept, spec.stopping.stop)
+                upto = len(kept) if done[i] else len(kept) - stop_prefix(tuple(kept), spec.stopping.stop)
                 new.append(kept[sent[i] : upto])
                 sent[i] = max(sent[i], upto)
             yield new
@@ -368,8 +369,3 @@ def stream_ids(
                 break
             state = advance_fn(params, state, state.step + chunk)
     return _completions(*_outputs(state), batch.count)
-
-
-def _stop_prefix(tokens: list[int], stops: tuple[tuple[int, ...], ...]) -> int:
-    """The length of the longest tail of `tokens` that begins some stop sequence (unfinished)."""
-    return max((h for seq in stops for h in range(1, len(seq)) if tokens[-h:] == list(seq[:h])), default=0)

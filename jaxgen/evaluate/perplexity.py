@@ -10,6 +10,7 @@ model's max_len that do not share context.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -18,8 +19,13 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
+from jaxgen.data import eval_batches, split_stats
+from jaxgen.decode.loop import mesh_context
 from jaxgen.errors import JaxgenError
+from jaxgen.model.serving import ServingTransformer
 
 
 @functools.lru_cache(maxsize=8)
@@ -28,7 +34,6 @@ def _nll_fn(config):
 
     `params` in either layout (a `LanguageModel` keeps the serving one).
     """
-    from jaxgen.model.serving import ServingTransformer
 
     model = ServingTransformer(config)
 
@@ -88,7 +93,6 @@ def perplexity_of_text(lm, path: str | pathlib.Path, batch_size: int | None = No
     fn = _nll_fn(cfg.model)
     positions = np.broadcast_to(np.arange(cfg.model.max_len, dtype=np.int32), (batch, cfg.model.max_len))
     total, count = 0.0, 0
-    from jaxgen.decode.loop import mesh_context
 
     with mesh_context(lm.mesh):
         for tokens, targets, mask in text_windows(lm.tokenizer.encode(text), start, cfg.model.max_len, batch):
@@ -99,13 +103,11 @@ def perplexity_of_text(lm, path: str | pathlib.Path, batch_size: int | None = No
 
 def perplexity_of_split(lm, split: str = "validation") -> dict:
     """Scores a prepared split (every token once, via `jaxgen.data.eval_batches`)."""
-    from jaxgen.data import eval_batches, split_stats
 
     cfg = lm.config
     stats = split_stats(cfg, split)
     fn = _nll_fn(cfg.model)
     total, count = 0.0, 0
-    from jaxgen.decode.loop import mesh_context
 
     with mesh_context(lm.mesh):
         for i, b in enumerate(eval_batches(cfg, lm.mesh, split)):
@@ -168,8 +170,9 @@ def paired(
 
 
 def _need(module: str):
+    """An optional dependency (the `eval` extra), or one line saying how to install it."""
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         raise JaxgenError(f"{module} is not installed: pip install 'jaxgen[eval]'") from None
 
@@ -186,9 +189,7 @@ def bleu(hypotheses: list[str], references: list[list[str]]) -> dict:
 
 def rouge(hypotheses: list[str], references: list[list[str]]) -> dict:
     """Mean ROUGE-1/2/L F1 (rouge-score with stemming; the best reference per example)."""
-    _need("rouge_score")
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = _need("rouge_score.rouge_scorer")
     kinds = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
     totals = dict.fromkeys(kinds, 0.0)
@@ -209,8 +210,6 @@ def write_json(path: str | pathlib.Path, data: dict) -> None:
 
 
 def print_table(title: str, data: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=title)
     table.add_column("metric")

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import ModelConfig
+from jaxgen.model.layers import compute_dtype
 
 
 @flax.struct.dataclass
@@ -47,7 +48,6 @@ CACHE_NAMES = ("layers", "batch", "act_kv_heads", "cache_length", "head_dim")
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache. Call under `jax.jit(..., out_shardings=...)` to create it sharded."""
-    from jaxgen.model.layers import compute_dtype
 
     dtype = dtype or compute_dtype(config)
     shape = (config.num_layers, batch, config.kv_heads, max_len, config.dim_per_head)

@@ -34,6 +34,12 @@ _REMAT_POLICIES = {
 }
 
 
+def layers_scanned(cfg: ModelConfig) -> bool:
+    """Whether the layer loop stays rolled: `model.scan_layers`, or by platform when null
+    (TPU pods scan for a compile time flat in depth; GPUs and CPUs unroll, see README)."""
+    return cfg.scan_layers if cfg.scan_layers is not None else jax.default_backend() == "tpu"
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
@@ -80,7 +86,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
-            unroll=1 if cfg.scanned else cfg.num_layers,
+            unroll=1 if layers_scanned(cfg) else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.deterministic)
         self.final_norm = Norm(cfg)

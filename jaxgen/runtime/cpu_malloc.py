@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import functools
 
+import jax
+
 # glibc mallopt(3) parameters.
 _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
@@ -14,7 +16,6 @@ _TOP_PAD_BYTES = 64 << 20
 
 def prepare_for_training() -> None:
     """Host tuning for a training process; a no-op unless XLA runs on the CPU."""
-    import jax
 
     if jax.default_backend() == "cpu":
         keep_cpu_buffers_mapped()

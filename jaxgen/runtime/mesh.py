@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgen.config import MeshConfig
@@ -79,8 +80,6 @@ def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> 
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(config, len(devices))
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, AssertionError, NotImplementedError):
         # Topology-aware placement is an optimisation; plain order is always valid.

@@ -21,6 +21,7 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+from sentencepiece import sentencepiece_model_pb2
 
 _SPACE = "\u2581"  # how SentencePiece writes " " inside pieces
 # A batch is cut in one regex pass over its texts joined by NUL, a unit of its own with
@@ -37,7 +38,6 @@ def flatten(id_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _separable(proto: bytes, pieces: Sequence[str]) -> bool:
-    from sentencepiece import sentencepiece_model_pb2
 
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(proto)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -28,6 +29,7 @@ from rich.progress import (
 
 from jaxgen import checkpoint, data
 from jaxgen.config import Config, check_no_placeholders
+from jaxgen.decode.request import complete_text
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import MetricsWriter, eval_figures, mfu, peak_tflops
 from jaxgen.model.transformer import model_flops_per_token
@@ -208,14 +210,13 @@ class _Loop:
 
     def sample(self, state: TrainState, step: int) -> None:
         """A short greedy-or-sampled completion of `train.sample_prompt` with the current params."""
-        from jaxgen.inference.language_model import LanguageModel
-
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.run_dir)
-        lm = LanguageModel(self.config, state.params, self.tokenizer, self.mesh)
-        text = lm.generate([self.config.train.sample_prompt], max_new_tokens=self.config.train.sample_tokens)[
-            0
-        ].text
+        cfg = self.config
+        text = complete_text(
+            cfg.model, state.params, self.tokenizer, cfg.train.sample_prompt, cfg.generate, self.mesh,
+            max_new_tokens=cfg.train.sample_tokens,
+        )  # fmt: skip
         self.metrics.write(step, "sample", {"prompt": self.config.train.sample_prompt, "text": text})
         self.console.print(f"sample {step:>6}  {self.config.train.sample_prompt}{text!r}")
 
@@ -244,8 +245,6 @@ def _progress(console: Console) -> Progress:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

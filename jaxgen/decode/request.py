@@ -1,0 +1,159 @@
+"""One generation request: `GenerateConfig` options -> the decode program, prompts -> token rows.
+
+The options type is `GenerateConfig` (config/schema.py): the config's `generate` section,
+the CLI flags, `LanguageModel.generate(**options)` and the training loop's samples are
+all that one type, validated here once (`resolve`). What the compiled loop needs of it is
+the `DecodeSpec` (strategy, processors, stopping, buffer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Sequence
+
+import pydantic
+
+from jaxgen.config import GenerateConfig, ModelConfig
+from jaxgen.decode import beam, loop, sampling
+from jaxgen.errors import JaxgenError
+from jaxgen.tokenizer.text import continuation, cut_at_stop
+
+Prompt = str | Sequence[int]
+# Options that are not sampling settings but may be passed to `generate`.
+EXTRA_OPTIONS = ("max_length",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Resolved options of one `generate` call."""
+
+    options: GenerateConfig
+    spec: loop.DecodeSpec
+    max_new_tokens: int
+    max_length: int | None  # when given, wins over max_new_tokens (HF: the prompt counts)
+    stop_texts: tuple[str, ...]
+
+
+def row_id(key) -> int:
+    """A stable 31-bit row identity for sampling keys (the same for a prompt id on every run)."""
+    return zlib.crc32(str(key).encode("utf-8")) & 0x7FFFFFFF
+
+
+def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, **options) -> Request:
+    """Validates `options` over `defaults` and builds the decode program they describe."""
+    unknown = set(options) - set(GenerateConfig.model_fields) - set(EXTRA_OPTIONS)
+    if unknown:
+        raise JaxgenError(f"generate: unknown option {sorted(unknown)[0]!r}")
+    options = {k: v for k, v in options.items() if v is not None}
+    max_length = options.pop("max_length", None)
+    try:
+        opts = GenerateConfig.model_validate({**defaults.model_dump(), **options})
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(map(str, err["loc"])) or "generate"
+        raise JaxgenError(f"{key}: {err['msg'].removeprefix('Value error, ')}") from None
+    strategy = sampling.make_strategy(
+        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
+        num_beams=opts.num_beams, num_return_sequences=opts.num_return_sequences,
+        length_penalty=opts.length_penalty, early_stopping=opts.early_stopping,
+    )  # fmt: skip
+    vocab_limit = None if tokenizer is None else tokenizer.vocab_size
+    processors = sampling.Processors(
+        opts.repetition_penalty,
+        opts.no_repeat_ngram_size,
+        tuple(encode_piece(tokenizer, b) for b in opts.banned),
+        vocab_limit if vocab_limit is not None and vocab_limit < model.vocab_size else None,
+    )
+    sampling.check_processors(processors, model.vocab_size)
+    eos = () if tokenizer is None or tokenizer.eos_id is None else (tokenizer.eos_id,)
+    stopping = sampling.Stopping(eos, tuple(encode_piece(tokenizer, s) for s in opts.stop))
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise JaxgenError(f"max_length: {max_length!r} must be a positive integer")
+    most = opts.max_new_tokens if max_length is None else max_length  # an upper bound of new tokens
+    spec = loop.DecodeSpec(strategy, processors, stopping, buffer=loop.bucket(most))
+    return Request(opts, spec, opts.max_new_tokens, max_length, tuple(opts.stop))
+
+
+def encode_piece(tokenizer, text: str) -> tuple[int, ...]:
+    if tokenizer is None:
+        raise JaxgenError(f"stop/banned {text!r}: needs a tokenizer (this model has none)")
+    ids = tuple(tokenizer.encode(text))
+    if not ids:
+        raise JaxgenError(f"stop/banned {text!r}: encodes to no tokens")
+    return ids
+
+
+def encode_prompt(
+    tokenizer, model: ModelConfig, prompt: Prompt, opts: GenerateConfig, where: str
+) -> list[int]:
+    """Control prefix + prompt as token ids; an empty prompt becomes the bos token."""
+    prefix = "".join(opts.control_template.format(key=k, value=v) for k, v in opts.control.items())
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise JaxgenError(f"{where}: a text prompt needs a tokenizer (pass token ids instead)")
+        ids = tokenizer.encode(prefix + prompt)
+    else:
+        ids = [int(t) for t in prompt]
+        if prefix:
+            ids = list(encode_piece(tokenizer, prefix)) + ids
+        if any(not 0 <= t < model.vocab_size for t in ids):
+            raise JaxgenError(f"{where}: token ids outside [0, {model.vocab_size})")
+    if not ids:
+        bos = None if tokenizer is None else tokenizer.bos_id
+        if bos is None:
+            raise JaxgenError(f"{where}: empty prompt and the tokenizer has no bos token to start from")
+        ids = [bos]
+    return ids
+
+
+def fit_prompt(model: ModelConfig, ids: list[int], new: int, opts: GenerateConfig, where: str) -> list[int]:
+    """The prompt, its oldest tokens dropped if `truncate_prompt` and it leaves no room."""
+    room = model.max_len - new
+    if len(ids) <= room:
+        return ids
+    if opts.truncate_prompt and room > 0:
+        return ids[-room:]
+    loop.check_room(model, len(ids), new, where)
+    return ids
+
+
+def new_tokens(request: Request, prompts: list[list[int]]) -> int:
+    """How many tokens to generate for this batch of prompts."""
+    if request.max_length is None:
+        return request.max_new_tokens
+    longest = max(len(p) for p in prompts)
+    if request.max_length <= longest:  # HF: max_length counts the (padded) prompt
+        raise JaxgenError(f"max_length: {request.max_length} leaves no room after a {longest}-token prompt")
+    return request.max_length - longest
+
+
+def run_batch(
+    model: ModelConfig, params, prompts: list[list[int]], row_ids: list, request: Request, mesh
+) -> tuple[list[list[int]], list[list[loop.Completion]]]:
+    """Fits and decodes one batch (beam search or sampling): the prompts as run, and each
+    prompt's completions (`num_return_sequences` for beams, one otherwise)."""
+    new = new_tokens(request, prompts)
+    prompts = [
+        fit_prompt(model, p, new, request.options, f"prompt {r}")
+        for p, r in zip(prompts, row_ids, strict=True)
+    ]
+    kw = dict(max_new_tokens=new, mesh=mesh, buckets=request.options.prompt_buckets)
+    if isinstance(request.spec.strategy, sampling.BeamSearch):
+        return prompts, beam.beam_ids(model, params, prompts, request.spec, **kw)
+    ids = [row_id(r) for r in row_ids]
+    rows = loop.generate_ids(
+        model, params, prompts, request.spec, seed=request.options.seed, row_ids=ids, **kw
+    )
+    return prompts, [[c] for c in rows]
+
+
+def complete_text(
+    model: ModelConfig, params, tokenizer, prompt: str, defaults: GenerateConfig, mesh, **options
+):
+    """What `LanguageModel.generate([prompt], **options)[0].text` gives, for a caller that holds
+    raw params (the training loop's samples): the first completion, stop strings cut."""
+    req = resolve(defaults, model, tokenizer, **options)
+    ids = encode_prompt(tokenizer, model, prompt, req.options, "prompt 0")
+    prompts, rows = run_batch(model, params, [ids], [0], req, mesh)
+    return cut_at_stop(continuation(tokenizer, prompts[0], rows[0][0].tokens), req.stop_texts)[0]
