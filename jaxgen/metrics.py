@@ -1,4 +1,5 @@
-"""Training metrics: MFU, and one writer for metrics.jsonl, TensorBoard and the console."""
+"""What a run reports: MFU, evaluation figures, one writer for metrics.jsonl and TensorBoard,
+and the one progress-bar layout every long job shows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pathlib
 from typing import Any
 
 import jax
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from tensorboardX import SummaryWriter
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device.device_kind`.
@@ -45,18 +48,19 @@ def mfu(
     return tokens_per_second * flops_per_token / (num_devices * peak * 1e12)
 
 
-def eval_figures(nll_sum: float, tokens: float, chars: int | None = None, nbytes: int | None = None) -> dict:
-    """Loss, perplexity, nats per character and bits per byte from summed token NLL.
+def perplexity_figures(nll_sum: float, tokens: float, chars: int = 0, nbytes: int = 0) -> dict:
+    """The evaluation figures of summed token NLL, under the names every report uses
+    (metrics.jsonl, TensorBoard, `jaxgen eval` JSON and the console).
 
     Per-character and per-byte figures make models with different tokenizers comparable
-    (tokens are not characters).
+    (tokens are not characters); they are left out when the text's size is unknown.
     """
-    loss = nll_sum / max(tokens, 1.0)
-    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    per_token = nll_sum / max(tokens, 1.0)
+    out = {"tokens": tokens, "nats_per_token": per_token, "perplexity": math.exp(min(per_token, 700.0))}
     if chars:
-        out["nats_per_char"] = nll_sum / chars
+        out |= {"chars": chars, "nats_per_char": nll_sum / chars}
     if nbytes:
-        out["bits_per_byte"] = nll_sum / math.log(2) / nbytes
+        out |= {"bytes": nbytes, "bits_per_byte": nll_sum / math.log(2) / nbytes}
     return out
 
 
@@ -98,3 +102,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def progress_bar(
+    label: str, *figures: ProgressColumn, console: Console | None = None, enabled: bool = True
+) -> Progress:
+    """A transient rich progress bar: `label` (a TextColumn template), the bar, then the
+    caller's figures. Disabled, it shows nothing (quiet runs, tests, non-leader processes)."""
+    return Progress(
+        TextColumn(label), BarColumn(), *figures, console=console, transient=True, disable=not enabled
+    )

@@ -6,7 +6,7 @@
 #   2. put the code on every worker: this checkout as a tarball (default) or a git clone (--repo);
 #   3. on every worker: Python 3.11 venv in ~/jaxgen/.venv, `pip install -e ".[tpu]"`;
 #   4. on every worker at once: `jaxgen train`. The processes find each other through the
-#      TPU metadata (jaxgen.distributed.initialize_from_env), so one command starts the job.
+#      TPU metadata (jaxgen.runtime.initialize_from_env), so one command starts the job.
 # See launch/README.md.
 set -euo pipefail
 

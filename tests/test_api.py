@@ -11,6 +11,8 @@ import pytest
 import jaxgen
 from jaxgen import cli
 from jaxgen.checkpoint import save_params
+from jaxgen.cli.app import build_parser
+from jaxgen.cli.options import from_args
 from jaxgen.config import load_config
 from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.errors import JaxgenError
@@ -88,7 +90,7 @@ def test_bad_input_is_a_one_line_user_error(lm, prompts, options, message):
 def test_empty_prompt_starts_from_bos_and_needs_one(lm):
     [r] = lm.generate([""], temperature=0.0)
     assert r.prompt_tokens == [lm.tokenizer.bos_id] and len(r.tokens) == 8
-    bare = jaxgen.LanguageModel(lm.config, lm.params, tokenizer=None, mesh=lm.mesh)
+    bare = jaxgen.inference.LanguageModel(lm.config, lm.params, tokenizer=None, mesh=lm.mesh)
     with pytest.raises(JaxgenError, match="prompt 0: empty prompt"):
         bare.generate([[]])
 
@@ -185,6 +187,21 @@ def test_cli_generate_streams_and_writes_jsonl(run_dir, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 3
     assert cli.main([*args, "--control", "oops"]) == 1
     assert "--control 'oops'" in capsys.readouterr().err
+
+
+def test_generate_flags_set_only_the_options_given():
+    def parse(*flags):
+        return from_args(build_parser().parse_args(["generate", "--run", "r", "--prompt", "x", *flags]))
+
+    assert parse() == {}  # unset flags leave the run's config to decide
+    got = parse(
+        "--top-k", "5", "--max-length", "9", "--early-stopping", "Never", "--stop", ".", "--stop", "!"
+    )
+    assert got == {"top_k": 5, "max_length": 9, "early_stopping": "never", "stop": (".", "!")}
+    got = parse("--early-stopping", "false", "--control", "a=b=c")
+    assert got == {"early_stopping": False, "control": {"a": "b=c"}}
+    with pytest.raises(JaxgenError, match="--control 'oops'"):
+        parse("--control", "oops")
 
 
 def test_eval_perplexity_matches_logits(lm, run_dir, tmp_path):
@@ -293,7 +310,7 @@ def test_language_model_keeps_one_copy_of_the_weights(run_dir):
     size = sum(a.nbytes for a in jax.tree.leaves(stacked))
     want = jax.tree.map(np.asarray, stacked)
     before = sum(a.nbytes for a in jax.live_arrays())
-    lm = jaxgen.LanguageModel(config, stacked)
+    lm = jaxgen.inference.LanguageModel(config, stacked)
     del stacked
     [r] = lm.generate([[1, 2, 3]], temperature=0.0)  # decoding must not add a second copy
     held = sum(a.nbytes for a in jax.live_arrays()) - before + size

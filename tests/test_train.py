@@ -19,7 +19,7 @@ from jaxgen.errors import JaxgenError
 from jaxgen.runtime.mesh import activate, make_mesh
 from jaxgen.train.loop import train
 from jaxgen.train.optim import make_schedule
-from jaxgen.train.step import Trainer
+from jaxgen.train.step import TrainStep
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -168,7 +168,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
         )
         mesh = make_mesh(config.mesh)
         with activate(mesh):
-            trainer = Trainer(config, mesh)
+            trainer = TrainStep.from_config(config, mesh)
             state = trainer.init(jax.random.key(0))
             state, metrics = trainer.step(state, jax.device_put(batch, trainer.batch_sharding))
             results.append((jax.device_get(state.params), float(metrics.loss), float(metrics.grad_norm)))
@@ -180,7 +180,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
 def test_non_finite_step_is_not_applied(tiny_config):
     mesh = make_mesh(tiny_config.mesh)
     with activate(mesh):
-        trainer = Trainer(tiny_config, mesh)
+        trainer = TrainStep.from_config(tiny_config, mesh)
         state = trainer.init(jax.random.key(0))
         before = jax.device_get(state)
         poisoned = state.replace(
@@ -259,8 +259,8 @@ def test_out_of_memory_names_the_knobs(tiny_config):
             raise ValueError("unrelated")
 
 
-def test_chunked_cross_entropy_equals_one_chunk():
-    from jaxgen.train.step import chunked_cross_entropy
+def test_token_nll_in_chunks_equals_one_chunk():
+    from jaxgen.model.loss import token_nll
 
     hidden = jax.random.normal(jax.random.key(0), (2, 12, 8))
     kernel = jax.random.normal(jax.random.key(1), (8, 32))
@@ -269,7 +269,7 @@ def test_chunked_cross_entropy_equals_one_chunk():
     project = lambda h, k: jnp.einsum("BTD,DV->BTV", h, k)  # noqa: E731
 
     def loss(h, k, chunk):
-        nll, z = chunked_cross_entropy(lambda x: project(x, k), h, targets, mask, chunk)
+        nll, z = token_nll(lambda x: project(x, k), h, targets, mask, chunk)
         return nll + 1e-2 * z
 
     whole = jax.value_and_grad(loss, argnums=(0, 1))(hidden, kernel, 12)
@@ -279,7 +279,7 @@ def test_chunked_cross_entropy_equals_one_chunk():
     logp = jax.nn.log_softmax(project(hidden, kernel))
     reference = -(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum()
     np.testing.assert_allclose(
-        chunked_cross_entropy(lambda x: project(x, kernel), hidden, targets, mask, 4)[0],
+        token_nll(lambda x: project(x, kernel), hidden, targets, mask, 4)[0],
         reference,
         atol=1e-5,
         rtol=1e-6,

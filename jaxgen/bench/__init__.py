@@ -1,1 +1,2 @@
-"""Benchmarks behind `jaxgen bench train|generate|data`: one JSON line per setting."""
+"""Benchmarks behind `jaxgen bench data|generate|train`: each module's `run(...)` yields one
+dict per setting, which the CLI prints as a JSON line."""

@@ -1,4 +1,4 @@
-"""`jaxgen bench data`: prepare throughput and peak RSS, pipeline batches/s. One JSON line each.
+"""`jaxgen bench data`: prepare throughput and peak RSS, pipeline batches/s. One line each.
 
 Prepare runs in a child process so its memory is measured alone (VmHWM of the child,
 and the sampled sum over the child and its tokenizing workers); the tokenizer is
@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -180,8 +181,10 @@ def bench_pipeline(workdir: pathlib.Path, kind: str, files: list[pathlib.Path], 
     return out
 
 
-def run(mb: float = 200.0, batches: int = 500, kind: str = "bpe", workdir: str | None = None) -> list[dict]:
-    """Prints (and returns) one JSON line per measurement."""
+def run(
+    mb: float = 200.0, batches: int = 500, kind: str = "bpe", workdir: str | None = None
+) -> Iterator[dict]:
+    """Yields one line per measurement (the CLI prints each as JSON)."""
     with tempfile.TemporaryDirectory(prefix="jaxgen-bench-data-") as tmp:
         root = pathlib.Path(workdir or tmp)
         (root / "corpus").mkdir(parents=True, exist_ok=True)
@@ -190,9 +193,6 @@ def run(mb: float = 200.0, batches: int = 500, kind: str = "bpe", workdir: str |
             for p in files:
                 p.unlink()
             files = synthetic_corpus(root / "corpus", mb)
-        results = []
         for k in kind.split(","):
-            for line in (bench_prepare(root, k, files), bench_pipeline(root, k, files, batches)):
-                print(json.dumps(line), flush=True)
-                results.append(line)
-        return results
+            yield bench_prepare(root, k, files)
+            yield bench_pipeline(root, k, files, batches)

@@ -1,19 +1,20 @@
 """`jaxgen bench train CONFIG`: throughput of the real train step on synthetic tokens.
 
-Prints one JSON line: tokens/s, ms per step, MFU, compile seconds and peak device
-memory. Synthetic batches keep input out of the measurement (the input pipeline
+One line (the CLI prints it as JSON): tokens/s, ms per step, MFU, compile seconds and
+peak device memory. Synthetic batches keep input out of the measurement (the input pipeline
 has its own benchmark, `jaxgen bench data`).
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.config import Config
+from jaxgen.data.pipeline import window_batch
 from jaxgen.data.tokenizer_training import tokenizer_path
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import mfu, peak_tflops
@@ -23,19 +24,14 @@ from jaxgen.runtime import cpu_malloc
 from jaxgen.runtime.mesh import activate, make_mesh
 from jaxgen.tokenizer import load_tokenizer
 from jaxgen.train.loop import check_shapes, resolve_config
-from jaxgen.train.step import Trainer
+from jaxgen.train.step import TrainStep
 
 
 def synthetic_batch(config: Config, seed: int = 0) -> dict:
+    """A batch laid out as the pipeline lays one out, of random tokens."""
     b, t, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-    tokens = jax.random.randint(jax.random.key(seed), (b, t + 1), 0, v, dtype=jnp.int32)
-    return {
-        "tokens": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-        "segment_ids": jnp.ones((b, t), jnp.int32),
-        "loss_mask": jnp.ones((b, t), jnp.float32),
-    }
+    windows = np.random.default_rng(seed).integers(0, v, (b, t + 1), dtype=np.int32)  # [B, T+1]
+    return window_batch(windows, np.ones(windows.shape, bool))
 
 
 def as_trained(config: Config) -> tuple[Config, str]:
@@ -70,15 +66,15 @@ def _peak_memory(compiled) -> tuple[int | None, str]:
     return int(total - analysis.alias_size_in_bytes), "xla_estimate"
 
 
-def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
+def run(config: Config, *, steps: int = 20, warmup: int = 3) -> Iterator[dict]:
     """Compiles and times `steps` train steps after `warmup` untimed ones, for the model
-    `jaxgen train` would build from `config` (its vocab from the tokenizer)."""
+    `jaxgen train` would build from `config` (its vocab from the tokenizer); yields one line."""
     config, vocab_source = as_trained(config)
     mesh = make_mesh(config.mesh)
     check_shapes(config, mesh)
     cpu_malloc.prepare_for_training()
     with activate(mesh):
-        trainer = Trainer(config, mesh)
+        trainer = TrainStep.from_config(config, mesh)
         state = trainer.init(jax.random.key(0))
         batch = jax.device_put(synthetic_batch(config), trainer.batch_sharding)
         start = time.perf_counter()
@@ -97,7 +93,7 @@ def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
     flops = model_flops_per_token(config.model, config.train.seq_len)
     peak_bytes, memory_source = _peak_memory(compiled)
     util = mfu(tokens / seconds, flops, jax.device_count(), peak_tflops(kind, config.train.peak_tflops))
-    return {
+    yield {
         "bench": "train",
         "config": config.name,
         "device": kind,
@@ -116,8 +112,3 @@ def bench_train(config: Config, *, steps: int = 20, warmup: int = 3) -> dict:
         "peak_memory_source": memory_source,
         "final_loss": float(metrics.loss),
     }
-
-
-def main(config: Config, steps: int, warmup: int) -> int:
-    print(json.dumps(bench_train(config, steps=steps, warmup=warmup)))
-    return 0

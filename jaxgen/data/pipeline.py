@@ -44,6 +44,21 @@ class Shard:
         return batch_size // self.count
 
 
+def window_batch(windows: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch (FIELDS) of token windows [B, T+1]: each token predicts the next one.
+
+    `valid` [B, T+1] marks real tokens (False: padding, which neither attends nor counts).
+    """
+    b, t = windows.shape[0], windows.shape[1] - 1
+    return {
+        "tokens": windows[:, :-1],
+        "targets": windows[:, 1:],
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "segment_ids": valid[:, :-1].astype(np.int32),
+        "loss_mask": valid[:, 1:].astype(np.float32),
+    }
+
+
 class WindowReader:
     """Turns an array of window ids into a batch dict; id -1 is a padding row.
 
@@ -86,13 +101,7 @@ class WindowReader:
             offset = start // c * c
             tokens[row, : end - start] = chunk[start - offset : end - offset]
             valid[row, : end - start] = True
-        return {
-            "tokens": tokens[:, :-1],
-            "targets": tokens[:, 1:],
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-            "segment_ids": valid[:, :-1].astype(np.int32),
-            "loss_mask": valid[:, 1:].astype(np.float32),
-        }
+        return window_batch(tokens, valid)
 
 
 def _metadata(config, split: str) -> dict:

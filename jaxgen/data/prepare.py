@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import DownloadColumn, TextColumn, TransferSpeedColumn
 
 from jaxgen.data import builder, documents, sources
 from jaxgen.data.catalog import catalog_digest
@@ -40,6 +40,7 @@ from jaxgen.data.tokenizer_training import (
     train_tokenizer,
 )
 from jaxgen.errors import JaxgenError
+from jaxgen.metrics import progress_bar
 from jaxgen.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1
@@ -265,15 +266,9 @@ def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, 
     spec = builder.features(kind)
     plans = _plans(config, scans)
     total_bytes = sum(scans[str(p)].size for plan in plans for p in plan.files)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TextColumn("{task.fields[tokens]:,} tokens"),
-    )
+    figures = (DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tokens]:,} tokens"))
     infos, stats = [], {}
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar("{task.description}", *figures, enabled=progress) as bar:
         task = bar.add_task("tokenizing", total=total_bytes or None, tokens=0)
         for plan in plans:
             counts = Counts()

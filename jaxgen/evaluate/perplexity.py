@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import math
 import os
 import pathlib
 
@@ -23,42 +22,34 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxgen.data import eval_batches, split_stats
-from jaxgen.decode.loop import mesh_context
 from jaxgen.errors import JaxgenError
+from jaxgen.metrics import perplexity_figures
+from jaxgen.model.loss import projector, token_nll
 from jaxgen.model.serving import ServingTransformer
+from jaxgen.runtime.mesh import mesh_context
 
 
 @functools.lru_cache(maxsize=8)
-def _nll_fn(config):
+def _nll_fn(config, chunk: int):
     """jit(params, tokens, targets, positions, segment_ids, mask) -> summed NLL (float32) and count.
 
-    `params` in either layout (a `LanguageModel` keeps the serving one).
+    The same `token_nll` as training's validation; `params` in either layout (a
+    `LanguageModel` keeps the serving one).
     """
-
     model = ServingTransformer(config)
 
     def run(params, tokens, targets, positions, segment_ids, mask):
-        logits = model.apply({"params": params}, tokens, positions, segment_ids)[0].astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
-        return jnp.sum(nll * mask), jnp.sum(mask)
+        hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids, return_hidden=True)
+        nll, _ = token_nll(projector(config, params), hidden, targets, mask.astype(jnp.float32), chunk)
+        return nll, jnp.sum(mask)
 
     return jax.jit(run)
 
 
-def _summary(nll: float, tokens: int, chars: int, n_bytes: int) -> dict:
+def _figures(nll: float, tokens: float, chars: int = 0, n_bytes: int = 0) -> dict:
     if tokens == 0:
         raise JaxgenError("perplexity: no tokens to score")
-    per_token = nll / tokens
-    return {
-        "tokens": tokens,
-        "chars": chars,
-        "bytes": n_bytes,
-        "nats_per_token": per_token,
-        "perplexity": math.exp(min(per_token, 700.0)),
-        "nats_per_char": nll / chars if chars else None,
-        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None,
-    }
+    return perplexity_figures(nll, tokens, chars, n_bytes)
 
 
 def text_windows(ids: list[int], start_id: int, window: int, batch: int):
@@ -90,7 +81,7 @@ def perplexity_of_text(lm, path: str | pathlib.Path, batch_size: int | None = No
         raise JaxgenError(f"{path}: the tokenizer has neither eos nor bos to start the text with")
     cfg = lm.config
     batch = batch_size or cfg.eval.batch_size
-    fn = _nll_fn(cfg.model)
+    fn = _nll_fn(cfg.model, cfg.train.loss_chunk)
     positions = np.broadcast_to(np.arange(cfg.model.max_len, dtype=np.int32), (batch, cfg.model.max_len))
     total, count = 0.0, 0
 
@@ -98,7 +89,7 @@ def perplexity_of_text(lm, path: str | pathlib.Path, batch_size: int | None = No
         for tokens, targets, mask in text_windows(lm.tokenizer.encode(text), start, cfg.model.max_len, batch):
             nll, n = fn(lm.serving_params, tokens, targets, positions, (mask > 0).astype(np.int32), mask)
             total, count = total + float(nll), count + int(n)
-    return _summary(total, count, len(text), len(text.encode("utf-8")))
+    return _figures(total, count, len(text), len(text.encode("utf-8")))
 
 
 def perplexity_of_split(lm, split: str = "validation") -> dict:
@@ -106,7 +97,7 @@ def perplexity_of_split(lm, split: str = "validation") -> dict:
 
     cfg = lm.config
     stats = split_stats(cfg, split)
-    fn = _nll_fn(cfg.model)
+    fn = _nll_fn(cfg.model, cfg.train.loss_chunk)
     total, count = 0.0, 0
 
     with mesh_context(lm.mesh):
@@ -118,7 +109,7 @@ def perplexity_of_split(lm, split: str = "validation") -> dict:
             )
             total, count = total + float(nll), count + int(n)
     full = cfg.eval.max_batches is None
-    return _summary(total, count, stats.chars if full else 0, stats.bytes if full else 0)
+    return _figures(total, count, stats.chars if full else 0, stats.bytes if full else 0)
 
 
 # ----------------------------------------------------------------------------- BLEU / ROUGE

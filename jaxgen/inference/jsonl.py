@@ -21,10 +21,11 @@ import pathlib
 import time
 from collections.abc import Callable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from jaxgen.config import GenerateConfig
 from jaxgen.errors import JaxgenError
+from jaxgen.metrics import progress_bar
 
 _RECORD_KEYS = ("id", "prompt")
 
@@ -188,7 +189,10 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
     summary.skipped = len(records) - len(pending)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(output_path, "a", encoding="utf-8") as out, _Progress(len(pending), progress) as bar:
+    figures = (MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    bar = progress_bar("generate", *figures, enabled=progress)
+    task = bar.add_task("generate", total=len(pending), rate="")
+    with open(output_path, "a", encoding="utf-8") as out, bar:
         for n, batch in enumerate(_groups(pending, opts.batch_size), 1):
             pairs = _generate(lm, batch, options, summary.failures)
             out.write("".join(_line(r, res, opts) for r, res in pairs))
@@ -196,37 +200,10 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
             os.fsync(out.fileno())  # a line counts as done only once it is on disk
             summary.written += len(pairs)
             summary.tokens += sum(sum(len(c) for c in res.completions) for _, res in pairs)
-            bar.advance(len(batch), summary.written, summary.tokens, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            rate = f"{summary.written / seconds:.1f} prompts/s  {summary.tokens / seconds:.0f} tokens/s"
+            bar.update(task, advance=len(batch), rate=rate)
             if on_batch is not None:
                 on_batch(n)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-class _Progress:
-    """A rich progress bar with prompts/s and tokens/s (silent when disabled)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-
-    def __enter__(self):
-        if self.enabled:
-            self.bar = Progress(
-                TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-            )  # fmt: skip
-            self.bar.__enter__()
-            self.task = self.bar.add_task("generate", total=self.total, rate="")
-        return self
-
-    def advance(self, n: int, written: int, tokens: int, seconds: float) -> None:
-        if self.enabled:
-            rate = (
-                f"{written / seconds:.1f} prompts/s  {tokens / seconds:.0f} tokens/s" if seconds > 0 else ""
-            )
-            self.bar.update(self.task, advance=n, rate=rate)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-        return False

@@ -2,6 +2,6 @@
 losses and optimizers. `from jaxgen.train import train` runs `jaxgen train` from Python."""
 
 from jaxgen.train.loop import TrainResult, train
-from jaxgen.train.step import Trainer, TrainState
+from jaxgen.train.step import TrainState, TrainStep
 
-__all__ = ["TrainResult", "TrainState", "Trainer", "train"]
+__all__ = ["TrainResult", "TrainState", "TrainStep", "train"]

@@ -1,4 +1,4 @@
-"""`jaxgen train`: the pretraining loop around the pure step in jaxgen/train_step.py.
+"""`jaxgen train`: the loop around the pure step in train/step.py: a step, then its hooks.
 
 The loop owns the side effects: preparing data, the run directory, checkpoints
 (resume, periodic, on SIGTERM/SIGINT), metrics, evaluation and samples. The host
@@ -15,28 +15,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jaxgen import checkpoint, data
 from jaxgen.config import Config, check_no_placeholders
-from jaxgen.decode.request import complete_text
 from jaxgen.errors import JaxgenError
-from jaxgen.metrics import MetricsWriter, eval_figures, mfu, peak_tflops
-from jaxgen.model.transformer import model_flops_per_token
+from jaxgen.metrics import MetricsWriter, progress_bar
 from jaxgen.runtime import cpu_malloc
 from jaxgen.runtime.mesh import activate, data_parallel_size, make_mesh
 from jaxgen.tokenizer import load_tokenizer, model_vocab_size
-from jaxgen.train.step import Trainer, TrainState
+from jaxgen.train.hooks import Hooks, StepInfo
+from jaxgen.train.reports import Sampler, StepLogger, Validation
+from jaxgen.train.step import TrainState, TrainStep
 
 
 @dataclasses.dataclass
@@ -109,43 +101,37 @@ def _memory_hint(config: Config) -> Iterator[None]:
         ) from None
 
 
-def evaluate(trainer: Trainer, params, config: Config, mesh, max_batches: int | None) -> dict:
-    """Validation loss/perplexity; nats/char and bits/byte when the whole split is seen."""
-    nll, count, seen, complete = 0.0, 0.0, 0, True
-    with data.eval_batches(config, mesh, "validation", config.train.batch_size) as batches:
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                complete = False
-                break
-            b_nll, b_count = trainer.eval_sums(params, batch)
-            nll, count, seen = nll + float(b_nll), count + float(b_count), seen + 1
-    stats = data.split_stats(config, "validation")
-    if complete:
-        return {**eval_figures(nll, count, stats.chars, stats.bytes), "tokens": count}
-    return {**eval_figures(nll, count), "tokens": count}
+class Run:
+    """One `train` call's mesh, jitted step, checkpoints, batches and hooks."""
 
-
-class _Loop:
-    """State of one `train` call; methods are the loop's phases."""
-
-    def __init__(self, config: Config, run_dir: pathlib.Path, console: Console):
-        self.config, self.run_dir, self.console = config, run_dir, console
-        self.mesh = make_mesh(config.mesh)
-        check_shapes(config, self.mesh)
-        self.trainer = Trainer(config, self.mesh)
+    def __init__(self, config: Config, run_dir: pathlib.Path, mesh, console: Console):
+        self.config, self.run_dir, self.mesh, self.console = config, run_dir, mesh, console
+        check_shapes(config, mesh)
+        self.step_fn = TrainStep.from_config(config, mesh)
         self.mngr = checkpoint.manager(run_dir, config)
-        self.batches = data.train_batches(config, self.mesh)
+        self.batches = data.train_batches(config, mesh)
         self.metrics = MetricsWriter(run_dir)
-        self.flops = model_flops_per_token(config.model, config.train.seq_len)
-        self.peak = peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops)
-        self.tokenizer = None  # loaded on the first sample
+        self.hooks = Hooks()
+        self.logger = StepLogger(config, self.metrics, console, self.hooks)
+        self.validation = Validation(config, self.step_fn, mesh, self.metrics, console)
+        cfg = config.train
+        self.hooks.add("collect", self.logger.collect, 1)
+        self.hooks.add("log", self.logger.report, cfg.log_every, at_last=True)
+        self.hooks.add("eval", self._validate_between_steps, cfg.eval_every, pauses=True)
+        sampler = Sampler(config, run_dir, mesh, self.metrics, console)
+        self.hooks.add("sample", sampler, cfg.sample_every, pauses=True)
+        self.hooks.add("checkpoint", lambda info: self.save(info.state, info.step), config.checkpoint.every)
+
+    def _validate_between_steps(self, info: StepInfo) -> None:
+        if not info.last:  # the final step gets a full validation after the loop
+            self.validation(info)
 
     def start(self) -> tuple[TrainState, int]:
         latest = self.mngr.latest_step()
         if latest is None:
-            return self.trainer.init(jax.random.key(self.config.train.seed)), 0
-        abstract = self.trainer.abstract_state()
-        shard = self.trainer.state_shardings
+            return self.step_fn.init(jax.random.key(self.config.train.seed)), 0
+        abstract = self.step_fn.abstract_state()
+        shard = self.step_fn.state_shardings
         items = checkpoint.restore(
             self.mngr,
             latest,
@@ -171,76 +157,6 @@ class _Loop:
             "meta": {"step": step, "updates": int(state.step)},
         }
         checkpoint.save(self.mngr, step, items, force=force)
-
-    def log(self, step: int, pending: list, since: float, quiet: bool = False) -> tuple[list[float], int]:
-        """Fetches the pending steps' metrics (the only host sync) and reports them.
-
-        `since` is when the interval started; it ends once the fetch has waited for the
-        device, so the rate counts finished steps, not dispatched ones.
-        """
-        fetched = jax.device_get(pending)
-        seconds = time.perf_counter() - since
-        losses = [float(m.loss) for m in fetched]
-        skipped = sum(not bool(m.finite) for m in fetched)
-        if quiet:
-            return losses, skipped
-        last = fetched[-1]
-        tokens = self.config.train.batch_size * self.config.train.seq_len * len(fetched)
-        tps = tokens / seconds
-        values = {
-            "loss": float(np.mean(losses)),
-            "grad_norm": float(last.grad_norm),
-            "learning_rate": float(last.learning_rate),
-            "tokens_per_second": tps,
-            "step_ms": 1000 * seconds / len(fetched),
-            "skipped": skipped,
-        }
-        util = mfu(tps, self.flops, jax.device_count(), self.peak)
-        if util is not None:
-            values["mfu"] = util
-        if self.config.train.z_loss:
-            values["z_loss"] = float(last.z_loss)
-        self.metrics.write(step, "train", values)
-        mfu_text = f" mfu {util:.1%}" if util is not None else ""
-        self.console.print(
-            f"step {step:>6}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}"
-            f"  lr {values['learning_rate']:.2e}  {tps:,.0f} tok/s  {values['step_ms']:.1f} ms/step{mfu_text}"
-        )
-        return losses, skipped
-
-    def sample(self, state: TrainState, step: int) -> None:
-        """A short greedy-or-sampled completion of `train.sample_prompt` with the current params."""
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.run_dir)
-        cfg = self.config
-        text = complete_text(
-            cfg.model, state.params, self.tokenizer, cfg.train.sample_prompt, cfg.generate, self.mesh,
-            max_new_tokens=cfg.train.sample_tokens,
-        )  # fmt: skip
-        self.metrics.write(step, "sample", {"prompt": self.config.train.sample_prompt, "text": text})
-        self.console.print(f"sample {step:>6}  {self.config.train.sample_prompt}{text!r}")
-
-    def validate(self, state: TrainState, step: int, max_batches: int | None) -> dict:
-        result = evaluate(self.trainer, state.params, self.config, self.mesh, max_batches)
-        self.metrics.write(step, "eval", result)
-        per_char = f"  {result['nats_per_char']:.4f} nats/char" if "nats_per_char" in result else ""
-        self.console.print(
-            f"eval  {step:>6}  loss {result['loss']:.4f}  ppl {result['perplexity']:.2f}{per_char}"
-        )
-        return result
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 def _barrier(name: str) -> None:
@@ -271,85 +187,59 @@ def train(
         checkpoint.write_run_config(run_dir, config)
         checkpoint.copy_tokenizer(info.tokenizer_path, run_dir)
     _barrier("jaxgen-run-dir")
-    mesh_shape = dict(make_mesh(config.mesh).shape)
+    mesh = make_mesh(config.mesh)
     cpu_malloc.prepare_for_training()
-    with activate(make_mesh(config.mesh)), _preemption_flag() as flag:
-        loop = _Loop(config, run_dir, console)
+    with activate(mesh), _preemption_flag() as flag:
+        run = Run(config, run_dir, mesh, console)
         console.print(
             f"training {config.name}: {config.model.family} {config.model.num_layers}x{config.model.d_model},"
-            f" vocab {config.model.vocab_size}, mesh {mesh_shape}, run dir {run_dir}"
+            f" vocab {config.model.vocab_size}, mesh {dict(mesh.shape)}, run dir {run_dir}"
         )
         try:
-            return _run(loop, flag, started)
+            return _loop(run, flag, started)
         except BaseException:
             # Whatever stopped the loop (a data worker, NaNs, Ctrl-C twice), a save in flight
             # completes, so the last checkpoint is whole and the run resumes from it.
-            loop.mngr.wait_until_finished()
+            run.mngr.wait_until_finished()
             raise
         finally:
-            loop.batches.close()  # stops worker processes before grain's exit-time finalizers
+            run.batches.close()  # stops worker processes before grain's exit-time finalizers
 
 
-def _run(loop: _Loop, flag: dict, started: float) -> TrainResult:
-    cfg = loop.config.train
-    state, step = loop.start()
-    losses, pending, skipped, final_eval, compiled = [], [], 0, None, False
-    tick = time.perf_counter()
-    with _progress(loop.console) as progress:
-        task = progress.add_task("train", total=cfg.steps, completed=step)
-        while step < cfg.steps and flag["stop"] is None:
-            with _memory_hint(loop.config):
-                state, metrics = loop.trainer.step(state, next(loop.batches))
+def _loop(run: Run, flag: dict, started: float) -> TrainResult:
+    steps = run.config.train.steps
+    state, step = run.start()
+    run.logger.since = time.perf_counter()
+    bar = progress_bar("train", MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                       TimeRemainingColumn(), console=run.console)  # fmt: skip
+    with bar:
+        task = bar.add_task("train", total=steps, completed=step)
+        while step < steps and flag["stop"] is None:
+            with _memory_hint(run.config):
+                state, metrics = run.step_fn.step(state, next(run.batches))
             step += 1
-            pending.append(metrics)
-            if not compiled:  # keep compilation out of the first interval's tokens/s
-                jax.block_until_ready(metrics)
-                compiled = True
-                loop.console.print(f"compiled and ran the first step in {time.perf_counter() - tick:.1f} s")
-                got, bad = loop.log(step, pending, tick, quiet=True)
-                losses, skipped, pending = losses + got, skipped + bad, []
-                tick = time.perf_counter()
-            progress.update(task, completed=step)
-            if pending and (step % cfg.log_every == 0 or step == cfg.steps):
-                got, bad = loop.log(step, pending, tick)
-                losses += got
-                skipped += bad
-                pending = []
-                if bad and cfg.nan_policy == "stop":
-                    raise JaxgenError(
-                        f"step {step}: loss or gradient is NaN/Inf; stopped (train.nan_policy=stop),"
-                        " the last good checkpoint is kept"
-                    )
-                tick = time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                loop.validate(state, step, cfg.eval_batches)
-                tick = time.perf_counter()
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                loop.sample(state, step)
-                tick = time.perf_counter()
-            if loop.config.checkpoint.every and step % loop.config.checkpoint.every == 0:
-                loop.save(state, step)
-    if pending:
-        got, bad = loop.log(step, pending, tick)
-        losses, skipped = losses + got, skipped + bad
+            run.hooks.run(StepInfo(step, state, metrics, last=step == steps))
+            bar.update(task, completed=step)
+    run.logger.report(StepInfo(step, state, None, last=True))  # what a preemption left unlogged
     preempted = flag["stop"] is not None
+    final_eval = None
     if preempted:
-        loop.console.print(f"{flag['stop']}: saving a checkpoint at step {step} and exiting")
+        run.console.print(f"{flag['stop']}: saving a checkpoint at step {step} and exiting")
     else:
-        final_eval = loop.validate(state, step, None)
-    loop.mngr.wait_until_finished()
-    if step not in loop.mngr.all_steps():
-        loop.save(state, step, force=True)
-        loop.mngr.wait_until_finished()
-    loop.mngr.close()
-    loop.metrics.close()
+        final_eval = run.validation(StepInfo(step, state, None, last=True), max_batches=None)
+    run.mngr.wait_until_finished()
+    if step not in run.mngr.all_steps():
+        run.save(state, step, force=True)
+        run.mngr.wait_until_finished()
+    run.mngr.close()
+    run.metrics.close()
     return TrainResult(
-        loop.run_dir,
+        run.run_dir,
         step,
-        losses,
+        run.logger.losses,
         final_eval,
         time.perf_counter() - started,
         preempted,
-        skipped,
+        run.logger.skipped,
         jax.process_index(),
     )

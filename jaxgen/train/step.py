@@ -1,7 +1,7 @@
 """The pure core of training: train state, loss, and the sharded jitted step.
 
 Everything here is a function of pytrees; files, signals and logging live in
-jaxgen/train.py.
+jaxgen/train/loop.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxgen.config import Config
+from jaxgen.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from jaxgen.model.loss import projector, token_nll
 from jaxgen.model.transformer import Transformer, abstract_params, abstract_variables, init_params
 from jaxgen.runtime.mesh import batch_sharding, param_shardings
 from jaxgen.train.optim import make_optimizer, make_schedule
-
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
 @flax.struct.dataclass
@@ -40,18 +39,28 @@ class StepMetrics:
     finite: jax.Array  # False: NaN/Inf loss or gradient, the update was not applied
 
 
-class Trainer:
-    """Holds the pieces one run needs: model, optimizer, shardings, jitted functions."""
+class TrainStep:
+    """The jitted functions of one run (init, step, eval sums) with their shardings.
 
-    def __init__(self, config: Config, mesh: Mesh):
-        self.config, self.mesh = config, mesh
-        self.model = Transformer(config.model, deterministic=config.model.dropout == 0.0)
-        self.eval_model = Transformer(config.model, deterministic=True)
-        self.schedule = make_schedule(config.schedule, config.optimizer.learning_rate, config.train.steps)
-        abstract = abstract_variables(config.model)
+    Takes the config sections it uses, so a change to another section cannot touch it.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        optimizer: OptimizerConfig,
+        schedule: ScheduleConfig,
+        train: TrainConfig,
+        mesh: Mesh,
+    ):
+        self.model_config, self.train_config, self.mesh = model, train, mesh
+        self.model = Transformer(model, deterministic=model.dropout == 0.0)
+        self.eval_model = Transformer(model, deterministic=True)
+        self.schedule = make_schedule(schedule, optimizer.learning_rate, train.steps)
+        abstract = abstract_variables(model)
         self.param_shardings = param_shardings(mesh, abstract)["params"]
-        self.abstract_params = abstract_params(config.model)
-        self.tx = make_optimizer(config.optimizer, self.schedule, self.abstract_params)
+        self.abstract_params = abstract_params(model)
+        self.tx = make_optimizer(optimizer, self.schedule, self.abstract_params)
         self.state_shardings = self._state_shardings()
         self.batch_sharding = batch_sharding(mesh)
         self.init = jax.jit(self._init, out_shardings=self.state_shardings)
@@ -63,11 +72,15 @@ class Trainer:
         )
         self.eval_sums = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.batch_sharding))
 
+    @classmethod
+    def from_config(cls, config: Config, mesh: Mesh) -> TrainStep:
+        return cls(config.model, config.optimizer, config.schedule, config.train, mesh)
+
     # -- state ---------------------------------------------------------------------------
 
     def _init(self, rng: jax.Array) -> TrainState:
         param_rng, dropout_rng = jax.random.split(rng)
-        params = init_params(self.config.model, param_rng)
+        params = init_params(self.model_config, param_rng)
         return self.state_from_params(params, dropout_rng)
 
     def state_from_params(self, params, rng: jax.Array) -> TrainState:
@@ -114,10 +127,11 @@ class Trainer:
             return_hidden=True,
             rngs={"dropout": rng},
         )  # [B, T, D]
-        project = lambda h: model.apply({"params": params}, h, method=Transformer.project)  # noqa: E731
         mask = batch["loss_mask"].astype(jnp.float32)
-        nll, z = chunked_cross_entropy(project, hidden, batch["targets"], mask, self.config.train.loss_chunk)
-        return nll + self.config.train.z_loss * z, (nll, z, mask.sum())
+        nll, z = token_nll(
+            projector(model.config, params), hidden, batch["targets"], mask, self.train_config.loss_chunk
+        )
+        return nll + self.train_config.z_loss * z, (nll, z, mask.sum())
 
     def _eval_sums(self, params, batch: dict) -> tuple[jax.Array, jax.Array]:
         """(summed NLL, token count) of one evaluation batch, dropout off."""
@@ -127,7 +141,7 @@ class Trainer:
     # -- step ----------------------------------------------------------------------------
 
     def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, StepMetrics]:
-        accum = self.config.train.grad_accum
+        accum = self.train_config.grad_accum
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(self.loss_sums, has_aux=True)
         if accum == 1:
@@ -183,40 +197,3 @@ def accumulate(grad_fn, params, batch: dict, rng: jax.Array, accum: int):
     init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
     (grads, nll, z, count), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
     return grads, nll, z, count
-
-
-def chunked_cross_entropy(project, hidden, targets, mask, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Sum of masked token NLL and of z-loss (logsumexp^2), in float32.
-
-    The sequence is cut into chunks of <= `chunk` positions and each chunk's logits are
-    recomputed in the backward pass (jax.checkpoint), so float32 logits for the whole
-    batch ([B, T, V], 3.3 GB for GPT-2 at 16 x 1024) never exist at once. When the
-    sequence fits in one chunk, nothing is recomputed.
-
-    Args:
-        project: hidden [B, t, D] -> logits [B, t, V].
-        hidden: [B, T, D]; targets: [B, T] int; mask: [B, T] float32.
-    """
-    t = hidden.shape[1]
-    size = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
-
-    def piece(h, y, m):  # [B, c, D], [B, c], [B, c]
-        logits = project(h).astype(jnp.float32)  # [B, c, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - target_logit) * m), jnp.sum(jnp.square(lse) * m)
-
-    if size == t:  # one chunk: keeping its logits for the backward pass is cheaper
-        return piece(hidden, targets, mask)
-    piece = jax.checkpoint(piece)
-    n = t // size
-    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)  # noqa: E731
-
-    def body(carry, xs):
-        nll, z = piece(*xs)
-        return (carry[0] + nll, carry[1] + z), None
-
-    (nll, z), _ = jax.lax.scan(
-        body, (jnp.zeros(()), jnp.zeros(())), (chunks(hidden), chunks(targets), chunks(mask))
-    )
-    return nll, z

@@ -1,0 +1,77 @@
+"""`jaxgen bench data|generate|train`: each benchmark's `run` yields lines, printed as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from collections.abc import Iterable
+
+from jaxgen.cli.common import add_config_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks printing one JSON line per setting")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    q = bench_sub.add_parser("data", help="prepare MB/s and peak RSS; pipeline batches/s")
+    q.add_argument("--mb", type=float, default=200.0, help="size of the synthetic corpus")
+    q.add_argument("--batches", type=int, default=500, help="pipeline batches to time (16 x 1024)")
+    q.add_argument("--kind", default="bpe", help="tokenizer kind(s), comma-separated: bpe,unigram,char")
+    q.add_argument("--workdir", help="where the corpus and dataset go (default: a temp dir)")
+    q.set_defaults(handler=_cmd_data)
+    q = bench_sub.add_parser("generate", help="prefill/decode tokens/s, ms per step, compile s")
+    q.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    q.add_argument("--batch", type=int, action="append", help="batch size (repeatable; default 1 and 8)")
+    q.add_argument("--prompt-len", type=int, default=32)
+    q.add_argument("--new-tokens", type=int, default=256)
+    q.add_argument("--num-beams", type=int, default=0, help="also time beam search with this many beams")
+    q.add_argument("--no-baseline", action="store_true", help="skip the full-forward-per-token baseline")
+    q.add_argument(
+        "--sample", action="append", default=[], metavar="OPTIONS",
+        help='also time sampling at the first batch size, e.g. "top_p=0.9" or "temperature=0.7 top_k=50" '
+        "(repeatable)",
+    )  # fmt: skip
+    q.set_defaults(handler=_cmd_generate)
+    q = bench_sub.add_parser("train", help="train step tokens/s, ms/step, MFU, compile s, peak memory")
+    add_config_args(q)
+    q.add_argument("--steps", type=int, default=20, help="timed steps")
+    q.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
+    q.set_defaults(handler=_cmd_train)
+
+
+def _print_lines(lines: Iterable[dict]) -> int:
+    for line in lines:
+        print(json.dumps(line), flush=True)  # as each setting finishes: a long run shows progress
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from jaxgen.bench import data
+
+    return _print_lines(data.run(mb=args.mb, batches=args.batches, kind=args.kind, workdir=args.workdir))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from jaxgen.bench import generate
+    from jaxgen.config import load_config
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not pathlib.Path(path).exists():  # no config, only overrides
+        path, overrides = None, [path, *overrides]
+    return _print_lines(
+        generate.run(
+            load_config(path, overrides), batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens, num_beams=args.num_beams, baseline=not args.no_baseline,
+            samplers=tuple(generate.parse_sample(spec) for spec in args.sample),
+        )
+    )  # fmt: skip
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jaxgen.bench import train
+    from jaxgen.config import load_config
+
+    return _print_lines(
+        train.run(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+    )

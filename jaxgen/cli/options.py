@@ -1,0 +1,130 @@
+"""`jaxgen generate`'s sampling flags, derived from the fields of `GenerateConfig`.
+
+The schema declares each option once (name, type); a field added there becomes a flag
+here. Every flag defaults to None and an unset flag is left out of the options, so the
+run's `generate` section (or a JSONL line's own options) decides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+
+from jaxgen.config import GenerateConfig
+from jaxgen.errors import JaxgenError
+
+# Help where the schema's field has no description.
+_HELP = {
+    "max_length": "prompt + new tokens (as in Hugging Face); wins over --max-new-tokens",
+    "max_new_tokens": "new tokens per completion",
+    "temperature": "0 = greedy",
+    "top_k": "keep the k most probable tokens (0 = off)",
+    "top_p": "keep the smallest set of tokens whose mass reaches p",
+    "min_p": "drop tokens below min_p x the top probability",
+    "repetition_penalty": "HF repetition penalty (1 = off)",
+    "no_repeat_ngram_size": "never repeat an n-gram of this size (0 = off)",
+    "banned": "text that must not be generated",
+    "num_beams": "beam search with this many beams (1 = sampling)",
+    "num_return_sequences": "completions per prompt (<= num beams)",
+    "length_penalty": "beam score = sum log-probs / length ** penalty",
+    "early_stopping": "beam search: true, false or never",
+    "stop": "stop string",
+    "seed": "sampling seed (a line's text depends only on the seed and its id)",
+    "control": "control attribute",
+    "batch_size": "prompts per batch",
+}
+# Fields the command line has not offered so far (set them in the config or per JSONL
+# line): giving them flags changes the CLI, a decision to make on its own.
+_NO_FLAG = frozenset(
+    {"control_template", "prompt_buckets", "truncate_prompt", "strip", "min_length", "banned_words",
+     "deduplicate"}
+)  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _fields() -> dict[str, typing.Any]:
+    """Option name -> annotation, for the options that have a flag."""
+    fields = {n: f.annotation for n, f in GenerateConfig.model_fields.items() if n not in _NO_FLAG}
+    # `generate` takes this one option outside GenerateConfig (decode.request.EXTRA_OPTIONS,
+    # not imported: the parser is built for every command, and decode pulls in JAX).
+    return {"max_length": int, **fields}
+
+
+def _words(values: dict[str, object]):
+    """An argparse type taking one of `values`' keys (any case) to its value."""
+
+    def parse(text: str):
+        if text.lower() in values:
+            return values[text.lower()]
+        *head, last = values
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(head)} or {last}" if head else f"expected {last}"
+        )
+
+    return parse
+
+
+def _scalar(annotation):
+    """The argparse type of one value: int/float/str, or the words of bool and Literal."""
+    if typing.get_origin(annotation) is typing.Annotated:  # constrained, e.g. PositiveInt
+        annotation = typing.get_args(annotation)[0]
+    if annotation in (int, float, str):
+        return annotation
+    members = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [m for m in typing.get_args(annotation) if m is not type(None)]  # None: unset anyway
+        if len(members) == 1:
+            return _scalar(members[0])
+    values: dict[str, object] = {}
+    for member in members:
+        if member is bool:
+            values |= {"true": True, "false": False}
+        elif typing.get_origin(member) is typing.Literal:
+            values |= {str(v).lower(): v for v in typing.get_args(member)}
+        else:
+            raise TypeError(f"GenerateConfig: no command-line form for {annotation}")
+    return _words(values)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; tuple and dict options are repeatable (dicts as KEY=VALUE)."""
+    for name, annotation in _fields().items():
+        field = GenerateConfig.model_fields.get(name)
+        described = field.description if field is not None else None
+        help_text = described or _HELP.get(name) or f"overrides the config's generate.{name}"
+        origin = typing.get_origin(annotation)
+        if origin is tuple:
+            kind = {"action": "append", "type": _scalar(typing.get_args(annotation)[0])}
+        elif origin is dict:
+            kind = {"action": "append", "metavar": "KEY=VALUE"}
+        else:
+            kind = {"type": _scalar(annotation)}
+        if "action" in kind:
+            help_text += " (repeatable)"
+        parser.add_argument(_flag(name), help=help_text, **kind)
+
+
+def from_args(args: argparse.Namespace) -> dict:
+    """The options set on the command line, as `generate` takes them."""
+    out = {}
+    for name, annotation in _fields().items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if typing.get_origin(annotation) is tuple:
+            value = tuple(value)
+        elif typing.get_origin(annotation) is dict:
+            value = dict(_key_value(_flag(name), item) for item in value)
+        out[name] = value
+    return out
+
+
+def _key_value(flag: str, item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise JaxgenError(f"{flag} {item!r}: expected key=value")
+    return key, value

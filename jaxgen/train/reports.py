@@ -1,0 +1,155 @@
+"""The training loop's standard hooks: step logging (with the NaN policy and compile
+timing), validation, samples. Each reports to the console and to metrics.jsonl/TensorBoard."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from rich.console import Console
+
+from jaxgen import data
+from jaxgen.config import Config
+from jaxgen.decode.request import complete_text
+from jaxgen.errors import JaxgenError
+from jaxgen.metrics import MetricsWriter, mfu, peak_tflops, perplexity_figures
+from jaxgen.model.transformer import model_flops_per_token
+from jaxgen.tokenizer import load_tokenizer
+from jaxgen.train.hooks import Hooks, StepInfo
+from jaxgen.train.step import TrainStep
+
+
+class StepLogger:
+    """Collects each step's metrics on the device and fetches them only when reporting (the
+    one host sync), so the host never waits on the device between logging steps.
+
+    The first step is reported on its own (it includes compilation), keeping compile time
+    out of the first interval's tokens/s; hooks that pause training are left out too.
+    """
+
+    def __init__(self, config: Config, metrics: MetricsWriter, console: Console, hooks: Hooks):
+        self.config, self.metrics, self.console, self.hooks = config, metrics, console, hooks
+        self.flops = model_flops_per_token(config.model, config.train.seq_len)
+        self.peak = peak_tflops(jax.devices()[0].device_kind, config.train.peak_tflops)
+        self.pending: list = []
+        self.losses: list[float] = []
+        self.skipped = 0
+        self.since = time.perf_counter()
+        self.paused_since = 0.0
+        self.compiled = False
+
+    def collect(self, info: StepInfo) -> None:
+        self.pending.append(info.metrics)
+        if not self.compiled:
+            jax.block_until_ready(info.metrics)
+            self.compiled = True
+            self.console.print(f"compiled and ran the first step in {time.perf_counter() - self.since:.1f} s")
+            self._fetch(info.step)
+
+    def report(self, info: StepInfo) -> None:
+        if self.pending:
+            self._report(info.step, *self._fetch(info.step))
+
+    def _fetch(self, step: int) -> tuple[list, float]:
+        fetched = jax.device_get(self.pending)
+        now = time.perf_counter()
+        seconds = now - self.since - (self.hooks.paused - self.paused_since)
+        self.since, self.paused_since, self.pending = now, self.hooks.paused, []
+        self.losses += [float(m.loss) for m in fetched]
+        bad = sum(not bool(m.finite) for m in fetched)
+        self.skipped += bad
+        if bad and self.config.train.nan_policy == "stop":
+            raise JaxgenError(
+                f"step {step}: loss or gradient is NaN/Inf; stopped (train.nan_policy=stop),"
+                " the last good checkpoint is kept"
+            )
+        return fetched, seconds
+
+    def _report(self, step: int, fetched: list, seconds: float) -> None:
+        last = fetched[-1]
+        tokens = self.config.train.batch_size * self.config.train.seq_len * len(fetched)
+        tps = tokens / seconds
+        values = {
+            "loss": float(np.mean([float(m.loss) for m in fetched])),
+            "grad_norm": float(last.grad_norm),
+            "learning_rate": float(last.learning_rate),
+            "tokens_per_second": tps,
+            "step_ms": 1000 * seconds / len(fetched),
+            "skipped": sum(not bool(m.finite) for m in fetched),
+        }
+        util = mfu(tps, self.flops, jax.device_count(), self.peak)
+        if util is not None:
+            values["mfu"] = util
+        if self.config.train.z_loss:
+            values["z_loss"] = float(last.z_loss)
+        self.metrics.write(step, "train", values)
+        mfu_text = f" mfu {util:.1%}" if util is not None else ""
+        self.console.print(
+            f"step {step:>6}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}"
+            f"  lr {values['learning_rate']:.2e}  {tps:,.0f} tok/s  {values['step_ms']:.1f} ms/step{mfu_text}"
+        )
+
+
+def evaluate(step_fn: TrainStep, params, config: Config, mesh, max_batches: int | None) -> dict:
+    """Validation figures (`metrics.perplexity_figures`); per character and byte when the
+    whole split is seen."""
+    nll, count, seen, complete = 0.0, 0.0, 0, True
+    with data.eval_batches(config, mesh, "validation", config.train.batch_size) as batches:
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                complete = False
+                break
+            b_nll, b_count = step_fn.eval_sums(params, batch)
+            nll, count, seen = nll + float(b_nll), count + float(b_count), seen + 1
+    if not complete:
+        return perplexity_figures(nll, count)
+    stats = data.split_stats(config, "validation")
+    return perplexity_figures(nll, count, stats.chars, stats.bytes)
+
+
+class Validation:
+    """Evaluates the validation split (the first `train.eval_batches` batches between steps)."""
+
+    def __init__(self, config: Config, step_fn: TrainStep, mesh, metrics: MetricsWriter, console: Console):
+        self.config, self.step_fn, self.mesh, self.metrics, self.console = (
+            config,
+            step_fn,
+            mesh,
+            metrics,
+            console,
+        )
+
+    def __call__(self, info: StepInfo, max_batches: int | None = -1) -> dict:
+        limit = self.config.train.eval_batches if max_batches == -1 else max_batches
+        result = evaluate(self.step_fn, info.state.params, self.config, self.mesh, limit)
+        self.metrics.write(info.step, "eval", result)
+        per_char = f"  {result['nats_per_char']:.4f} nats/char" if "nats_per_char" in result else ""
+        loss, ppl = result["nats_per_token"], result["perplexity"]
+        self.console.print(f"eval  {info.step:>6}  loss {loss:.4f}  ppl {ppl:.2f}{per_char}")
+        return result
+
+
+class Sampler:
+    """A completion of `train.sample_prompt` with the current params (the `generate` defaults)."""
+
+    def __init__(self, config: Config, run_dir, mesh, metrics: MetricsWriter, console: Console):
+        self.config, self.run_dir, self.mesh, self.metrics, self.console = (
+            config,
+            run_dir,
+            mesh,
+            metrics,
+            console,
+        )
+        self.tokenizer = None  # loaded on the first sample
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.run_dir)
+        cfg = self.config
+        text = complete_text(
+            cfg.model, info.state.params, self.tokenizer, cfg.train.sample_prompt, cfg.generate, self.mesh,
+            max_new_tokens=cfg.train.sample_tokens,
+        )  # fmt: skip
+        self.metrics.write(info.step, "sample", {"prompt": cfg.train.sample_prompt, "text": text})
+        self.console.print(f"sample {info.step:>6}  {cfg.train.sample_prompt}{text!r}")
