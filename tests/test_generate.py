@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.config import MeshConfig
+from jaxgen.config import GenerateConfig, MeshConfig
 from jaxgen.decode import loop as gen
 from jaxgen.decode import sampling
 from jaxgen.model.transformer import Transformer, abstract_variables, init_params
@@ -140,7 +140,7 @@ def test_sampling_values_share_one_compiled_loop(llama):
 
 
 def test_temperature_zero_is_greedy():
-    assert sampling.make_strategy(temperature=0.0) == sampling.Greedy()
+    assert sampling.make_strategy(GenerateConfig(temperature=0.0)) == sampling.Greedy()
 
 
 def test_row_output_independent_of_batch_composition(llama):

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgen.decode import sampling
+from jaxgen.config import GenerateConfig
+from jaxgen.decode import request, sampling
 from jaxgen.errors import JaxgenError
 
 V = 12
@@ -165,13 +166,16 @@ def test_row_keys_depend_only_on_seed_and_row_id():
 )
 def test_invalid_sampling_options_are_user_errors(options, message):
     with pytest.raises(JaxgenError, match=message):
-        sampling.make_strategy(**options)
+        sampling.make_strategy(request.validate(GenerateConfig(), **options))
 
 
 def test_make_strategy_picks_the_strategy():
-    assert sampling.make_strategy(temperature=0) == sampling.Greedy()
-    assert sampling.make_strategy(top_k=5) == sampling.Sample(top_k=5)
-    assert sampling.make_strategy(num_beams=3, num_return_sequences=2) == sampling.BeamSearch(3, 2)
+    def make(**options):
+        return sampling.make_strategy(GenerateConfig(**options))
+
+    assert make(temperature=0) == sampling.Greedy()
+    assert make(top_k=5) == sampling.Sample(top_k=5)
+    assert make(num_beams=3, num_return_sequences=2) == sampling.BeamSearch(3, 2)
 
 
 def test_sample_draws_from_the_softmax():

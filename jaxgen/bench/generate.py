@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.config import Config
-from jaxgen.decode import beam, loop, sampling
+from jaxgen.config import Config, GenerateConfig
+from jaxgen.decode import beam, loop, request, sampling
 from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
@@ -78,7 +78,7 @@ def parse_sample(spec: str) -> sampling.Sample:
             options[key] = int(value) if key == "top_k" else float(value)
         except ValueError:
             raise JaxgenError(f"--sample: {key}={value!r} is not a number") from None
-    strategy = sampling.make_strategy(**{"temperature": 1.0, **options})
+    strategy = sampling.make_strategy(request.validate(GenerateConfig(), **options))
     if not isinstance(strategy, sampling.Sample):
         raise JaxgenError(f"--sample: {spec!r} is greedy (temperature=0); greedy is always timed")
     return strategy

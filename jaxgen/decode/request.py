@@ -40,24 +40,27 @@ def row_id(key) -> int:
     return zlib.crc32(str(key).encode("utf-8")) & 0x7FFFFFFF
 
 
-def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, **options) -> Request:
-    """Validates `options` over `defaults` and builds the decode program they describe."""
-    unknown = set(options) - set(GenerateConfig.model_fields) - set(EXTRA_OPTIONS)
+def validate(defaults: GenerateConfig, **options) -> GenerateConfig:
+    """`defaults` with `options` (None: unset) over them, validated by the schema; one-line errors."""
+    unknown = set(options) - set(GenerateConfig.model_fields)
     if unknown:
         raise JaxgenError(f"generate: unknown option {sorted(unknown)[0]!r}")
     options = {k: v for k, v in options.items() if v is not None}
-    max_length = options.pop("max_length", None)
     try:
-        opts = GenerateConfig.model_validate({**defaults.model_dump(), **options})
+        return GenerateConfig.model_validate({**defaults.model_dump(), **options})
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         key = ".".join(map(str, err["loc"])) or "generate"
-        raise JaxgenError(f"{key}: {err['msg'].removeprefix('Value error, ')}") from None
-    strategy = sampling.make_strategy(
-        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p,
-        num_beams=opts.num_beams, num_return_sequences=opts.num_return_sequences,
-        length_penalty=opts.length_penalty, early_stopping=opts.early_stopping,
-    )  # fmt: skip
+        value = err.get("input")
+        given = f"{value!r} " if err["loc"] and isinstance(value, int | float | str) else ""
+        raise JaxgenError(f"{key}: {given}{err['msg'].removeprefix('Value error, ')}") from None
+
+
+def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, **options) -> Request:
+    """Validates `options` over `defaults` and builds the decode program they describe."""
+    max_length = options.pop("max_length", None)
+    opts = validate(defaults, **options)
+    strategy = sampling.make_strategy(opts)
     vocab_limit = None if tokenizer is None else tokenizer.vocab_size
     processors = sampling.Processors(
         opts.repetition_penalty,

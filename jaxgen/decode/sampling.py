@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.config import GenerateConfig
 from jaxgen.errors import JaxgenError
 
 NEG_INF = -jnp.inf
@@ -116,43 +117,21 @@ class Stopping:
     stop: tuple[tuple[int, ...], ...] = ()
 
 
-def make_strategy(
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    num_beams: int = 1,
-    num_return_sequences: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-) -> Strategy:
-    """Validates user-facing sampling options and picks the strategy they describe.
+def make_strategy(opts: GenerateConfig) -> Strategy:
+    """The strategy validated options describe (ranges are the schema's: config/schema.py).
 
     Raises:
-        JaxgenError: naming the first invalid option.
+        JaxgenError: for the one combination the schema does not rule out yet.
     """
-    if not temperature >= 0:
-        raise JaxgenError(f"temperature: {temperature} must be >= 0 (0 means greedy)")
-    if not 0 < top_p <= 1:
-        raise JaxgenError(f"top_p: {top_p} must be in (0, 1]")
-    if not 0 <= min_p <= 1:
-        raise JaxgenError(f"min_p: {min_p} must be in [0, 1]")
-    if top_k < 0:
-        raise JaxgenError(f"top_k: {top_k} must be >= 0 (0 means off)")
-    if num_beams < 1:
-        raise JaxgenError(f"num_beams: {num_beams} must be >= 1")
-    if num_return_sequences < 1 or (num_return_sequences > num_beams and num_beams > 1):
-        raise JaxgenError(f"num_return_sequences: {num_return_sequences} must be within [1, {num_beams=}]")
-    if num_return_sequences > 1 and num_beams == 1:
+    if opts.num_return_sequences > 1 and opts.num_beams == 1:
         raise JaxgenError("num_return_sequences: > 1 needs num_beams > 1 (repeat the prompt to sample more)")
-    if early_stopping not in (True, False, "never"):
-        raise JaxgenError(f"early_stopping: {early_stopping!r} must be true, false or 'never'")
-    if num_beams > 1:
-        return BeamSearch(num_beams, num_return_sequences, float(length_penalty), early_stopping)
-    if temperature == 0:
+    if opts.num_beams > 1:
+        return BeamSearch(
+            opts.num_beams, opts.num_return_sequences, float(opts.length_penalty), opts.early_stopping
+        )
+    if opts.temperature == 0:
         return Greedy()
-    return Sample(float(temperature), int(top_k), float(top_p), float(min_p))
+    return Sample(float(opts.temperature), int(opts.top_k), float(opts.top_p), float(opts.min_p))
 
 
 def check_processors(processors: Processors, vocab_size: int) -> None:
