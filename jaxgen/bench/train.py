@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.config import Config
@@ -30,7 +31,7 @@ from jaxgen.train.step import TrainStep
 def synthetic_batch(config: Config, seed: int = 0) -> dict:
     """A batch laid out as the pipeline lays one out, of random tokens."""
     b, t, v = config.train.batch_size, config.train.seq_len, config.model.vocab_size
-    windows = np.random.default_rng(seed).integers(0, v, (b, t + 1), dtype=np.int32)  # [B, T+1]
+    windows = np.asarray(jax.random.randint(jax.random.key(seed), (b, t + 1), 0, v, dtype=jnp.int32))
     return window_batch(windows, np.ones(windows.shape, bool))
 
 
