@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxgen.data import pipeline
 from jaxgen.data.pipeline import Shard
-from jaxgen.data.prepare import read_metadata
+from jaxgen.data.prepare import dataset_dir, read_metadata
 from jaxgen.data.workers import WorkerWatch
 from jaxgen.errors import JaxgenError
 from jaxgen.runtime.mesh import batch_sharding, data_parallel_size
@@ -110,11 +110,16 @@ def _check(config, mesh, batch_size: int, key: str) -> None:
 
 def _batches(config, mesh, split, shard, seed, train, shape, what) -> Batches:
     meta = read_metadata(config)
-    make = pipeline.sft_dataset if meta and meta["kind"] == "sft" else pipeline.pretrain_dataset
+    if meta is None:
+        raise JaxgenError(f"{dataset_dir(config)}: no prepared dataset (run `jaxgen data prepare`)")
+    if split not in meta["splits"]:
+        raise JaxgenError(f"{dataset_dir(config)}: no {split!r} split (has {sorted(meta['splits'])})")
     pipeline.check_batch(shape[0], shard, "train.batch_size" if train else "eval.batch_size")
     d = config.data
+    read = pipeline.Read(d, shape[1], str(dataset_dir(config)), meta, split, shard, seed, train, shape[0])
+    make = pipeline.sft_dataset if meta["kind"] == "sft" else pipeline.pretrain_dataset
     watch = WorkerWatch(d.worker_count, d.worker_timeout, f"'{what}'") if d.worker_count else None
-    return Batches(make(config, split, shard, seed, train, shape[0], watch), mesh, shape, what, watch)
+    return Batches(make(read, watch), mesh, shape, what, watch)
 
 
 def train_batches(config, mesh, *, seed=None, process_index=None, process_count=None) -> Batches:

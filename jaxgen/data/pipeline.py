@@ -25,8 +25,8 @@ import grain
 import numpy as np
 from absl import flags
 
+from jaxgen.config import DataConfig
 from jaxgen.data import builder
-from jaxgen.data.prepare import dataset_dir, read_metadata
 from jaxgen.data.workers import WorkerWatch
 from jaxgen.errors import JaxgenError
 
@@ -104,13 +104,19 @@ class WindowReader:
         return window_batch(tokens, valid)
 
 
-def _metadata(config, split: str) -> dict:
-    meta = read_metadata(config)
-    if meta is None:
-        raise JaxgenError(f"{dataset_dir(config)}: no prepared dataset (run `jaxgen data prepare`)")
-    if split not in meta["splits"]:
-        raise JaxgenError(f"{dataset_dir(config)}: no {split!r} split (has {sorted(meta['splits'])})")
-    return meta
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """What one loader reads: its data section, the sequence length, and which rows of which split."""
+
+    data: DataConfig
+    seq_len: int
+    directory: str  # the prepared dataset (TFDS builder directory)
+    meta: dict  # its jaxgen metadata (kind, splits and their token counts)
+    split: str
+    shard: Shard
+    seed: int
+    train: bool
+    batch_size: int  # global rows per batch
 
 
 def check_batch(batch_size: int, shard: Shard, key: str) -> None:
@@ -118,12 +124,10 @@ def check_batch(batch_size: int, shard: Shard, key: str) -> None:
         raise JaxgenError(f"{key}: {batch_size} rows do not split evenly over {shard.count} processes")
 
 
-def _read_options(config) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=config.data.read_threads, prefetch_buffer_size=config.data.prefetch)
-
-
-def _finish(config, ds: grain.MapDataset, watch: WorkerWatch | None) -> grain.IterDataset:
-    it = ds.to_iter_dataset(_read_options(config))
+def _finish(data: DataConfig, ds: grain.MapDataset, watch: WorkerWatch | None) -> grain.IterDataset:
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch)
+    )
     if watch is not None:
         # grain's worker processes read absl flags; jaxgen has none, so defaults are parsed.
         if not flags.FLAGS.is_parsed():
@@ -133,31 +137,30 @@ def _finish(config, ds: grain.MapDataset, watch: WorkerWatch | None) -> grain.It
     return it
 
 
-def pretrain_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int, watch=None):
+def pretrain_dataset(read: Read, watch: WorkerWatch | None = None) -> grain.IterDataset:
     """grain IterDataset of this process's rows of each global batch (numpy dicts).
 
     `watch`: runs the reads in `watch.count` worker processes it supervises (None: threads).
     """
-    meta = _metadata(config, split)
-    t = config.train.seq_len
-    n = meta["splits"][split]["tokens"]
-    reader = WindowReader(str(dataset_dir(config)), split, t, n)
+    split, shard, t, batch_size = read.split, read.shard, read.seq_len, read.batch_size
+    n = read.meta["splits"][split]["tokens"]
+    reader = WindowReader(read.directory, split, t, n)
     rows = shard.rows(batch_size)
-    if train:
+    if read.train:
         windows = (n - 1) // t
         if windows < 1:
             raise JaxgenError(
                 f"data: the {split} split has {n} tokens, fewer than train.seq_len + 1 = {t + 1}"
             )
-        ids = grain.MapDataset.range(windows).shuffle(seed=seed).repeat(config.data.num_epochs)
+        ids = grain.MapDataset.range(windows).shuffle(seed=read.seed).repeat(read.data.num_epochs)
         ids = ids.batch(rows, drop_remainder=True)
-        if config.data.num_epochs is not None:  # only whole global batches
+        if read.data.num_epochs is not None:  # only whole global batches
             ids = ids[: len(ids) // shard.count * shard.count]
     else:
         windows = math.ceil((n - 1) / t)
         total = math.ceil(windows / batch_size) * batch_size
         ids = grain.MapDataset.range(total).map(functools.partial(_or_padding, windows)).batch(rows)
-    return _finish(config, ids[shard.index :: shard.count].map(reader), watch)
+    return _finish(read.data, ids[shard.index :: shard.count].map(reader), watch)
 
 
 def _or_padding(limit: int, i: int) -> int:
@@ -188,23 +191,21 @@ def _sft_rows(shard: Shard, batch_size: int, batch: dict[str, np.ndarray]) -> di
     return {k: np.ascontiguousarray(v[lo : lo + rows]) for k, v in out.items()}
 
 
-def sft_dataset(config, split: str, shard: Shard, seed: int, train: bool, batch_size: int, watch=None):
+def sft_dataset(read: Read, watch: WorkerWatch | None = None) -> grain.IterDataset:
     """Packed SFT batches: every process packs the same global stream, then keeps its rows.
 
     Packing globally (rather than per process) keeps batch k independent of the process
     count; SFT sets are small next to the model's compute, so reading them P times is cheap.
     """
-    _metadata(config, split)
-    t = config.train.seq_len
-    source = builder.open_split(str(dataset_dir(config)), split)
-    ds = grain.MapDataset.source(source)
-    if train:
-        ds = ds.shuffle(seed=seed).repeat(config.data.num_epochs)
-    ds = _finish(config, ds.map(_sft_example), watch)
+    t, batch_size = read.seq_len, read.batch_size
+    ds = grain.MapDataset.source(builder.open_split(read.directory, read.split))
+    if read.train:
+        ds = ds.shuffle(seed=read.seed).repeat(read.data.num_epochs)
+    ds = _finish(read.data, ds.map(_sft_example), watch)
     lengths = {k: t for k in ("tokens", "targets", "loss_mask")}
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
     )
     # The last batch of a finite stream is padded, not dropped: an SFT epoch sees every example.
     ds = ds.batch(batch_size, drop_remainder=False)
-    return ds.map(functools.partial(_sft_rows, shard, batch_size))
+    return ds.map(functools.partial(_sft_rows, read.shard, batch_size))
