@@ -10,10 +10,10 @@ import pytest
 
 from jaxgen.errors import JaxgenError
 from jaxgen.runtime.distributed import (
-    DistributedPlan,
+    Cluster,
+    cluster_from_env,
     first_slurm_host,
     initialize_from_env,
-    plan_from_env,
     process_info,
 )
 
@@ -28,41 +28,41 @@ SLURM = {
 }
 
 
-def plan(env, tpu_workers=1):
-    return plan_from_env(env, tpu_worker_count=lambda e: tpu_workers)
+def cluster(env, tpu_workers=1):
+    return cluster_from_env(env, tpu_worker_count=lambda e: tpu_workers)
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
 def test_single_host_needs_nothing():
-    assert plan({}) is None
-    assert plan({"SLURM_JOB_ID": "7"}) is None  # an allocation shell, not an srun step
-    assert plan({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
-    assert plan({**EXPLICIT, "JAXGEN_NUM_PROCESSES": "1", "JAXGEN_PROCESS_ID": "0"}) is None
+    assert cluster({}) is None
+    assert cluster({"SLURM_JOB_ID": "7"}) is None  # an allocation shell, not an srun step
+    assert cluster({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert cluster({**EXPLICIT, "JAXGEN_NUM_PROCESSES": "1", "JAXGEN_PROCESS_ID": "0"}) is None
 
 
 def test_explicit_vars():
-    assert plan(EXPLICIT) == DistributedPlan("explicit", "10.0.0.1:1234", 4, 3)
+    assert cluster(EXPLICIT) == Cluster("explicit", "10.0.0.1:1234", 4, 3)
     # explicit settings win over SLURM and TPU detection
-    assert plan({**SLURM, **EXPLICIT}, tpu_workers=4).source == "explicit"
+    assert cluster({**SLURM, **EXPLICIT}, tpu_workers=4).source == "explicit"
 
 
 def test_slurm_one_task_per_node_sees_all_devices():
-    p = plan(SLURM)
-    assert p == DistributedPlan("slurm", "gpu007:61586", 2, 1, None)  # 4242 % 4096 + 61440
-    assert plan({**SLURM, "JAX_COORDINATOR_PORT": "9999"}).coordinator == "gpu007:9999"
+    p = cluster(SLURM)
+    assert p == Cluster("slurm", "gpu007:61586", 2, 1, None)  # 4242 % 4096 + 61440
+    assert cluster({**SLURM, "JAX_COORDINATOR_PORT": "9999"}).coordinator == "gpu007:9999"
 
 
 def test_slurm_several_tasks_per_node_get_one_device_each():
     env = {**SLURM, "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
-    assert plan(env).local_device_ids == (1,)
+    assert cluster(env).local_device_ids == (1,)
 
 
 def test_tpu_pod_is_left_to_jax():
-    assert plan({}, tpu_workers=4) == DistributedPlan("tpu")
-    assert plan_from_env({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == DistributedPlan("tpu")
-    assert plan_from_env({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+    assert cluster({}, tpu_workers=4) == Cluster("tpu")
+    assert cluster_from_env({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == Cluster("tpu")
+    assert cluster_from_env({"TPU_WORKER_HOSTNAMES": "w0"}) is None
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_first_slurm_host(nodelist, first):
 )
 def test_inconsistent_env_is_one_line(env, message):
     with pytest.raises(JaxgenError) as info:
-        plan(env)
+        cluster(env)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

@@ -220,7 +220,7 @@ def _fingerprint(config, scans: dict, tokenizer_sha: str) -> str:
 
 
 @dataclasses.dataclass
-class _Plan:
+class _SplitSource:
     name: str
     files: list[pathlib.Path]
     lo: int
@@ -229,7 +229,7 @@ class _Plan:
     default_split: str
 
 
-def _plans(config, scans: dict) -> list[_Plan]:
+def _split_sources(config, scans: dict) -> list[_SplitSource]:
     """Train and (optionally) validation: explicit files, or the tail fraction of the train units."""
     data = config.data
     unit = "chars" if data.format == "text" else "records"
@@ -240,8 +240,8 @@ def _plans(config, scans: dict) -> list[_Plan]:
         val_files = sources.resolve_files(data.validation_files, "data.validation_files")
         val_catalog = [p for p in data.validation_files if sources.is_tfds(p)]
         return [
-            _Plan("train", train_files, 0, total, train_catalog, "train"),
-            _Plan(
+            _SplitSource("train", train_files, 0, total, train_catalog, "train"),
+            _SplitSource(
                 "validation",
                 val_files,
                 0,
@@ -251,11 +251,11 @@ def _plans(config, scans: dict) -> list[_Plan]:
             ),
         ]
     if data.validation_fraction == 0 or total == 0:
-        return [_Plan("train", train_files, 0, total, train_catalog, "train")]
+        return [_SplitSource("train", train_files, 0, total, train_catalog, "train")]
     cut = int(total * (1.0 - data.validation_fraction))  # nanoGPT: data[:int(n * 0.9)]
     return [
-        _Plan("train", train_files, 0, cut, train_catalog, "train"),
-        _Plan("validation", train_files, cut, total, [], "validation"),
+        _SplitSource("train", train_files, 0, cut, train_catalog, "train"),
+        _SplitSource("validation", train_files, cut, total, [], "validation"),
     ]
 
 
@@ -264,50 +264,52 @@ def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, 
     # Import TFDS before rich's refresh thread starts: TFDS swaps `__import__` for a lazy
     # importer while it loads, and rich's thread importing `.markup` then would fail.
     spec = builder.features(kind)
-    plans = _plans(config, scans)
-    total_bytes = sum(scans[str(p)].size for plan in plans for p in plan.files)
+    sources = _split_sources(config, scans)
+    total_bytes = sum(scans[str(p)].size for source in sources for p in source.files)
     figures = (DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tokens]:,} tokens"))
     infos, stats = [], {}
     with progress_bar("{task.description}", *figures, enabled=progress) as bar:
         task = bar.add_task("tokenizing", total=total_bytes or None, tokens=0)
-        for plan in plans:
+        for source in sources:
             counts = Counts()
 
             def advance(n: int, counts=counts) -> None:
                 bar.update(task, advance=n, tokens=counts.tokens)
 
-            writer = builder.SplitWriter(tmp, plan.name, spec)
+            writer = builder.SplitWriter(tmp, source.name, spec)
             if kind == "sft":
-                info = write_sft(config, tokenizer, plan, writer, counts, advance)
+                info = write_sft(config, tokenizer, source, writer, counts, advance)
             else:
-                info = _write_pretrain(config, tokenizer, plan, writer, counts, advance)
+                info = _write_pretrain(config, tokenizer, source, writer, counts, advance)
             if counts.tokens == 0 or counts.examples == 0:
-                raise JaxgenError(f"data: the {plan.name} split has no text to train on ({_describe(plan)})")
+                raise JaxgenError(
+                    f"data: the {source.name} split has no text to train on ({_describe(source)})"
+                )
             infos.append(info)
-            stats[plan.name] = counts
+            stats[source.name] = counts
     return infos, stats
 
 
-def _describe(plan: _Plan) -> str:
-    names = [str(p) for p in plan.files] + plan.catalog
+def _describe(source: _SplitSource) -> str:
+    names = [str(p) for p in source.files] + source.catalog
     return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
 
 
-def _pretrain_segments(config, plan: _Plan, counts: Counts, advance) -> Iterator[documents.Segment]:
+def _pretrain_segments(config, source: _SplitSource, counts: Counts, advance) -> Iterator[documents.Segment]:
     fn = documents.text_segments if config.data.format == "text" else documents.jsonl_segments
-    yield from fn(plan.files, config.data, plan.lo, plan.hi, counts, advance)
-    yield from documents.catalog_segments(config, plan.catalog, plan.default_split)
+    yield from fn(source.files, config.data, source.lo, source.hi, counts, advance)
+    yield from documents.catalog_segments(config, source.catalog, source.default_split)
 
 
-def _write_pretrain(config, tokenizer, plan: _Plan, writer, counts: Counts, advance):
+def _write_pretrain(config, tokenizer, source: _SplitSource, writer, counts: Counts, advance):
     tok_path = tokenizer_path(config)
     eos = tokenizer.eos_id
     if eos is None:
         raise JaxgenError(f"{tokenizer.path}: the tokenizer has no eos piece (tokenizer.eos_id)")
     stream = builder.StreamWriter(writer)
     stream.extend(np.array([eos], np.int32))
-    batches = _batches(_pretrain_segments(config, plan, counts, advance))
-    for flat, chars, nbytes, docs in encode_all(tokenizer, tok_path, batches, _workers(config, plan)):
+    batches = _batches(_pretrain_segments(config, source, counts, advance))
+    for flat, chars, nbytes, docs in encode_all(tokenizer, tok_path, batches, _workers(config, source)):
         stream.extend(flat)
         counts.examples += docs
         counts.chars += chars
@@ -316,9 +318,9 @@ def _write_pretrain(config, tokenizer, plan: _Plan, writer, counts: Counts, adva
     return stream.finish()
 
 
-def _workers(config, plan: _Plan) -> int:
-    text = config.data.format == "text"  # then the plan's range is in characters, ~bytes
-    size = plan.hi - plan.lo if text else sum(p.stat().st_size for p in plan.files)
+def _workers(config, source: _SplitSource) -> int:
+    text = config.data.format == "text"  # then the source's range is in characters, ~bytes
+    size = source.hi - source.lo if text else sum(p.stat().st_size for p in source.files)
     return tokenizing_workers(config, size)
 
 

@@ -54,11 +54,11 @@ def fit(tokens: np.ndarray, mask: np.ndarray, max_len: int, overlong: str, count
     return tokens, mask
 
 
-def write_sft(config, tokenizer, plan, writer, counts: documents.Counts, advance):
-    """Encodes the plan's SFT records into `writer`, one example per record."""
+def write_sft(config, tokenizer, source, writer, counts: documents.Counts, advance):
+    """Encodes the source's SFT records into `writer`, one example per record."""
     data = config.data
     max_len = config.train.seq_len + 1  # one row holds seq_len inputs and seq_len targets
-    records = documents.jsonl_records(plan.files, data, plan.lo, plan.hi, counts, advance)
+    records = documents.jsonl_records(source.files, data, source.lo, source.hi, counts, advance)
     group = iter(lambda: list(itertools.islice(records, _RECORDS_PER_CALL)), [])
     for chunk in group:
         parts = [sources.sft_parts(rec, data, path, line) for path, line, rec in chunk]

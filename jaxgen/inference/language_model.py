@@ -107,7 +107,7 @@ class LanguageModel:
 
     # ------------------------------------------------------------------ generation
 
-    def plan(self, **options) -> request.Request:
+    def resolve(self, **options) -> request.Request:
         """Validates options over the config's `generate` defaults."""
         return request.resolve(self.config.generate, self.config.model, self.tokenizer, **options)
 
@@ -129,28 +129,28 @@ class LanguageModel:
         """
         if isinstance(prompts, str):
             raise JaxgenError("prompts: expected a list of prompts, got one string (wrap it in a list)")
-        plan = self.plan(**options)
+        req = self.resolve(**options)
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         encoded = [
-            self.encode_prompt(p, plan.options, f"prompt {r}") for p, r in zip(prompts, row_ids, strict=True)
+            self.encode_prompt(p, req.options, f"prompt {r}") for p, r in zip(prompts, row_ids, strict=True)
         ]
         results: list[GenerationResult | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-        size = plan.options.batch_size
+        size = req.options.batch_size
         for start in range(0, len(order), size):
             idx = order[start : start + size]
-            batch = self._generate_batch([encoded[i] for i in idx], [row_ids[i] for i in idx], plan)
+            batch = self._generate_batch([encoded[i] for i in idx], [row_ids[i] for i in idx], req)
             for i, result in zip(idx, batch, strict=True):
                 results[i] = result
         return results
 
-    def _generate_batch(self, prompts, row_ids, plan: request.Request) -> list[GenerationResult]:
+    def _generate_batch(self, prompts, row_ids, req: request.Request) -> list[GenerationResult]:
         model = self.config.model
-        prompts, rows = request.run_batch(model, self.serving_params, prompts, row_ids, plan, self.mesh)
-        return [self._result(p, cs, plan) for p, cs in zip(prompts, rows, strict=True)]
+        prompts, rows = request.run_batch(model, self.serving_params, prompts, row_ids, req, self.mesh)
+        return [self._result(p, cs, req) for p, cs in zip(prompts, rows, strict=True)]
 
     def _result(
-        self, prompt: list[int], completions: list[loop.Completion], plan: request.Request
+        self, prompt: list[int], completions: list[loop.Completion], req: request.Request
     ) -> GenerationResult:
         tokens = [c.tokens for c in completions]
         reasons = [c.finish_reason for c in completions]
@@ -158,7 +158,7 @@ class LanguageModel:
         if self.tokenizer is not None:
             texts = [continuation(self.tokenizer, prompt, t) for t in tokens]
             for j, text in enumerate(texts):  # a stop string the token match missed (other tokenization)
-                texts[j], stopped = cut_at_stop(text, plan.stop_texts)
+                texts[j], stopped = cut_at_stop(text, req.stop_texts)
                 reasons[j] = "stop" if stopped else reasons[j]
         scores = [c.score for c in completions] if completions[0].score is not None else None
         return GenerationResult(prompt, tokens, texts, reasons, scores)
@@ -170,25 +170,25 @@ class LanguageModel:
         The pieces add up to `generate`'s text: text that could begin a stop string is held
         back until it is decided.
         """
-        plan = self.plan(**options)
-        if isinstance(plan.spec.strategy, sampling.BeamSearch):
+        req = self.resolve(**options)
+        if isinstance(req.spec.strategy, sampling.BeamSearch):
             raise JaxgenError("num_beams: streaming needs num_beams=1")
-        ids = self.encode_prompt(prompt, plan.options, "prompt")
-        new = request.new_tokens(plan, [ids])
-        ids = request.fit_prompt(self.config.model, ids, new, plan.options, "prompt")
+        ids = self.encode_prompt(prompt, req.options, "prompt")
+        new = request.new_tokens(req, [ids])
+        ids = request.fit_prompt(self.config.model, ids, new, req.options, "prompt")
         tokens: list[int] = []
         shown = text = ""
         for pieces in loop.stream_ids(
-            self.config.model, self.serving_params, [ids], plan.spec, max_new_tokens=new, chunk=chunk,
-            seed=plan.options.seed, row_ids=[request.row_id(0)], mesh=self.mesh,
-            buckets=plan.options.prompt_buckets,
+            self.config.model, self.serving_params, [ids], req.spec, max_new_tokens=new, chunk=chunk,
+            seed=req.options.seed, row_ids=[request.row_id(0)], mesh=self.mesh,
+            buckets=req.options.prompt_buckets,
         ):  # fmt: skip
             tokens += pieces[0]
             if self.tokenizer is None:
                 yield pieces[0]
                 continue
-            text, stopped = cut_at_stop(continuation(self.tokenizer, ids, tokens), plan.stop_texts)
-            visible = text if stopped else text[: len(text) - stop_prefix(text, plan.stop_texts)]
+            text, stopped = cut_at_stop(continuation(self.tokenizer, ids, tokens), req.stop_texts)
+            visible = text if stopped else text[: len(text) - stop_prefix(text, req.stop_texts)]
             if visible.startswith(shown) and len(visible) > len(shown):
                 yield visible[len(shown) :]
                 shown = visible

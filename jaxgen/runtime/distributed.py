@@ -11,7 +11,7 @@ process is one of several, joins them into one JAX job. Sources, first match win
 3. Cloud TPU: a GKE worker list (`TPU_WORKER_HOSTNAMES`) or, on a TPU VM, the metadata
    server's worker list; JAX then detects everything itself (no arguments).
 
-Anything else is a single host and nothing happens. `plan_from_env` is the pure part
+Anything else is a single host and nothing happens. `cluster_from_env` is the pure part
 (environment -> what to call) so it can be tested without a cluster.
 """
 
@@ -36,7 +36,7 @@ _initialized = False  # set once this module has joined (or found) a distributed
 
 
 @dataclasses.dataclass(frozen=True)
-class DistributedPlan:
+class Cluster:
     """What `initialize_from_env` will pass to `jax.distributed.initialize`.
 
     Attributes:
@@ -85,7 +85,7 @@ def _check_coordinator(name: str, address: str) -> str:
     return f"{host}:{port}"
 
 
-def _explicit_plan(env: Mapping[str, str]) -> DistributedPlan:
+def _explicit_cluster(env: Mapping[str, str]) -> Cluster:
     missing = [v for v in EXPLICIT_VARS if not env.get(v, "").strip()]
     if missing:
         given = ", ".join(v for v in EXPLICIT_VARS if v not in missing) or "none of them"
@@ -95,7 +95,7 @@ def _explicit_plan(env: Mapping[str, str]) -> DistributedPlan:
     count = _int_var(env, "JAXGEN_NUM_PROCESSES", 1)
     process_id = _int_var(env, "JAXGEN_PROCESS_ID", 0)
     _check_rank("JAXGEN_PROCESS_ID", process_id, "JAXGEN_NUM_PROCESSES", count)
-    return DistributedPlan("explicit", coordinator, count, process_id)
+    return Cluster("explicit", coordinator, count, process_id)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -108,7 +108,7 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split("-", 1)[0].rstrip("]")
 
 
-def _slurm_plan(env: Mapping[str, str]) -> DistributedPlan:
+def _slurm_cluster(env: Mapping[str, str]) -> Cluster:
     count = _int_var(env, "SLURM_NTASKS", 1)
     process_id = _int_var(env, "SLURM_PROCID", 0)
     _check_rank("SLURM_PROCID", process_id, "SLURM_NTASKS", count)
@@ -126,7 +126,7 @@ def _slurm_plan(env: Mapping[str, str]) -> DistributedPlan:
     local = None
     if count > nodes:
         local = (_int_var(env, "SLURM_LOCALID", 0),)
-    return DistributedPlan("slurm", coordinator, count, process_id, local)
+    return Cluster("slurm", coordinator, count, process_id, local)
 
 
 def tpu_chips_present() -> bool:
@@ -163,9 +163,9 @@ def _tpu_worker_count(env: Mapping[str, str]) -> int:
     return tpu_vm_worker_count()
 
 
-def plan_from_env(
+def cluster_from_env(
     env: Mapping[str, str], tpu_worker_count: Callable[[Mapping[str, str]], int] = _tpu_worker_count
-) -> DistributedPlan | None:
+) -> Cluster | None:
     """Decides from `env` whether and how to join a multi-process JAX job.
 
     Args:
@@ -174,20 +174,20 @@ def plan_from_env(
             so tests need no TPU or metadata server.
 
     Returns:
-        The plan, or None for a single process.
+        The cluster, or None for a single process.
 
     Raises:
         JaxgenError: the environment is inconsistent (one line naming the variable).
     """
     if any(v in env for v in EXPLICIT_VARS):
-        plan = _explicit_plan(env)
+        cluster = _explicit_cluster(env)
     elif all(v in env for v in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NODELIST")):
-        plan = _slurm_plan(env)
+        cluster = _slurm_cluster(env)
     elif tpu_worker_count(env) > 1:
-        plan = DistributedPlan("tpu")
+        cluster = Cluster("tpu")
     else:
         return None
-    return None if plan.num_processes == 1 else plan
+    return None if cluster.num_processes == 1 else cluster
 
 
 def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
@@ -209,22 +209,22 @@ def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
     if _initialized or jax.distributed.is_initialized():
         _initialized = True
         return True
-    plan = plan_from_env(os.environ if env is None else env)
-    if plan is None:
+    cluster = cluster_from_env(os.environ if env is None else env)
+    if cluster is None:
         return False
     try:
         jax.distributed.initialize(
-            coordinator_address=plan.coordinator,
-            num_processes=plan.num_processes,
-            process_id=plan.process_id,
-            local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
-            # Explicit plans must not be second-guessed: JAX's SLURM detection would
+            coordinator_address=cluster.coordinator,
+            num_processes=cluster.num_processes,
+            process_id=cluster.process_id,
+            local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None,
+            # Explicit clusters must not be second-guessed: JAX's SLURM detection would
             # otherwise restrict a one-task-per-node process to a single GPU.
-            cluster_detection_method=None if plan.coordinator is None else "deactivate",
+            cluster_detection_method=None if cluster.coordinator is None else "deactivate",
         )
     except (RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxgenError(f"jax.distributed.initialize ({plan.describe()}) failed: {first_line}") from e
+        raise JaxgenError(f"jax.distributed.initialize ({cluster.describe()}) failed: {first_line}") from e
     _initialized = True
     return True
 

@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 from jaxgen.errors import JaxgenError
 from jaxgen.tokenizer.hf import HFTokenizer
-from jaxgen.tokenizer.word_cache import UnitCache, flatten
+from jaxgen.tokenizer.word_cache import WordCache, flatten
 
 TOKENIZER_FILE = "tokenizer.model"
 _UNCHECKED = object()
@@ -69,7 +69,7 @@ class Tokenizer:
         (jaxgen/unit_cache.py; checked once, on first use).
         """
         if self._units is _UNCHECKED:
-            self._units = UnitCache.for_model(self._sp, self._proto)
+            self._units = WordCache.for_model(self._sp, self._proto)
         if self._units is None:
             return flatten(self.encode_batch(texts))
         return self._units.encode_flat(texts)

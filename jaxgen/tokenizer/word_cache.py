@@ -9,7 +9,7 @@ so it cannot cross a cut that no piece crosses (char models: trivially). Units r
 gathered from the cache with numpy: ~1.6-2x SentencePiece's own BPE throughput on one
 core (benchmarks/RESULTS.md).
 
-`UnitCache.for_model` checks the conditions on the model itself and returns None when
+`WordCache.for_model` checks the conditions on the model itself and returns None when
 they do not hold (not BPE or char, another normaliser, a dummy prefix, pieces containing "x▁"
 or "\\n" beside other characters), and the tokenizer then encodes the plain way.
 """
@@ -59,7 +59,7 @@ def _separable(proto: bytes, pieces: Sequence[str]) -> bool:
     return True
 
 
-class UnitCache:
+class WordCache:
     """Encodes batches exactly as `processor.encode` would, reusing each unit's ids."""
 
     def __init__(self, processor):
@@ -67,7 +67,7 @@ class UnitCache:
         self._clear()
 
     @classmethod
-    def for_model(cls, processor, proto: bytes) -> UnitCache | None:
+    def for_model(cls, processor, proto: bytes) -> WordCache | None:
         pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
         return cls(processor) if _separable(proto, pieces) else None
 

@@ -9,7 +9,7 @@ from test_tokenizer import TEXT, _config
 
 from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.tokenizer import load_tokenizer
-from jaxgen.tokenizer.word_cache import UnitCache, flatten
+from jaxgen.tokenizer.word_cache import WordCache, flatten
 
 # Characters the training text has and has not seen (unknown -> byte fallback or unk),
 # runs of spaces, tabs, newlines, digits, a control token.
@@ -28,7 +28,7 @@ def _random_texts(seed: int, n: int) -> list[str]:
 def test_bulk_encoding_equals_sentencepiece(tmp_path, kind):
     tok = load_tokenizer(train_tokenizer(_config(tmp_path, TEXT, f"tokenizer.kind={kind}")))
     # Trained BPE and char models qualify; unigram encodes faster without the cache.
-    assert (UnitCache.for_model(tok._sp, tok.path.read_bytes()) is not None) == (kind != "unigram")
+    assert (WordCache.for_model(tok._sp, tok.path.read_bytes()) is not None) == (kind != "unigram")
     batches = [_random_texts(seed, 300) for seed in range(3)]  # later ones hit the cache
     # NUL joins a batch for one regex pass; texts holding one take the one-by-one path.
     batches += [[""], ["", ""], ["a \x00 b", "\n\x00\n", "\x00"], [TEXT[:300], "x\x00y"]]
@@ -46,7 +46,7 @@ def test_models_that_are_not_separable_encode_the_plain_way(tmp_path):
     prefix = tmp_path / "default"
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=50, minloglevel=2)
     tok = load_tokenizer(f"{prefix}.model")
-    assert UnitCache.for_model(tok._sp, tok.path.read_bytes()) is None
+    assert WordCache.for_model(tok._sp, tok.path.read_bytes()) is None
     texts = ["two  spaces", " lead", "x"]
     ids, counts = tok.encode_flat(texts)
     np.testing.assert_array_equal(ids, flatten(tok.encode_batch(texts))[0])
