@@ -2,9 +2,10 @@
 the job with one line in bounded time (a run directory that resumes).
 
 The stress test runs the worker pipeline JAXGEN_WORKER_STRESS times (default 6) in a fresh
-interpreter, as `jaxgen train` runs it. Before the fix, 1 start in ~12 deadlocked under
-load: the worker's two read threads both opened the split lazily, importing TFDS at once
-(`JAXGEN_WORKER_STRESS=50 python -m pytest tests/test_data_workers.py -k stress`).
+interpreter, as `jaxgen train` runs it. Before the fix a worker start now and then
+deadlocked under load: its read threads both opened the split lazily, importing TFDS at
+once (`JAXGEN_WORKER_STRESS=50 python -m pytest tests/test_data_workers.py -k stress`
+failed on that code with the stuck worker named in `open_split`).
 """
 
 import json

@@ -14,26 +14,9 @@ import typing
 from jaxgen.config import GenerateConfig
 from jaxgen.errors import JaxgenError
 
-# Help where the schema's field has no description.
 _HELP = {
-    "max_length": "prompt + new tokens (as in Hugging Face); wins over --max-new-tokens",
-    "max_new_tokens": "new tokens per completion",
-    "temperature": "0 = greedy",
-    "top_k": "keep the k most probable tokens (0 = off)",
-    "top_p": "keep the smallest set of tokens whose mass reaches p",
-    "min_p": "drop tokens below min_p x the top probability",
-    "repetition_penalty": "HF repetition penalty (1 = off)",
-    "no_repeat_ngram_size": "never repeat an n-gram of this size (0 = off)",
-    "banned": "text that must not be generated",
-    "num_beams": "beam search with this many beams (1 = sampling)",
-    "num_return_sequences": "completions per prompt (<= num beams)",
-    "length_penalty": "beam score = sum log-probs / length ** penalty",
-    "early_stopping": "beam search: true, false or never",
-    "stop": "stop string",
-    "seed": "sampling seed (a line's text depends only on the seed and its id)",
-    "control": "control attribute",
-    "batch_size": "prompts per batch",
-}
+    "max_length": "prompt + new tokens (as in Hugging Face); wins over --max-new-tokens"
+}  # the one option outside GenerateConfig
 # Fields the command line has not offered so far (set them in the config or per JSONL
 # line): giving them flags changes the CLI, a decision to make on its own.
 _NO_FLAG = frozenset(

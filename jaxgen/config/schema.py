@@ -214,23 +214,35 @@ class CheckpointConfig(_Section):
 class GenerateConfig(_Section):
     """Sampling defaults; every field is also a `generate` option and CLI flag."""
 
-    max_new_tokens: PositiveInt = 128
-    temperature: float = pydantic.Field(1.0, ge=0.0)
-    top_k: NonNegInt = 0  # 0: off
-    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
-    min_p: float = pydantic.Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: pydantic.PositiveFloat = 1.0
-    no_repeat_ngram_size: NonNegInt = 0
-    banned: tuple[str, ...] = ()
-    num_beams: PositiveInt = 1
-    num_return_sequences: PositiveInt = 1
-    length_penalty: float = 1.0
-    early_stopping: bool | Literal["never"] = False  # as in Hugging Face
-    stop: tuple[str, ...] = ()
-    seed: int = 0
-    control: dict[str, str] = {}
+    max_new_tokens: PositiveInt = pydantic.Field(128, description="new tokens per completion")
+    temperature: float = pydantic.Field(1.0, ge=0.0, description="0 = greedy")
+    top_k: NonNegInt = pydantic.Field(0, description="keep the k most probable tokens (0 = off)")
+    top_p: float = pydantic.Field(
+        1.0, gt=0.0, le=1.0, description="keep the smallest set of tokens whose mass reaches p"
+    )
+    min_p: float = pydantic.Field(
+        0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top probability"
+    )
+    repetition_penalty: pydantic.PositiveFloat = pydantic.Field(
+        1.0, description="HF repetition penalty (1 = off)"
+    )
+    no_repeat_ngram_size: NonNegInt = pydantic.Field(
+        0, description="never repeat an n-gram of this size (0 = off)"
+    )
+    banned: tuple[str, ...] = pydantic.Field((), description="text that must not be generated")
+    num_beams: PositiveInt = pydantic.Field(1, description="beam search with this many beams (1 = sampling)")
+    num_return_sequences: PositiveInt = pydantic.Field(1, description="completions per prompt (<= num beams)")
+    length_penalty: float = pydantic.Field(1.0, description="beam score = sum log-probs / length ** penalty")
+    early_stopping: bool | Literal["never"] = pydantic.Field(
+        False, description="beam search: true, false or never"
+    )  # as in Hugging Face
+    stop: tuple[str, ...] = pydantic.Field((), description="stop string")
+    seed: int = pydantic.Field(
+        0, description="sampling seed (a line's text depends only on the seed and its id)"
+    )
+    control: dict[str, str] = pydantic.Field({}, description="control attribute")
     control_template: str = "<{key}={value}>"
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt = pydantic.Field(32, description="prompts per batch")
     prompt_buckets: tuple[PositiveInt, ...] = ()  # () : powers of two
     truncate_prompt: bool = False  # True: drop the oldest tokens of an over-long prompt
     strip: bool = True

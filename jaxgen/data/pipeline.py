@@ -30,6 +30,7 @@ from jaxgen.data import builder
 from jaxgen.data.workers import WorkerWatch
 from jaxgen.errors import JaxgenError
 
+# The batch fields, in this order wherever a batch is laid out: [B, T] each (loss_mask float32).
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
@@ -50,13 +51,11 @@ def window_batch(windows: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray
     `valid` [B, T+1] marks real tokens (False: padding, which neither attends nor counts).
     """
     b, t = windows.shape[0], windows.shape[1] - 1
-    return {
-        "tokens": windows[:, :-1],
-        "targets": windows[:, 1:],
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-        "segment_ids": valid[:, :-1].astype(np.int32),
-        "loss_mask": valid[:, 1:].astype(np.float32),
-    }
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    segment_ids, loss_mask = valid[:, :-1].astype(np.int32), valid[:, 1:].astype(np.float32)
+    return dict(
+        zip(FIELDS, (windows[:, :-1], windows[:, 1:], positions, segment_ids, loss_mask), strict=True)
+    )
 
 
 class WindowReader:
@@ -178,13 +177,10 @@ def _sft_example(record: dict) -> dict[str, np.ndarray]:
 def _sft_rows(shard: Shard, batch_size: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's rows of a packed global batch (padded to batch_size rows) in FIELDS names."""
     rows = shard.rows(batch_size)
-    out = {
-        "tokens": batch["tokens"],
-        "targets": batch["targets"],
-        "positions": batch["tokens_positions"],
-        "segment_ids": batch["tokens_segment_ids"],
-        "loss_mask": batch["loss_mask"] * (batch["tokens_segment_ids"] > 0),
-    }
+    segment_ids = batch["tokens_segment_ids"]
+    values = (batch["tokens"], batch["targets"], batch["tokens_positions"], segment_ids,
+              batch["loss_mask"] * (segment_ids > 0))  # fmt: skip
+    out = dict(zip(FIELDS, values, strict=True))
     pad = batch_size - len(out["tokens"])  # only the last batch of a finite stream is short
     out = {k: np.pad(v, ((0, pad), (0, 0))) if pad else v for k, v in out.items()}
     lo = shard.index * rows
