@@ -154,6 +154,14 @@ def test_a_killed_worker_is_one_line_naming_it(config):
     assert message.endswith("died: Worker process was terminated unexpectedly with exit code -9")
 
 
+def test_a_worker_slower_to_start_than_the_timeout_is_not_a_stall(config):
+    # A fresh interpreter importing JAX and TFDS takes seconds (more under load): the
+    # timeout counts from the worker's start, not from the first request.
+    with train_batches(_with_workers(config, worker_timeout=1), None) as it:
+        batches = [as_numpy(next(it)) for _ in range(3)]
+    assert len(batches) == 3
+
+
 def test_a_stopped_worker_times_out_and_is_killed(config):
     with train_batches(_with_workers(config, worker_timeout=3), None) as it:
         as_numpy(next(it))

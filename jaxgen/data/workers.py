@@ -29,6 +29,8 @@ import weakref
 from jaxgen.errors import JaxgenError
 
 _DUMP_WAIT_S = 2.0  # how long a live worker gets to write its stacks after SIGUSR1
+_POLL_S = 0.5  # how often a wait for a batch looks at the clock
+_STARTUP_S = 120.0  # the least time workers get to start (interpreter, imports)
 _FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
 
 
@@ -115,10 +117,14 @@ class WorkerWatch:
             self._fetcher = threading.Thread(target=self._serve, daemon=True, name="jaxgen-batch-fetch")
             self._fetcher.start()
         self._requests.put(it)
-        try:
-            value, error = self._results.get(timeout=self.timeout)
-        except queue.Empty:
-            raise self._stuck() from None
+        asked = time.monotonic()
+        while True:
+            try:
+                value, error = self._results.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if time.monotonic() > self._deadline(asked):
+                    raise self._stuck() from None
         if error is None:
             return value
         if isinstance(error, (StopIteration, JaxgenError)):
@@ -130,6 +136,20 @@ class WorkerWatch:
             why = str(error).strip().split(". ")[0].rstrip(".") or type(error).__name__
             raise JaxgenError(f"data: worker process {i} (pid {pid}) of {self.what} died: {why}") from None
         raise error
+
+    def _deadline(self, asked: float) -> float:
+        """`timeout` after the request or after the newest worker started, whichever is later.
+
+        Starting a worker (a fresh interpreter importing JAX and TFDS) can take longer than a
+        short timeout on a loaded machine; that is not a stall. A worker that never gets as
+        far as announcing itself is bounded too, by `max(timeout, _STARTUP_S)`.
+        """
+        started = [p.stat().st_mtime for p in self.dir.glob("worker-*.pid")]
+        if len(started) < self.count:
+            return asked + max(self.timeout, _STARTUP_S)
+        # pid files are stamped with the wall clock; convert to the monotonic one
+        newest = max(started) - time.time() + time.monotonic()
+        return max(asked, newest) + self.timeout
 
     def _serve(self) -> None:
         while True:
@@ -147,9 +167,10 @@ class WorkerWatch:
         self.kill()
         self._cleanup.detach()  # the stack dumps named in the message stay
         if not reports:
+            waited = max(self.timeout, _STARTUP_S)
             return JaxgenError(
-                f"data: no worker process of {self.what} started within {self.timeout:g} s"
-                " (data.worker_timeout)"
+                f"data: no worker process of {self.what} started within {waited:g} s"
+                f" (data.worker_timeout, and at least {_STARTUP_S:g} s to start)"
             )
         return JaxgenError(
             f"data: {'; '.join(reports)}: no batch of {self.what} came in {self.timeout:g} s"
