@@ -1,7 +1,7 @@
 """Tokenizing pretraining text in worker processes, in order, with bounded memory.
 
 Encoding does not scale across threads (SentencePiece's BPE ran ~4-6 MB/s on one core
-whatever `num_threads`; the unit cache in jaxgen/unit_cache.py is numpy and Python), so
+whatever `num_threads`; the word cache in jaxgen/tokenizer/word_cache.py is numpy and Python), so
 prepare spreads `Tokenizer.encode_flat` calls over processes.
 At most `2 * workers` batches are in flight, so memory stays bounded.
 """

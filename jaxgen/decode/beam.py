@@ -16,7 +16,7 @@ Each step mirrors HF's vectorised `_beam_search`:
 
 Beams of one prompt are adjacent rows of the model batch ([B * num_beams, ...]); the KV
 cache is reordered by each step's source beams with one gather along its batch axis.
-The model runs in the serving layout (jaxgen/model/serving.py), as in jaxgen/generate.py.
+The model runs in the serving layout (jaxgen/model/serving.py), as in jaxgen/decode/loop.py.
 """
 
 from __future__ import annotations

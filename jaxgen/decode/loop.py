@@ -6,7 +6,7 @@ same loop in chunks of steps: `start` (prefill + first token) and `advance` (up 
 more steps, the state donated so the cache is updated in place) are compiled once
 and reused for every chunk.
 
-Rows are left-padded to a common prompt length P (see jaxgen/kvcache.py), so every
+Rows are left-padded to a common prompt length P (see jaxgen/model/kvcache.py), so every
 row's next token goes to the same slot `P + step`. Prompt lengths, batch sizes and
 the generated-token buffer are bucketed (powers of two, or configured buckets), so a
 new prompt length rarely compiles a new program; the real limit on new tokens is a

@@ -1,6 +1,6 @@
 """Building blocks: einsum projections, norms, MLPs, rotary embeddings.
 
-Every parameter is created with logical axis names (see jaxgen/sharding.py for the
+Every parameter is created with logical axis names (see jaxgen/runtime/mesh.py for the
 rules that map them to the mesh); layers never name mesh axes.
 """
 

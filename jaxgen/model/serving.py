@@ -65,7 +65,7 @@ class ServingTransformer:
     """`Transformer`'s `apply` over serving-layout params (stacked ones are unstacked first).
 
     Duck-types the parts of a `Transformer` that decoding uses (`config`, `apply`), so
-    `generate.prefill` / `generate.decode_step` take either.
+    `decode.loop.prefill` / `decode.loop.decode_step` take either.
     """
 
     def __init__(self, config: ModelConfig):

@@ -66,7 +66,7 @@ class Tokenizer:
         """Bulk encoding: (all ids back to back [int32], each text's id count [int64]).
 
         Same ids as `encode_batch`, through a unit cache where the model allows it
-        (jaxgen/unit_cache.py; checked once, on first use).
+        (jaxgen/tokenizer/word_cache.py; checked once, on first use).
         """
         if self._units is _UNCHECKED:
             self._units = WordCache.for_model(self._sp, self._proto)
