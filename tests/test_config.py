@@ -44,6 +44,24 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert again.train == config.train
 
 
+def test_string_fields_take_override_text_as_typed():
+    # YAML would read "ROMEO:" as a mapping and "123" as a number; a string field means text.
+    config = load_config(
+        None,
+        [
+            "train.sample_prompt=ROMEO:",
+            "name=123",
+            "tokenizer.path=null",
+            "generate.control_template=<{key}>",
+        ],
+    )
+    assert config.train.sample_prompt == "ROMEO:"
+    assert config.name == "123"
+    assert config.tokenizer.path is None  # an optional string still takes null
+    assert config.generate.control_template == "<{key}>"
+    assert load_config(None, ["train.steps=7", "generate.stop=[a, b]"]).generate.stop == ("a", "b")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import pathlib
+import types
+import typing
 
 import pydantic
 import yaml
@@ -46,15 +48,32 @@ def read_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) ->
     return data
 
 
+def _takes_text(key: str) -> bool:
+    """Whether the schema field at dotted `key` is a string (possibly optional)."""
+    model: typing.Any = Config
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+    members = (
+        typing.get_args(model) if typing.get_origin(model) in (typing.Union, types.UnionType) else (model,)
+    )
+    return str in members and all(m in (str, type(None)) for m in members)
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Applies `a.b.c=value` overrides; values are parsed as YAML scalars."""
+    """Applies `a.b.c=value` overrides; values are parsed as YAML scalars, except for string
+    fields, which take the text as typed (`train.sample_prompt=ROMEO:` is not a mapping)."""
     data = _deep_merge({}, data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise JaxgenError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = (
+                raw if _takes_text(key) and raw not in ("null", "~") else yaml.safe_load(raw) if raw else ""
+            )
         except yaml.YAMLError:
             raise JaxgenError(f"override {key}: cannot parse value {raw!r}") from None
         node = data
