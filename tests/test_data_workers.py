@@ -262,7 +262,11 @@ def test_train_ends_with_one_line_when_a_worker_dies_and_resumes(corpus, tmp_pat
         timeout=240,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/{steps[-1]}" in resumed.stdout.replace("\n", "")
+    lines = resumed.stdout.splitlines()  # whole lines, however long (no wrapping at 80 columns)
+    assert f"resumed from {run_dir}/checkpoints/{steps[-1]}" in lines
+    assert any(
+        line.endswith(f"mesh {{'data': 1, 'fsdp': 1, 'tensor': 1}}, run dir {run_dir}") for line in lines
+    )
     assert "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
 
 

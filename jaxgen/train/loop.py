@@ -170,7 +170,9 @@ def train(
     """Trains `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
     started = time.perf_counter()
     leader = jax.process_index() == 0
-    console = console or Console(quiet=not leader)  # one process speaks for a multi-host job
+    # One process speaks for a multi-host job. Lines are not wrapped to the console's width:
+    # a log line cut mid-value (the banner's mesh dict, a long run dir) reads as two.
+    console = console or Console(quiet=not leader, soft_wrap=True)
     run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
     check_no_placeholders(config)
     # Process 0 writes shared files (prepared data, run config); the others wait for it
