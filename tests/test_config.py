@@ -60,6 +60,8 @@ def test_string_fields_take_override_text_as_typed():
     assert config.tokenizer.path is None  # an optional string still takes null
     assert config.generate.control_template == "<{key}>"
     assert load_config(None, ["train.steps=7", "generate.stop=[a, b]"]).generate.stop == ("a", "b")
+    # every item of a list of strings is text too: YAML would make `yes` True and `3` a number
+    assert load_config(None, ["tokenizer.control_tokens=[yes, 3]"]).tokenizer.control_tokens == ("yes", "3")
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,16 @@ def test_generate_flags_set_only_the_options_given():
         parse("--control", "oops")
 
 
+def test_stop_and_banned_flags_read_backslash_escapes():
+    def parse(*flags):
+        return from_args(build_parser().parse_args(["generate", "--run", "r", "--prompt", "x", *flags]))
+
+    got = parse("--stop", r"\n\n", "--stop", r"a\tb", "--banned", r"back\\slash", "--banned", "café")
+    assert got == {"stop": ("\n\n", "a\tb"), "banned": ("back\\slash", "café")}
+    with pytest.raises(JaxgenError, match=r"--stop 'x\\\\': bad backslash escape"):
+        parse("--stop", "x\\")
+
+
 def test_eval_perplexity_matches_logits(lm, run_dir, tmp_path):
     text = "the cat sat on the mat."
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")

@@ -88,6 +88,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             kind = {"type": _scalar(annotation)}
         if "action" in kind:
             help_text += " (repeatable)"
+        if origin is tuple and typing.get_args(annotation)[0] is str:
+            help_text += "; backslash escapes as in Python: \\n, \\t, \\\\"
         parser.add_argument(_flag(name), help=help_text, **kind)
 
 
@@ -99,11 +101,20 @@ def from_args(args: argparse.Namespace) -> dict:
         if value is None:
             continue
         if typing.get_origin(annotation) is tuple:
-            value = tuple(value)
+            value = tuple(_unescape(_flag(name), v) if isinstance(v, str) else v for v in value)
         elif typing.get_origin(annotation) is dict:
             value = dict(_key_value(_flag(name), item) for item in value)
         out[name] = value
     return out
+
+
+def _unescape(flag: str, text: str) -> str:
+    """Backslash escapes (`\\n`, `\\t`, `\\\\`, `\\u00e9`) read as in a Python string literal,
+    so `--stop '\\n\\n'` stops at a blank line; other characters pass through unchanged."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise JaxgenError(f"{flag} {text!r}: bad backslash escape ({e.reason})") from None
 
 
 def _key_value(flag: str, item: str) -> tuple[str, str]:

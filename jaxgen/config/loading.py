@@ -48,18 +48,31 @@ def read_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) ->
     return data
 
 
-def _takes_text(key: str) -> bool:
-    """Whether the schema field at dotted `key` is a string (possibly optional)."""
+def _field_type(key: str):
+    """The schema's type of the field at dotted `key` (None: no such field)."""
     model: typing.Any = Config
     for part in key.split("."):
         fields = getattr(model, "model_fields", None)
         if fields is None or part not in fields:
-            return False
+            return None
         model = fields[part].annotation
-    members = (
-        typing.get_args(model) if typing.get_origin(model) in (typing.Union, types.UnionType) else (model,)
-    )
-    return str in members and all(m in (str, type(None)) for m in members)
+    return model
+
+
+def _members(annotation) -> tuple:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return typing.get_args(annotation) if union else (annotation,)
+
+
+def _parse_value(key: str, raw: str):
+    """An override's value as the field takes it: text as typed for string fields, every
+    item as text for lists of strings (YAML would make `yes` a boolean), else YAML."""
+    members = _members(_field_type(key))
+    if str in members and all(m in (str, type(None)) for m in members) and raw not in ("null", "~"):
+        return raw
+    if any(typing.get_origin(m) in (tuple, list) and typing.get_args(m)[:1] == (str,) for m in members):
+        return yaml.load(raw, Loader=yaml.BaseLoader)  # BaseLoader: only str, list, dict; nothing resolved
+    return yaml.safe_load(raw) if raw else ""
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -71,9 +84,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key:
             raise JaxgenError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         try:
-            value = (
-                raw if _takes_text(key) and raw not in ("null", "~") else yaml.safe_load(raw) if raw else ""
-            )
+            value = _parse_value(key, raw)
         except yaml.YAMLError:
             raise JaxgenError(f"override {key}: cannot parse value {raw!r}") from None
         node = data
