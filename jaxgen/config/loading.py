@@ -71,13 +71,15 @@ def _parse_value(key: str, raw: str):
     if str in members and all(m in (str, type(None)) for m in members) and raw not in ("null", "~"):
         return raw
     if any(typing.get_origin(m) in (tuple, list) and typing.get_args(m)[:1] == (str,) for m in members):
-        return yaml.load(raw, Loader=yaml.BaseLoader)  # BaseLoader: only str, list, dict; nothing resolved
+        # The safe loader's node tree, before it resolves `yes` or `3`: each item's text.
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+        if isinstance(node, yaml.SequenceNode) and all(isinstance(n, yaml.ScalarNode) for n in node.value):
+            return [n.value for n in node.value]
     return yaml.safe_load(raw) if raw else ""
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Applies `a.b.c=value` overrides; values are parsed as YAML scalars, except for string
-    fields, which take the text as typed (`train.sample_prompt=ROMEO:` is not a mapping)."""
+    """Applies `a.b.c=value` overrides, each value as its field takes it (`_parse_value`)."""
     data = _deep_merge({}, data)
     for item in overrides:
         key, sep, raw = item.partition("=")

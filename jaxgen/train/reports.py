@@ -51,32 +51,35 @@ class StepLogger:
         if self.pending:
             self._report(info.step, *self._fetch(info.step))
 
-    def _fetch(self, step: int) -> tuple[list, float]:
+    def _fetch(self, step: int) -> tuple[list, float, list[float], int]:
+        """The pending metrics on the host, the seconds they took (pauses left out), their
+        losses and how many steps were skipped; applies the NaN policy."""
         fetched = jax.device_get(self.pending)
         now = time.perf_counter()
         seconds = now - self.since - (self.hooks.paused - self.paused_since)
         self.since, self.paused_since, self.pending = now, self.hooks.paused, []
-        self.losses += [float(m.loss) for m in fetched]
+        losses = [float(m.loss) for m in fetched]
         bad = sum(not bool(m.finite) for m in fetched)
+        self.losses += losses
         self.skipped += bad
         if bad and self.config.train.nan_policy == "stop":
             raise JaxgenError(
                 f"step {step}: loss or gradient is NaN/Inf; stopped (train.nan_policy=stop),"
                 " the last good checkpoint is kept"
             )
-        return fetched, seconds
+        return fetched, seconds, losses, bad
 
-    def _report(self, step: int, fetched: list, seconds: float) -> None:
+    def _report(self, step: int, fetched: list, seconds: float, losses: list[float], bad: int) -> None:
         last = fetched[-1]
         tokens = self.config.train.batch_size * self.config.train.seq_len * len(fetched)
         tps = tokens / seconds
         values = {
-            "loss": float(np.mean([float(m.loss) for m in fetched])),
+            "loss": float(np.mean(losses)),
             "grad_norm": float(last.grad_norm),
             "learning_rate": float(last.learning_rate),
             "tokens_per_second": tps,
             "step_ms": 1000 * seconds / len(fetched),
-            "skipped": sum(not bool(m.finite) for m in fetched),
+            "skipped": bad,
         }
         util = mfu(tps, self.flops, jax.device_count(), self.peak)
         if util is not None:
