@@ -30,7 +30,15 @@ from jaxgen.model.transformer import abstract_params, abstract_variables
 from jaxgen.runtime.mesh import make_mesh, param_shardings
 
 CONFIG_FILE = "config.yaml"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",  # special tokens, chat template
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
@@ -127,6 +135,15 @@ def save_params(
     return run_dir
 
 
+def pick_step(mngr: ocp.CheckpointManager, run_dir, step: int | None) -> int:
+    """`step`, or the latest one; a JaxgenError listing the steps when there is no such one."""
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        available = ", ".join(map(str, mngr.all_steps())) or "none"
+        raise JaxgenError(f"{checkpoint_dir(run_dir)}: no checkpoint {step} (available: {available})")
+    return step
+
+
 def load_params(
     run_dir: str | pathlib.Path,
     *,
@@ -143,10 +160,7 @@ def load_params(
     config = read_run_config(run_dir)
     mesh = mesh or make_mesh(MeshConfig())
     mngr = manager(run_dir, read_only=True)
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        available = ", ".join(map(str, mngr.all_steps())) or "none"
-        raise JaxgenError(f"{checkpoint_dir(run_dir)}: no checkpoint {step} (available: {available})")
+    step = pick_step(mngr, run_dir, step)
     abstract = abstract_variables(config.model)
     shardings = param_shardings(mesh, abstract)["params"]
     shapes = abstract_params(config.model)

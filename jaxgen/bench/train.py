@@ -79,14 +79,14 @@ def run(config: Config, *, steps: int = 20, warmup: int = 3) -> Iterator[dict]:
         state = trainer.init(jax.random.key(0))
         batch = jax.device_put(synthetic_batch(config), trainer.batch_sharding)
         start = time.perf_counter()
-        compiled = trainer.step.lower(state, batch).compile()
+        compiled = trainer.jit_step.lower(state, trainer.frozen, batch).compile()
         compile_s = time.perf_counter() - start
         for _ in range(warmup):
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, trainer.frozen, batch)
         jax.block_until_ready(metrics)
         start = time.perf_counter()
         for _ in range(steps):
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, trainer.frozen, batch)
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - start) / steps
     tokens = config.train.batch_size * config.train.seq_len

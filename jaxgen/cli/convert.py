@@ -35,10 +35,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from jaxgen.convert.hf import export_hf
+    from jaxgen.train.finetune import load_run_params
 
     if not args.max_shard_gb > 0:
         raise JaxgenError(f"--max-shard-gb: {args.max_shard_gb} must be > 0")
     max_bytes = int(args.max_shard_gb * 1e9)
-    files = export_hf(args.run_dir, args.out_dir, max_shard_bytes=max_bytes, step=args.step)
+    files = export_hf(
+        args.run_dir, args.out_dir, max_shard_bytes=max_bytes, step=args.step, load=load_run_params
+    )
     print(f"exported {len(files)} files -> {args.out_dir}")
     return 0

@@ -21,7 +21,13 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast params for serving")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one prompt: tokens stream to the terminal")
-    mode.add_argument("--input", help="prompts JSONL: {id, prompt, ...per-line options}")
+    mode.add_argument("--input", help="prompts JSONL: {id, prompt | messages, ...per-line options}")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="a text prompt is one user turn, rendered with the model's chat template (or the run's"
+        " turn_header format) and answered; --input lines with 'messages' are rendered either way",
+    )
     p.add_argument("--output", help="output JSONL (with --input); re-running resumes it")
     options.add_flags(p)
     p.add_argument("--chunk", type=int, default=8, help="decode steps between streamed pieces")
@@ -37,16 +43,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     opts = options.from_args(args)
     lm = load(args.run, step=args.checkpoint, dtype=args.dtype)
     if args.prompt is not None:
-        pieces = lm.stream(args.prompt, chunk=args.chunk, **opts)
+        prompt = args.prompt
+        if args.chat:
+            prompt = lm.chat_prompt([{"role": "user", "content": args.prompt}], "--prompt")
+        pieces = lm.stream(prompt, chunk=args.chunk, **opts)
         first = next(pieces, "")  # bad options or a prompt too long fail before anything is printed
-        print(args.prompt, end="")  # then the completion continues it, as it streams
+        # The user's text, then the completion continuing it as it streams; a chat reply is a
+        # turn of its own, so it starts on a new line (the template's markup is not shown).
+        print(args.prompt, end="\n" if args.chat else "")
         for piece in itertools.chain([first], pieces):
             print(piece if isinstance(piece, str) else " ".join(map(str, piece)), end="", flush=True)
         print()
         return 0
     from jaxgen.inference.jsonl import run
 
-    summary = run(lm, args.input, args.output, opts, progress=not args.no_progress)
+    summary = run(lm, args.input, args.output, opts, progress=not args.no_progress, chat=args.chat)
     rate = summary.tokens / summary.seconds if summary.seconds else 0.0
     print(
         f"wrote {summary.written} lines ({summary.skipped} already done, {summary.tokens} tokens, "

@@ -1,21 +1,32 @@
-"""`jaxgen train` and `jaxgen finetune`: one config in, a run directory out."""
+"""`jaxgen train` and `jaxgen finetune`: one config in, a run directory out.
+
+`jaxgen finetune merge RUN [OUT]` folds a LoRA run's adapters into a normal run directory.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from jaxgen.cli.common import add_config_args, not_implemented
+from jaxgen.cli.common import add_config_args
+from jaxgen.errors import JaxgenError
+
+_FINETUNE_HELP = "fine-tune a model from a config (full, freeze, LoRA; SFT, control tokens)"
+_FINETUNE_EPILOG = (
+    "jaxgen finetune merge RUN [OUT]: fold a LoRA run's adapters into a normal run directory"
+    " (default OUT: RUN-merged) that jaxgen generate, eval and convert export-hf read like any other."
+)
 
 
 def add_parser(sub) -> None:
     for name, help_text in (
         ("train", "pretrain a model from a config (resumes from the run directory)"),
-        ("finetune", "fine-tune a model from a config (SFT, LoRA, control tokens)"),
+        ("finetune", _FINETUNE_HELP),
     ):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        epilog = _FINETUNE_EPILOG if name == "finetune" else None
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         add_config_args(p)
         p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
-        p.set_defaults(handler=_cmd_train if name == "train" else not_implemented(name))
+        p.set_defaults(handler=_cmd_train if name == "train" else _cmd_finetune)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -25,10 +36,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxgen.config import load_config
     from jaxgen.train.loop import train
 
-    result = train(load_config(args.config, args.overrides), args.run_dir)
-    if result.preempted:
-        return 0
-    if result.process_index != 0:
+    return _report(train(load_config(args.config, args.overrides), args.run_dir))
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.config == "merge":
+        return _cmd_merge(args)
+    from jaxgen.runtime.distributed import initialize_from_env
+
+    initialize_from_env()
+    from jaxgen.config import load_config
+    from jaxgen.train.finetune import finetune
+
+    return _report(finetune(load_config(args.config, args.overrides), args.run_dir))
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    if not 1 <= len(args.overrides) <= 2 or args.run_dir:
+        raise JaxgenError("usage: jaxgen finetune merge RUN [OUT]")
+    from jaxgen.train.finetune import merge_run
+
+    run = args.overrides[0]
+    out = args.overrides[1] if len(args.overrides) == 2 else run.rstrip("/") + "-merged"
+    merge_run(run, out)
+    print(f"merged {run} -> {out}")
+    return 0
+
+
+def _report(result) -> int:
+    if result.preempted or result.process_index != 0:
         return 0
     figures = result.final_eval or {}
     per_char = f" {figures['nats_per_char']:.4f} nats/char" if "nats_per_char" in figures else ""

@@ -11,11 +11,14 @@ from jaxgen.config.loading import (
 )
 from jaxgen.config.presets import PRESETS
 from jaxgen.config.schema import (
+    LORA_TARGETS,
     CheckpointConfig,
     Config,
     DataConfig,
     EvalConfig,
+    FinetuneConfig,
     GenerateConfig,
+    LoraConfig,
     MeshConfig,
     ModelConfig,
     OptimizerConfig,
@@ -25,13 +28,16 @@ from jaxgen.config.schema import (
 )
 
 __all__ = [
+    "LORA_TARGETS",
     "PLACEHOLDER_KEYS",
     "PRESETS",
     "CheckpointConfig",
     "Config",
     "DataConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "GenerateConfig",
+    "LoraConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimizerConfig",

@@ -151,6 +151,9 @@ class DataConfig(_Section):
     turn_header: str = "{role}: "  # chat: text before each turn's content (never trained)
     turn_separator: str = "\n"  # chat: text after each turn's content
     trained_role: str = "assistant"  # chat: the role whose turns carry the loss
+    # sft records: {"style": "formal", ...} -> control tokens (generate.control_template)
+    # prepended to the record, never trained on as targets
+    attributes_field: str = "attributes"
     strict_utf8: bool = False  # False: invalid UTF-8 becomes U+FFFD (counted); True: an error
     overlong: Literal["truncate", "drop"] = "truncate"  # sft records longer than seq_len + 1
     # tokenizing processes; 0: all cores for inputs over 16 MB (char tokenizers: 1), else 1
@@ -259,6 +262,37 @@ class GenerateConfig(_Section):
         return self
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_gate", "mlp_out")
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters W + (alpha / rank) A B on the named projections (see model/lora.py)."""
+
+    rank: PositiveInt = 8
+    alpha: pydantic.PositiveFloat = 16.0
+    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)  # on the adapter's input, as in PEFT
+    # q k v o: attention projections; mlp_in (gpt2 c_fc, llama up), mlp_gate (llama only), mlp_out
+    targets: tuple[str, ...] = ("q", "v")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class FinetuneConfig(_Section):
+    """`jaxgen finetune`: where the weights come from and which of them train."""
+
+    # a jaxgen run directory (DIR or DIR@STEP) or a Hugging Face model directory; read
+    # only when the run directory has no checkpoint yet
+    init_from: str | None = None
+    method: Literal["full", "freeze", "lora"] = "full"
+    # freeze: parameter paths (fnmatch, or a prefix): embed, layers/0-5, */attn/*, final_norm
+    freeze: tuple[str, ...] = ()
+    lora: LoraConfig = LoraConfig()
+    # {pattern: factor}: the schedule's learning rate times factor for matching parameters
+    lr_multipliers: dict[str, pydantic.PositiveFloat] = {}
+
+
 class EvalConfig(_Section):
     batch_size: PositiveInt = 8
     max_batches: PositiveInt | None = None
@@ -278,6 +312,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     generate: GenerateConfig = GenerateConfig()
     eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
 
 def unknown_value(key: str, value: Any, valid: Any) -> str:

@@ -230,15 +230,19 @@ def export_hf(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     step: int | None = None,
+    load=load_params,
 ) -> list[str]:
     """Writes an HF directory that `transformers` `from_pretrained` loads.
 
+    Args:
+        load: `(run_dir, step=) -> (Config, params)`; the CLI passes the fine-tuning
+            reader that merges a LoRA run's adapters (train/ sits above this package).
     Returns:
         the names of the files written.
     """
 
     run_dir = pathlib.Path(run_dir)
-    config, params = load_params(run_dir, step=step)
+    config, params = load(run_dir, step=step)
     bos, eos = _special_ids(run_dir)
     return write_hf(
         out_dir,

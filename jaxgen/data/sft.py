@@ -1,8 +1,11 @@
 """Supervised fine-tuning records: encoding with a loss mask, and over-long handling.
 
-A record's tokens are `bos? part_1 ... part_n eos?`; its `loss_mask` is 1 on tokens of
+A record's tokens are `bos? part_1 ... part_n eos?` (no second eos when the parts end
+with one); its `loss_mask` is 1 on tokens of
 trained parts (the response, or assistant turns) and on the final eos when the last
-part is trained, 0 elsewhere. The pipeline shifts both by one (targets = tokens[1:],
+part is trained, 0 elsewhere. Chat records are rendered by the Hugging Face tokenizer's
+chat template when its directory has one (data/chat.py), else by `data.turn_header` /
+`data.turn_separator`. The pipeline shifts both by one (targets = tokens[1:],
 loss_mask = mask[1:]), so the loss falls exactly on predicting response tokens.
 """
 
@@ -12,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from jaxgen.data import documents, sources
+from jaxgen.data import attributes, chat, documents, sources
 
 _RECORDS_PER_CALL = 256
 
@@ -28,7 +31,9 @@ def encode_record(
     for (_, trained), piece in zip(parts, ids, strict=True):
         tokens.extend(piece)
         mask.extend([int(trained)] * len(piece))
-    if tokenizer.eos_id is not None:
+    # A record already ending in eos gets no second one: a chat template whose end-of-turn
+    # token is the eos (Llama-3-Instruct's <|eot_id|>) ends its last turn with it.
+    if tokenizer.eos_id is not None and tokens[-1:] != [tokenizer.eos_id]:
         tokens.append(tokenizer.eos_id)
         mask.append(int(parts[-1][1]))
     return np.asarray(tokens, np.int32), np.asarray(mask, np.uint8)
@@ -54,14 +59,25 @@ def fit(tokens: np.ndarray, mask: np.ndarray, max_len: int, overlong: str, count
     return tokens, mask
 
 
+def _parts(record: dict, data, path, line: int, template, control_template: str) -> list[tuple[str, bool]]:
+    """The record's parts, after its control tokens (an untrained part) when it has attributes."""
+    parts = sources.sft_parts(record, data, path, line, template)
+    prefix = attributes.record_prefix(record, data, control_template, path, line)
+    return [(prefix, False), *parts] if prefix else parts
+
+
 def write_sft(config, tokenizer, source, writer, counts: documents.Counts, advance):
     """Encodes the source's SFT records into `writer`, one example per record."""
     data = config.data
     max_len = config.train.seq_len + 1  # one row holds seq_len inputs and seq_len targets
     records = documents.jsonl_records(source.files, data, source.lo, source.hi, counts, advance)
+    template = chat.for_tokenizer(tokenizer)  # renders `messages` records when the tokenizer has one
     group = iter(lambda: list(itertools.islice(records, _RECORDS_PER_CALL)), [])
     for chunk in group:
-        parts = [sources.sft_parts(rec, data, path, line) for path, line, rec in chunk]
+        parts = [
+            _parts(rec, data, path, line, template, config.generate.control_template)
+            for path, line, rec in chunk
+        ]
         texts = [text for record_parts in parts for text, _ in record_parts]
         ids = iter(tokenizer.encode_batch(texts))
         for record_parts in parts:

@@ -15,6 +15,7 @@ import pathlib
 from collections.abc import Iterator, Sequence
 
 from jaxgen.data.catalog import catalog_digest, catalog_texts
+from jaxgen.data.chat import ChatTemplate, PlainChat
 from jaxgen.errors import JaxgenError
 
 BLOCK_BYTES = 1 << 20
@@ -197,26 +198,33 @@ def text_field(record: dict, field: str, path: pathlib.Path, lineno: int) -> str
     return value
 
 
-def sft_parts(record: dict, data, path: pathlib.Path, lineno: int) -> list[tuple[str, bool]]:
-    """An SFT record as [(text, trained)]: prompt/response, or chat turns (assistant trained)."""
+def sft_parts(
+    record: dict, data, path: pathlib.Path, lineno: int, template: ChatTemplate | None = None
+) -> list[tuple[str, bool]]:
+    """An SFT record as [(text, trained)]: prompt/response, or chat turns (data.trained_role's
+    turns trained), rendered by `template` when given, else by data.turn_header/turn_separator."""
     if data.messages_field in record:
         messages = record[data.messages_field]
         if not isinstance(messages, list) or not messages:
             raise JaxgenError(f"{path}:{lineno}: field {data.messages_field!r} must be a non-empty list")
-        parts = []
         for j, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise JaxgenError(f"{path}:{lineno}: message {j} needs a string 'role' and 'content'")
-            content = text_field(m, "content", path, lineno)
-            parts.append((data.turn_header.format(role=m["role"]), False))
-            parts.append((content + data.turn_separator, m["role"] == data.trained_role))
+            text_field(m, "content", path, lineno)
+        chat = PlainChat.from_data(data) if template is None else template
+        try:
+            parts = chat.parts(messages, data.trained_role)
+        except JaxgenError as e:  # the template's file is named; add the record's
+            raise JaxgenError(f"{path}:{lineno}: {e}") from None
         if not any(trained for _, trained in parts):
             raise JaxgenError(f"{path}:{lineno}: no {data.trained_role!r} turn to train on")
         return parts
     if data.prompt_field not in record and data.response_field not in record:
+        if data.text_field in record:  # plain text: trained throughout (a style corpus)
+            return [(text_field(record, data.text_field, path, lineno), True)]
         raise JaxgenError(
             f"{path}:{lineno}: expected fields {data.prompt_field!r} and {data.response_field!r}"
-            f" or {data.messages_field!r}"
+            f", {data.messages_field!r} or {data.text_field!r}"
         )
     prompt = text_field(record, data.prompt_field, path, lineno)
     response = text_field(record, data.response_field, path, lineno)

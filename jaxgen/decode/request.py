@@ -17,7 +17,7 @@ import pydantic
 from jaxgen.config import GenerateConfig, ModelConfig
 from jaxgen.decode import beam, loop, sampling
 from jaxgen.errors import JaxgenError
-from jaxgen.tokenizer.text import continuation, cut_at_stop
+from jaxgen.tokenizer.text import continuation, control_prefix, cut_at_stop
 
 Prompt = str | Sequence[int]
 # Options that are not sampling settings but may be passed to `generate`.
@@ -91,7 +91,7 @@ def encode_prompt(
     tokenizer, model: ModelConfig, prompt: Prompt, opts: GenerateConfig, where: str
 ) -> list[int]:
     """Control prefix + prompt as token ids; an empty prompt becomes the bos token."""
-    prefix = "".join(opts.control_template.format(key=k, value=v) for k, v in opts.control.items())
+    prefix = control_prefix(opts.control, opts.control_template)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise JaxgenError(f"{where}: a text prompt needs a tokenizer (pass token ids instead)")

@@ -1,7 +1,9 @@
 """Offline generation from a JSONL file of prompts, resumable and crash-safe.
 
-Input lines: `{"id": ..., "prompt": "text" | [token ids], ...per-line option overrides}`.
-Output lines: `{"id", "prompt", "completions": [...], "finish_reason", "tokens"}` where
+Input lines: `{"id": ..., "prompt": "text" | [token ids], ...per-line option overrides}`,
+or `"messages": [{"role", "content"}, ...]` instead of "prompt": a conversation rendered
+by the model's chat format (`LanguageModel.chat_prompt`) for the next assistant turn.
+Output lines: `{"id", "prompt" | "messages", "completions": [...], "finish_reason", "tokens"}` where
 `finish_reason` is the best completion's, `tokens` counts generated tokens of all
 returned sequences, and completions are post-processed (strip, min_length,
 banned_words, deduplicate from the `generate` config).
@@ -24,10 +26,11 @@ from collections.abc import Callable
 from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from jaxgen.config import GenerateConfig
+from jaxgen.data.chat import check_messages
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import progress_bar
 
-_RECORD_KEYS = ("id", "prompt")
+_RECORD_KEYS = ("id", "prompt", "messages")  # every other key is a generate option
 
 
 @dataclasses.dataclass
@@ -66,13 +69,18 @@ def read_prompts(path: pathlib.Path, failures: list[str]) -> list[dict]:
 
 
 def _check_record(record, seen: set, options: set) -> str | None:
-    if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
-        return 'expected an object with "id" and "prompt"'
+    if not isinstance(record, dict) or "id" not in record or ("prompt" in record) == ("messages" in record):
+        return 'expected an object with "id" and "prompt" (or "messages", not both)'
     if not isinstance(record["id"], str | int) or isinstance(record["id"], bool):
         return "id must be a string or an integer"
     if _key(record["id"]) in seen:
         return f"duplicate id {record['id']!r}"
-    prompt = record["prompt"]
+    if "messages" in record:
+        try:
+            check_messages(record["messages"], "messages")
+        except JaxgenError as e:
+            return str(e)
+    prompt = record.get("prompt", "")
     if not isinstance(prompt, str) and not (
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
@@ -137,30 +145,48 @@ def _groups(records: list[dict], batch_size: int) -> list[list[dict]]:
         by_options.setdefault(json.dumps(overrides, sort_keys=True), []).append(r)
     batches = []
     for group in by_options.values():
-        group.sort(key=lambda r: len(r["prompt"]))
+        group.sort(key=_size)
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
 
 
-def _generate(lm, batch: list[dict], options: dict, failures: list[str]) -> list[tuple[dict, object]]:
+def _size(record: dict) -> int:
+    """A record's prompt length in characters (or token ids), for batching similar lengths."""
+    if "messages" in record:
+        return sum(len(m["content"]) for m in record["messages"])
+    return len(record["prompt"])
+
+
+def _prompt(lm, record: dict, chat: bool):
+    """The record's prompt for `generate`: a rendered conversation, or the prompt as given."""
+    if "messages" in record:
+        return lm.chat_prompt(record["messages"])
+    if chat and isinstance(record["prompt"], str):  # chat mode: a text prompt is one user turn
+        return lm.chat_prompt([{"role": "user", "content": record["prompt"]}])
+    return record["prompt"]
+
+
+def _generate(lm, batch: list[dict], options: dict, failures: list[str], chat: bool = False):
     """(record, result) pairs; a batch failing on user input is retried line by line."""
     overrides = {k: v for k, v in batch[0].items() if k not in (*_RECORD_KEYS, "_line")}
     kw = options | overrides
     try:
-        results = lm.generate([r["prompt"] for r in batch], row_ids=[r["id"] for r in batch], **kw)
+        prompts = [_prompt(lm, r, chat) for r in batch]
+        results = lm.generate(prompts, row_ids=[r["id"] for r in batch], **kw)
         return list(zip(batch, results, strict=True))
     except JaxgenError as e:
         if len(batch) == 1:
             failures.append(f"{batch[0]['_line']}: {e}")
             return []
-    return [pair for r in batch for pair in _generate(lm, [r], options, failures)]
+    return [pair for r in batch for pair in _generate(lm, [r], options, failures, chat)]
 
 
 def _line(record: dict, result, opts: GenerateConfig) -> str:
     completions = result.texts if result.texts is not None else result.completions
+    given = "messages" if "messages" in record else "prompt"
     out = {
         "id": record["id"],
-        "prompt": record["prompt"],
+        given: record[given],
         "completions": postprocess(list(completions), opts),
         "finish_reason": result.finish_reason,
         "tokens": sum(len(c) for c in result.completions),
@@ -171,12 +197,13 @@ def _line(record: dict, result, opts: GenerateConfig) -> str:
 
 
 def run(lm, input_path, output_path, options: dict | None = None, *, progress: bool = True,
-        on_batch: Callable[[int], None] | None = None) -> Summary:  # fmt: skip
+        on_batch: Callable[[int], None] | None = None, chat: bool = False) -> Summary:  # fmt: skip
     """Generates for every not-yet-written line of `input_path` into `output_path`.
 
     Args:
         lm: a `LanguageModel`.
         options: generate options over the run config's defaults (per-line keys win).
+        chat: a text "prompt" is one user message, rendered as "messages" lines are.
         on_batch: called with the number of batches written so far (progress hooks, tests).
     """
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
@@ -194,7 +221,7 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
     task = bar.add_task("generate", total=len(pending), rate="")
     with open(output_path, "a", encoding="utf-8") as out, bar:
         for n, batch in enumerate(_groups(pending, opts.batch_size), 1):
-            pairs = _generate(lm, batch, options, summary.failures)
+            pairs = _generate(lm, batch, options, summary.failures, chat)
             out.write("".join(_line(r, res, opts) for r, res in pairs))
             out.flush()
             os.fsync(out.fileno())  # a line counts as done only once it is on disk

@@ -3,6 +3,7 @@
     lm = jaxgen.load("runs/tiny")                  # a run directory (or an HF model directory)
     [r] = lm.generate(["Once upon a time"], max_new_tokens=32, temperature=0.8, top_p=0.9)
     r.text, r.tokens, r.finish_reason
+    [r] = lm.chat([[{"role": "user", "content": "Hi"}]])  # rendered by the model's chat template
 
 Options mirror `GenerateConfig` (the run config's `generate` section gives the defaults).
 The CLI is a thin layer over this module.
@@ -19,15 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.checkpoint import load_params
 from jaxgen.config import Config, GenerateConfig, MeshConfig
 from jaxgen.convert.hf import default_mesh, find_tokenizer, load_hf
+from jaxgen.data import chat
 from jaxgen.decode import loop, request, sampling
 from jaxgen.decode.request import Prompt
 from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import ServingTransformer, stack_layers, unstack_layers
 from jaxgen.runtime.mesh import make_mesh, mesh_context
 from jaxgen.tokenizer.text import continuation, cut_at_stop, stop_prefix
+from jaxgen.train.finetune import load_run_params
 
 
 @dataclasses.dataclass
@@ -197,6 +199,43 @@ class LanguageModel:
         if text.startswith(shown) and len(text) > len(shown):  # a held tail that began no stop string
             yield text[len(shown) :]
 
+    # ------------------------------------------------------------------ chat
+
+    @functools.cached_property
+    def chat_format(self) -> chat.ChatTemplate | chat.PlainChat:
+        """How conversations become text: the chat template of the tokenizer's directory (a run
+        directory or HF model directory), else the run's `data.turn_header` / `turn_separator`."""
+        return chat.for_tokenizer(self.tokenizer) or chat.PlainChat.from_data(self.config.data)
+
+    def chat_prompt(self, messages: list[dict], where: str = "messages") -> list[int]:
+        """A conversation as the token ids that prompt the next assistant turn.
+
+        Encoded as SFT records are (jaxgen/data/sft.py): the bos id, then each part of the
+        render tokenized on its own, so the model is prompted with the tokens it was tuned on.
+        """
+        if self.tokenizer is None:
+            raise JaxgenError(f"{where}: chat needs a tokenizer")
+        messages = chat.check_messages(messages, where)
+        parts = self.chat_format.parts(messages, self.config.data.trained_role, add_generation_prompt=True)
+        ids = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        for piece in self.tokenizer.encode_batch([text for text, _ in parts]):
+            ids += piece
+        return ids
+
+    def chat(self, conversations: Sequence[list[dict]], *, row_ids=None, **options) -> list[GenerationResult]:
+        """Replies to each conversation (a list of {"role", "content"} messages); results in order.
+
+        The conversation is rendered with the generation prompt (`chat_format`) and completed
+        as `generate` does; `row_ids` and `options` are `generate`'s.
+        """
+        if not isinstance(conversations, list | tuple) or any(isinstance(c, dict) for c in conversations):
+            raise JaxgenError(
+                "conversations: expected a list of conversations, each a list of messages"
+                " (wrap one conversation in a list)"
+            )
+        prompts = [self.chat_prompt(m, f"conversation {i}") for i, m in enumerate(conversations)]
+        return self.generate(prompts, row_ids=row_ids, **options)
+
 
 def load(
     path: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None, mesh=None
@@ -218,5 +257,7 @@ def load(
         return LanguageModel(config, params, tokenizer, mesh)
 
     mesh = mesh or make_mesh(MeshConfig())
-    config, params = load_params(path, step=step, mesh=mesh, dtype=dtype)
+    # A LoRA run's adapters are folded into its base here, once: decoding then runs at
+    # the base model's speed (merged == unmerged within float32 rounding, tested).
+    config, params = load_run_params(path, step=step, mesh=mesh, dtype=dtype)
     return LanguageModel(config, params, find_tokenizer(path), mesh)

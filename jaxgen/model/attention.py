@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.config import ModelConfig
-from jaxgen.model.layers import Einsum, compute_dtype, constrain, rope
+from jaxgen.config import LoraConfig, ModelConfig
+from jaxgen.model.layers import Einsum, constrain, projection_kwargs, rope
 
 
 def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, offset: jax.Array) -> jax.Array:
@@ -66,6 +66,8 @@ def _implementation(config: ModelConfig, masked: bool) -> str | None:
 
 class Attention(nn.Module):
     config: ModelConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -80,12 +82,17 @@ class Attention(nn.Module):
         cfg = self.config
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         bias = int(cfg.use_attention_bias) * 2
-        kw = dict(dtype=compute_dtype(cfg), param_dtype=jnp.dtype(cfg.param_dtype))
-        q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), bias, name="query", **kw)(x)
-        kk = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias, name="key", **kw)(x)
-        vv = Einsum("BTD,DKH->BTKH", (d, k, h), ("embed", "kv_heads", "head_dim"), bias, name="value", **kw)(
-            x
-        )
+        kw, adapter = projection_kwargs(cfg, self.lora, self.deterministic)
+
+        def project_in(name: str, target: str, heads: int, heads_name: str) -> jax.Array:
+            letter = "N" if heads_name == "heads" else "K"
+            eq = f"BTD,D{letter}H->BT{letter}H"
+            shape, names = (d, heads, h), ("embed", heads_name, "head_dim")
+            return Einsum(eq, shape, names, bias, name=name, adapter=adapter(target), **kw)(x)
+
+        q = project_in("query", "q", n, "heads")  # [B, T, N, H]
+        kk = project_in("key", "k", k, "kv_heads")  # [B, T, K, H]
+        vv = project_in("value", "v", k, "kv_heads")
         if cfg.family == "llama":
             q = rope(q, positions, cfg.rope_theta)
             kk = rope(kk, positions, cfg.rope_theta)
@@ -120,6 +127,7 @@ class Attention(nn.Module):
             int(cfg.use_attention_bias),
             scale,
             name="out",
+            adapter=adapter("o"),
             **kw,
         )(out)
         return y, cache

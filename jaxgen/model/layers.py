@@ -6,13 +6,14 @@ rules that map them to the mesh); layers never name mesh axes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.config import ModelConfig
+from jaxgen.config import LoraConfig, ModelConfig
 
 Names = tuple[str | None, ...]
 
@@ -63,14 +64,52 @@ def kernel_einsum(eq: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
 
 
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter on one projection: rank, output scale (alpha / rank), input dropout."""
+
+    rank: int
+    scale: float
+    dropout: float = 0.0
+
+
+def adapter_for(lora: LoraConfig | None, target: str) -> Adapter | None:
+    """The adapter of LoRA target `target` ("q", "mlp_in", ...), None when not targeted."""
+    if lora is None or target not in lora.targets:
+        return None
+    return Adapter(lora.rank, lora.scale, lora.dropout)
+
+
+def lora_equations(eq: str) -> tuple[str, str, int]:
+    """(x -> xA, xA -> xAB, number of input dims) for a kernel einsum; R is the rank letter.
+
+    "BTNH,NHD->BTD" gives ("BTNH,NHR->BTR", "BTR,RD->BTD", 2). The kernel's contracted
+    dims must come first, as in every projection here ([D, N, H], [N, H, D], [D, F]).
+    """
+    inputs, out = eq.split("->")
+    lhs, rhs = inputs.split(",")
+    n_in = sum(c in lhs and c not in out for c in rhs)
+    if "R" in eq or any(c in out or c not in lhs for c in rhs[:n_in]):
+        raise ValueError(f"lora_equations: {eq!r} does not contract the kernel's leading dims")
+    free = "".join(c for c in lhs if c not in rhs[:n_in])
+    return f"{lhs},{rhs[:n_in]}R->{free}R", f"{free}R,R{rhs[n_in:]}->{out}", n_in
+
+
 class Einsum(nn.Module):
     """A projection `y = einsum(eq, x, kernel) (+ bias)` with logically named params.
+
+    With an `adapter`, y gains `scale * (dropout(x) A) B` (LoRA, jaxgen/model/lora.py):
+    A [*in, R] and B [R, *out] live in the "lora" collection, named like the kernel's
+    input and output axes, so they shard like the kernel they adapt. The low-rank path
+    never forms A B: the base kernel gets no gradient and no [in, out] temporary.
 
     Attributes:
         eq: shape-lettered einsum, e.g. "BTD,DNH->BTNH".
         shape: kernel shape; names: its logical axes.
         bias_dims: how many trailing kernel dims the bias has (0: no bias).
         init_scale: multiplies INIT_STD (residual projections use 1/sqrt(2L)).
+        adapter: LoRA settings, None for a plain projection.
+        deterministic: False applies the adapter's dropout (needs a "dropout" rng).
     """
 
     eq: str
@@ -80,6 +119,8 @@ class Einsum(nn.Module):
     init_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    adapter: Adapter | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,7 +139,32 @@ class Einsum(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
+        if self.adapter is not None:
+            y = y + self._low_rank(x)
         return y
+
+    def _low_rank(self, x: jax.Array) -> jax.Array:
+        eq_a, eq_b, n_in = lora_equations(self.eq)
+        r, shape, names = self.adapter.rank, tuple(self.shape), tuple(self.names)
+
+        def variable(name, init, var_shape, var_names):
+            # Created only by `init` (lambda: no rng is needed when applying).
+            boxed = nn.with_logical_partitioning(init, var_names)
+            return self.variable(
+                "lora", name, lambda: boxed(self.make_rng("params"), var_shape, self.param_dtype)
+            ).value
+
+        # PEFT's init: A ~ kaiming-uniform (bound 1/sqrt(fan_in)), B = 0, so a fresh
+        # adapter leaves the model's outputs unchanged.
+        fan_in = nn.initializers.variance_scaling(
+            1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
+        )
+        a = variable("a", fan_in, (*shape[:n_in], r), (*names[:n_in], None))  # [*in, R]
+        b = variable("b", nn.initializers.zeros, (r, *shape[n_in:]), (None, *names[n_in:]))  # [R, *out]
+        if self.adapter.dropout:
+            x = nn.Dropout(self.adapter.dropout)(x, deterministic=self.deterministic)
+        h = kernel_einsum(eq_a, x.astype(self.dtype), a.astype(self.dtype))  # [..., R]
+        return kernel_einsum(eq_b, h, b.astype(self.dtype)) * jnp.asarray(self.adapter.scale, self.dtype)
 
 
 class Norm(nn.Module):
@@ -126,25 +192,50 @@ class Norm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def projection_kwargs(config: ModelConfig, lora: LoraConfig | None, deterministic: bool):
+    """The keyword arguments every projection of a block shares, and a per-target adapter."""
+    kw = dict(
+        dtype=compute_dtype(config), param_dtype=jnp.dtype(config.param_dtype), deterministic=deterministic
+    )
+    return kw, lambda target: adapter_for(lora, target)
+
+
 class Mlp(nn.Module):
     """gpt2: GELU(tanh) MLP with biases; llama: SwiGLU (silu(x W_gate) * x W_up) W_down."""
 
     config: ModelConfig
+    lora: LoraConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         d, f = cfg.d_model, cfg.hidden_dim
         bias = int(cfg.use_mlp_bias)
-        kw = dict(dtype=compute_dtype(cfg), param_dtype=jnp.dtype(cfg.param_dtype))
-        up = lambda name: Einsum("BTD,DF->BTF", (d, f), ("embed", "mlp"), bias, name=name, **kw)  # noqa: E731
+        kw, adapter = projection_kwargs(cfg, self.lora, self.deterministic)
+
+        def up(name: str, target: str) -> Einsum:
+            return Einsum(
+                "BTD,DF->BTF", (d, f), ("embed", "mlp"), bias, name=name, adapter=adapter(target), **kw
+            )
+
         if cfg.family == "llama":
-            h = nn.silu(up("gate")(x)) * up("up")(x)
+            h = nn.silu(up("gate", "mlp_gate")(x)) * up("up", "mlp_in")(x)
         else:
-            h = nn.gelu(up("up")(x), approximate=True)
+            h = nn.gelu(up("up", "mlp_in")(x), approximate=True)
         h = constrain(h, ("batch", "length", "act_mlp"))  # [B, T, F]
         scale = (2 * cfg.num_layers) ** -0.5
-        return Einsum("BTF,FD->BTD", (f, d), ("mlp", "embed"), bias, scale, name="down", **kw)(h)
+        down = Einsum(
+            "BTF,FD->BTD",
+            (f, d),
+            ("mlp", "embed"),
+            bias,
+            scale,
+            name="down",
+            adapter=adapter("mlp_out"),
+            **kw,
+        )
+        return down(h)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.config import ModelConfig
+from jaxgen.config import LoraConfig, ModelConfig
 from jaxgen.model.attention import Attention
 from jaxgen.model.kvcache import KVCache
 from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum
@@ -45,27 +45,33 @@ class Block(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, carry, layer, positions, segment_ids, kv_segment, index):
         x, kv = carry  # x: [B, T, D]; kv: (k, v) [L, B, K, S, H] or None
         cfg = self.config
         cache = None if kv is None else (*kv, index)
-        h, cache = Attention(cfg, name="attn")(
+        h, cache = Attention(cfg, self.lora, self.deterministic, name="attn")(
             Norm(cfg, name="attn_norm")(x), positions, segment_ids, kv_segment, layer, cache
         )
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-        h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        h = Mlp(cfg, self.lora, self.deterministic, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         x = constrain(x, ("batch", "length", "act_embed"))
         return (x, None if cache is None else cache[:2]), None
 
 
 class Transformer(nn.Module):
-    """`apply({'params': p}, tokens, positions, segment_ids=None, cache=None) -> (logits, cache)`."""
+    """`apply({'params': p}, tokens, positions, segment_ids=None, cache=None) -> (logits, cache)`.
+
+    With `lora`, the targeted projections also read adapters from a "lora" collection
+    (`apply({'params': p, 'lora': adapters}, ...)`, jaxgen/model/lora.py).
+    """
 
     config: ModelConfig
     deterministic: bool = True
+    lora: LoraConfig | None = None
 
     def setup(self):
         cfg = self.config
@@ -82,13 +88,13 @@ class Transformer(nn.Module):
             block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         self.layers = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=1 if layers_scanned(cfg) else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.deterministic)
+        )(cfg, self.deterministic, self.lora)
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed", "vocab"))

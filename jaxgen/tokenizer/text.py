@@ -30,3 +30,9 @@ def stop_prefix(seq: Sequence, stops: Sequence[Sequence]) -> int:
     """
     n = len(seq)
     return max((h for s in stops for h in range(1, len(s)) if h <= n and seq[n - h :] == s[:h]), default=0)
+
+
+def control_prefix(control: dict[str, str], template: str) -> str:
+    """The control tokens of `control` ({"style": "formal"} -> "<style=formal>"), keys sorted,
+    so training data and generation put several attributes in the same order."""
+    return "".join(template.format(key=k, value=v) for k, v in sorted(control.items()))

@@ -11,8 +11,9 @@ import dataclasses
 import pathlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -29,6 +30,7 @@ from jaxgen.tokenizer import load_tokenizer, model_vocab_size
 from jaxgen.train.hooks import Hooks, StepInfo
 from jaxgen.train.reports import Sampler, StepLogger, Validation
 from jaxgen.train.step import TrainState, TrainStep
+from jaxgen.train.tuning import Tuning
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ def check_shapes(config: Config, mesh) -> None:
         raise JaxgenError(f"train.batch_size: {t.batch_size} is not divisible by data*fsdp*grad_accum = {dp}")
 
 
-def _check_resume(run_dir: pathlib.Path, config: Config) -> None:
+def check_resume(run_dir: pathlib.Path, config: Config) -> None:
     if not (run_dir / checkpoint.CONFIG_FILE).exists():
         return
     before = checkpoint.read_run_config(run_dir).model.model_dump(exclude={"preset"})
@@ -102,12 +104,25 @@ def _memory_hint(config: Config) -> Iterator[None]:
 
 
 class Run:
-    """One `train` call's mesh, jitted step, checkpoints, batches and hooks."""
+    """One `train` call's mesh, jitted step, checkpoints, batches and hooks.
 
-    def __init__(self, config: Config, run_dir: pathlib.Path, mesh, console: Console):
+    A fine-tuning run passes its `tuning` and `load_base` (the starting params, read for a
+    fresh run, and for a resumed LoRA run whose checkpoints hold only the adapters).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: pathlib.Path,
+        mesh,
+        console: Console,
+        tuning: Tuning | None = None,
+        load_base: Callable[[], Any] | None = None,
+    ):
         self.config, self.run_dir, self.mesh, self.console = config, run_dir, mesh, console
+        self.load_base = load_base
         check_shapes(config, mesh)
-        self.step_fn = TrainStep.from_config(config, mesh)
+        self.step_fn = TrainStep.from_config(config, mesh, tuning)
         self.mngr = checkpoint.manager(run_dir, config)
         self.batches = data.train_batches(config, mesh)
         self.metrics = MetricsWriter(run_dir)
@@ -118,7 +133,7 @@ class Run:
         self.hooks.add("collect", self.logger.collect, 1)
         self.hooks.add("log", self.logger.report, cfg.log_every, at_last=True)
         self.hooks.add("eval", self._validate_between_steps, cfg.eval_every, pauses=True)
-        sampler = Sampler(config, run_dir, mesh, self.metrics, console)
+        sampler = Sampler(config, run_dir, mesh, self.metrics, console, self.step_fn.model_params)
         self.hooks.add("sample", sampler, cfg.sample_every, pauses=True)
         self.hooks.add("checkpoint", lambda info: self.save(info.state, info.step), config.checkpoint.every)
 
@@ -129,7 +144,10 @@ class Run:
     def start(self) -> tuple[TrainState, int]:
         latest = self.mngr.latest_step()
         if latest is None:
-            return self.step_fn.init(jax.random.key(self.config.train.seed)), 0
+            base = None if self.load_base is None else self.load_base()
+            return self.step_fn.init(jax.random.key(self.config.train.seed), base), 0
+        if self.load_base is not None and self.step_fn.tuning.has_frozen_base:
+            self.step_fn.set_frozen(self.load_base())
         abstract = self.step_fn.abstract_state()
         shard = self.step_fn.state_shardings
         items = checkpoint.restore(
@@ -159,9 +177,18 @@ class Run:
         checkpoint.save(self.mngr, step, items, force=force)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def prepare_data(config: Config) -> data.DatasetInfo:
+    """`data.prepare` by process 0 first (it writes the shared files); the others then read them."""
+    leader = jax.process_index() == 0
+    if leader:
+        info = data.prepare(config)
+    barrier("jaxgen-prepared")
+    return info if leader else data.prepare(config, progress=False)
 
 
 def train(
@@ -177,25 +204,36 @@ def train(
     check_no_placeholders(config)
     # Process 0 writes shared files (prepared data, run config); the others wait for it
     # and then only read them.
-    if leader:
-        info = data.prepare(config)
-    _barrier("jaxgen-prepared")
-    if not leader:
-        info = data.prepare(config, progress=False)
+    info = prepare_data(config)
     tokenizer = load_tokenizer(info.tokenizer_path)
     config = resolve_config(config, tokenizer)
-    _check_resume(run_dir, config)
+    check_resume(run_dir, config)
     if leader:
         checkpoint.write_run_config(run_dir, config)
         checkpoint.copy_tokenizer(info.tokenizer_path, run_dir)
-    _barrier("jaxgen-run-dir")
+    barrier("jaxgen-run-dir")
+    return run_training(config, run_dir, console, started)
+
+
+def run_training(
+    config: Config,
+    run_dir: pathlib.Path,
+    console: Console,
+    started: float,
+    *,
+    tuning: Tuning | None = None,
+    load_base: Callable[[], Any] | None = None,
+    title: str = "training",
+) -> TrainResult:
+    """The loop over a prepared run directory: `train`'s second half, and `finetune`'s."""
     mesh = make_mesh(config.mesh)
     cpu_malloc.prepare_for_training()
     with activate(mesh), _preemption_flag() as flag:
-        run = Run(config, run_dir, mesh, console)
+        run = Run(config, run_dir, mesh, console, tuning, load_base)
+        m = config.model
         console.print(
-            f"training {config.name}: {config.model.family} {config.model.num_layers}x{config.model.d_model},"
-            f" vocab {config.model.vocab_size}, mesh {dict(mesh.shape)}, run dir {run_dir}"
+            f"{title} {config.name}: {m.family} {m.num_layers}x{m.d_model}, vocab {m.vocab_size},"
+            f" mesh {dict(mesh.shape)}, run dir {run_dir}"
         )
         try:
             return _loop(run, flag, started)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxgen.config import OptimizerConfig, ScheduleConfig
@@ -50,16 +52,60 @@ def decay_mask(config: OptimizerConfig, params) -> dict:
             return config.decay_norms
         if names[-1] == "bias":
             return config.decay_biases
-        if names[0] in ("embed", "pos_embed"):
+        if names[0] in ("embed", "pos_embed", "rows"):  # rows: embedding rows a fine-tune adds
             return config.decay_embeddings
         return True
 
     return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, params) -> optax.GradientTransformation:
-    """Clipping + the chosen optimizer with the decay mask; `params` only shapes the mask."""
-    mask = decay_mask(config, params)
+def make_optimizer(
+    config: OptimizerConfig, schedule: optax.Schedule, params, groups=None, update_masks=None
+) -> optax.GradientTransformation:
+    """Clipping + the chosen optimizer with the decay mask; `params` only shapes the mask.
+
+    Args:
+        groups: optional tree of labels over `params` (train/tuning.py): "frozen" leaves
+            get `set_to_zero` (no optimizer state), "x<f>" leaves the schedule times f.
+            Clipping sees the whole gradient, before the groups split it.
+        update_masks: optional tree of True / 0-1 arrays multiplying the final updates
+            (leaves frozen in part).
+    """
+    if groups is None:
+        opt = _optimizer(config, schedule, lambda p: decay_mask(config, p))
+    else:
+        transforms = {}
+        for label in set(jax.tree.leaves(groups)):
+            if label == "frozen":
+                transforms[label] = optax.set_to_zero()
+            else:
+                factor = float(label[1:])
+                scaled = lambda step, f=factor: schedule(step) * f  # noqa: E731
+                transforms[label] = _optimizer(config, scaled, lambda p: decay_mask(config, p))
+        opt = optax.multi_transform(transforms, groups)
+        if update_masks is not None:
+            opt = optax.chain(opt, _mask_updates(update_masks))
+    if config.clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+    return opt
+
+
+def _mask_updates(masks) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+        del params
+        masked = jax.tree.map(
+            lambda u, m: u if m is True else u * jnp.asarray(m, u.dtype),
+            updates,
+            masks,
+            is_leaf=lambda x: isinstance(x, bool | np.ndarray),
+        )
+        return masked, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _optimizer(config: OptimizerConfig, schedule, mask) -> optax.GradientTransformation:
+    """The configured optimizer alone (no clipping); `mask(params)` says where decay applies."""
     if config.name == "adamw":
         opt = optax.adamw(
             schedule, config.b1, config.b2, config.eps, weight_decay=config.weight_decay, mask=mask
@@ -73,6 +119,4 @@ def make_optimizer(config: OptimizerConfig, schedule: optax.Schedule, params) ->
             optax.masked(optax.add_decayed_weights(config.weight_decay), mask),
             optax.sgd(schedule, momentum=config.momentum),
         )
-    if config.clip_norm is not None:
-        opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
     return opt

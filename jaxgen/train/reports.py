@@ -136,7 +136,7 @@ class Validation:
 class Sampler:
     """A completion of `train.sample_prompt` with the current params (the `generate` defaults)."""
 
-    def __init__(self, config: Config, run_dir, mesh, metrics: MetricsWriter, console: Console):
+    def __init__(self, config: Config, run_dir, mesh, metrics: MetricsWriter, console: Console, model_params):
         self.config, self.run_dir, self.mesh, self.metrics, self.console = (
             config,
             run_dir,
@@ -144,14 +144,16 @@ class Sampler:
             metrics,
             console,
         )
+        self.model_params = model_params  # trainable tree -> plain params (LoRA: merged)
         self.tokenizer = None  # loaded on the first sample
 
     def __call__(self, info: StepInfo) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.run_dir)
         cfg = self.config
+        params = self.model_params(info.state.params)
         text = complete_text(
-            cfg.model, info.state.params, self.tokenizer, cfg.train.sample_prompt, cfg.generate, self.mesh,
+            cfg.model, params, self.tokenizer, cfg.train.sample_prompt, cfg.generate, self.mesh,
             max_new_tokens=cfg.train.sample_tokens,
         )  # fmt: skip
         self.metrics.write(info.step, "sample", {"prompt": cfg.train.sample_prompt, "text": text})

@@ -16,14 +16,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgen.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from jaxgen.model.loss import projector, token_nll
-from jaxgen.model.transformer import Transformer, abstract_params, abstract_variables, init_params
-from jaxgen.runtime.mesh import batch_sharding, param_shardings
+from jaxgen.model.transformer import Transformer, init_params
+from jaxgen.runtime.mesh import batch_sharding
 from jaxgen.train.optim import make_optimizer, make_schedule
+from jaxgen.train.tuning import Tuning
 
 
 @flax.struct.dataclass
 class TrainState:
-    params: Any
+    params: Any  # the trainable tree (train/tuning.py): the model's params unless LoRA
     opt_state: Any
     step: jax.Array  # [] int32, number of updates applied
     rng: jax.Array  # dropout key; folded with the step, so resume is exact
@@ -43,6 +44,9 @@ class TrainStep:
     """The jitted functions of one run (init, step, eval sums) with their shardings.
 
     Takes the config sections it uses, so a change to another section cannot touch it.
+    `tuning` says what trains (train/tuning.py; default: every parameter). A fine-tuning
+    run starts from base params (`init(rng, base)`) instead of a random init; under LoRA
+    the base stays beside the state as the frozen argument of every jitted function.
     """
 
     def __init__(
@@ -52,36 +56,90 @@ class TrainStep:
         schedule: ScheduleConfig,
         train: TrainConfig,
         mesh: Mesh,
+        tuning: Tuning | None = None,
     ):
         self.model_config, self.train_config, self.mesh = model, train, mesh
-        self.model = Transformer(model, deterministic=model.dropout == 0.0)
-        self.eval_model = Transformer(model, deterministic=True)
+        self.tuning = tuning = tuning or Tuning()
+        lora = tuning.lora
+        dropout = model.dropout > 0 or (lora is not None and lora.dropout > 0)
+        self.model = Transformer(model, deterministic=not dropout, lora=lora)
+        self.eval_model = Transformer(model, deterministic=True, lora=lora)
         self.schedule = make_schedule(schedule, optimizer.learning_rate, train.steps)
-        abstract = abstract_variables(model)
-        self.param_shardings = param_shardings(mesh, abstract)["params"]
-        self.abstract_params = abstract_params(model)
-        self.tx = make_optimizer(optimizer, self.schedule, self.abstract_params)
+        self.param_shardings = tuning.trainable_shardings(mesh, model)
+        self.frozen_shardings = tuning.frozen_shardings(mesh, model)
+        self.abstract_params = tuning.abstract_trainable(model)
+        groups = (
+            (tuning.labels(model), tuning.trainable_masks(model)) if tuning.needs_groups() else (None, None)
+        )
+        self.tx = make_optimizer(optimizer, self.schedule, self.abstract_params, *groups)
         self.state_shardings = self._state_shardings()
         self.batch_sharding = batch_sharding(mesh)
-        self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-        self.step = jax.jit(
+        # The frozen tree every jitted function takes ({} unless LoRA); set by `init`.
+        self.frozen = {}
+        self._init_random = jax.jit(self._init, out_shardings=self.state_shardings)
+        base_shardings = self.frozen_shardings if tuning.has_frozen_base else self.param_shardings
+        self._init_base = jax.jit(
+            self._init_from_base,
+            in_shardings=(base_shardings, None),
+            out_shardings=self.state_shardings,
+            # Full and freeze: the state's params are the base, so take its buffers over.
+            donate_argnums=() if tuning.has_frozen_base else 0,
+        )
+        self.jit_step = jax.jit(
             self._step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, None),
             donate_argnums=0,
         )
-        self.eval_sums = jax.jit(self._eval_sums, in_shardings=(self.param_shardings, self.batch_sharding))
+        self._eval = jax.jit(
+            self._eval_sums, in_shardings=(self.param_shardings, self.frozen_shardings, self.batch_sharding)
+        )
+        self._model_params = jax.jit(
+            lambda params, frozen: self.tuning.model_params(params, frozen, self.model_config)
+        )
 
     @classmethod
-    def from_config(cls, config: Config, mesh: Mesh) -> TrainStep:
-        return cls(config.model, config.optimizer, config.schedule, config.train, mesh)
+    def from_config(cls, config: Config, mesh: Mesh, tuning: Tuning | None = None) -> TrainStep:
+        return cls(config.model, config.optimizer, config.schedule, config.train, mesh, tuning)
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, StepMetrics]:
+        """One update (the state is donated)."""
+        return self.jit_step(state, self.frozen, batch)
+
+    def eval_sums(self, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(summed NLL, token count) of one evaluation batch, dropout off."""
+        return self._eval(params, self.frozen, batch)
+
+    def model_params(self, params):
+        """The plain model params of a trainable tree (adapters merged), for sampling."""
+        if not self.tuning.has_frozen_base:
+            return params
+        return self._model_params(params, self.frozen)
 
     # -- state ---------------------------------------------------------------------------
+
+    def init(self, rng: jax.Array, base=None) -> TrainState:
+        """Step 0: from `base` params when given (fine-tuning; donated unless LoRA keeps
+        it as the frozen tree), else a random init."""
+        if base is None:
+            return self._init_random(rng)
+        self.set_frozen(base)
+        return self._init_base(base, rng)
+
+    def set_frozen(self, base) -> None:
+        """Keeps `base` as the frozen tree under LoRA (a resumed run calls this, not `init`)."""
+        if self.tuning.has_frozen_base:
+            self.frozen = base
 
     def _init(self, rng: jax.Array) -> TrainState:
         param_rng, dropout_rng = jax.random.split(rng)
         params = init_params(self.model_config, param_rng)
         return self.state_from_params(params, dropout_rng)
+
+    def _init_from_base(self, base, rng: jax.Array) -> TrainState:
+        param_rng, dropout_rng = jax.random.split(rng)
+        trainable = self.tuning.initial(base, self.model_config, param_rng)
+        return self.state_from_params(trainable, dropout_rng)
 
     def state_from_params(self, params, rng: jax.Array) -> TrainState:
         return TrainState(
@@ -109,18 +167,22 @@ class TrainStep:
         return TrainState(params=self.param_shardings, opt_state=opt, step=replicated, rng=replicated)
 
     def abstract_state(self) -> TrainState:
-        return jax.eval_shape(self._init, jax.random.key(0))
+        return jax.eval_shape(self.state_from_params, self.abstract_params, jax.random.key(0))
 
     # -- loss ----------------------------------------------------------------------------
 
-    def loss_sums(self, params, batch: dict, rng: jax.Array, model=None) -> tuple[jax.Array, tuple]:
+    def loss_sums(
+        self, params, batch: dict, rng: jax.Array, model=None, frozen=None
+    ) -> tuple[jax.Array, tuple]:
         """Summed (not averaged) NLL + z-loss over a (micro-)batch, and the token count.
 
         Sums make gradient accumulation exact: the step divides once by the global count.
+        `params` is the trainable tree; `frozen` the LoRA base ({} otherwise).
         """
         model = model or self.model
+        variables = self.tuning.variables(params, frozen, self.model_config)
         hidden, _ = model.apply(
-            {"params": params},
+            variables,
             batch["tokens"],
             batch["positions"],
             batch["segment_ids"],
@@ -129,21 +191,28 @@ class TrainStep:
         )  # [B, T, D]
         mask = batch["loss_mask"].astype(jnp.float32)
         nll, z = token_nll(
-            projector(model.config, params), hidden, batch["targets"], mask, self.train_config.loss_chunk
+            projector(model.config, variables["params"]),
+            hidden,
+            batch["targets"],
+            mask,
+            self.train_config.loss_chunk,
         )
         return nll + self.train_config.z_loss * z, (nll, z, mask.sum())
 
-    def _eval_sums(self, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-        """(summed NLL, token count) of one evaluation batch, dropout off."""
-        _, (nll, _, count) = self.loss_sums(params, batch, jax.random.key(0), self.eval_model)
+    def _eval_sums(self, params, frozen, batch: dict) -> tuple[jax.Array, jax.Array]:
+        _, (nll, _, count) = self.loss_sums(params, batch, jax.random.key(0), self.eval_model, frozen)
         return nll, count
 
     # -- step ----------------------------------------------------------------------------
 
-    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, StepMetrics]:
+    def _step(self, state: TrainState, frozen, batch: dict) -> tuple[TrainState, StepMetrics]:
         accum = self.train_config.grad_accum
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(self.loss_sums, has_aux=True)
+
+        def loss_sums(params, batch, rng):
+            return self.loss_sums(params, batch, rng, frozen=frozen)
+
+        grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
         if accum == 1:
             (_, (nll, z, count)), grads = grad_fn(state.params, batch, rng)
         else:
