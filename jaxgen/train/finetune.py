@@ -26,7 +26,7 @@ import jax
 from rich.console import Console
 
 from jaxgen import checkpoint
-from jaxgen.config import Config, ModelConfig, check_no_placeholders
+from jaxgen.config import Config, MeshConfig, ModelConfig, check_no_placeholders
 from jaxgen.convert.hf import find_tokenizer, read_config, read_params
 from jaxgen.data import attributes
 from jaxgen.errors import JaxgenError
@@ -252,6 +252,25 @@ def finetune(
 # ----------------------------------------------------------------------------- reading runs back
 
 
+def load_adapters(run_dir: str | pathlib.Path, *, step: int | None = None, mesh=None):
+    """(Config, record, trainable tree) of a LoRA run: {"lora": adapters, "rows"?: added rows}."""
+    run_dir = pathlib.Path(run_dir)
+    config = checkpoint.read_run_config(run_dir)
+    if config.finetune.method != "lora":
+        raise JaxgenError(f"{run_dir}: not a LoRA run (finetune.method is {config.finetune.method})")
+    mesh = mesh or make_mesh(MeshConfig())
+    record = read_record(run_dir)
+    tuning = tuning_of(config, record)
+    shardings = tuning.trainable_shardings(mesh, config.model)
+    mngr = checkpoint.manager(run_dir, read_only=True)
+    step = checkpoint.pick_step(mngr, run_dir, step)
+    restored = checkpoint.restore(
+        mngr, step, {"params": (tuning.abstract_trainable(config.model), shardings)}
+    )
+    mngr.close()
+    return config, record, restored["params"]
+
+
 def load_run_params(
     run_dir: str | pathlib.Path, *, step: int | None = None, mesh=None, dtype: str | None = None
 ):
@@ -261,18 +280,11 @@ def load_run_params(
     config = checkpoint.read_run_config(run_dir)
     if config.finetune.method != "lora":
         return checkpoint.load_params(run_dir, step=step, mesh=mesh, dtype=dtype)
-    mesh = mesh or make_mesh(config.mesh.model_copy(update={"data": -1, "fsdp": 1, "tensor": 1}))
-    record = read_record(run_dir)
-    tuning = tuning_of(config, record)
+    mesh = mesh or make_mesh(MeshConfig())
+    config, record, trainable = load_adapters(run_dir, step=step, mesh=mesh)
     base = load_base(record, config.model, mesh)
-    shardings = tuning.trainable_shardings(mesh, config.model)
-    mngr = checkpoint.manager(run_dir, read_only=True)
-    step = checkpoint.pick_step(mngr, run_dir, step)
-    trainable = checkpoint.restore(
-        mngr, step, {"params": (tuning.abstract_trainable(config.model), shardings)}
-    )
-    mngr.close()
-    params = jax.jit(lambda t, b: tuning.model_params(t, b, config.model))(trainable["params"], base)
+    tuning = tuning_of(config, record)
+    params = jax.jit(lambda t, b: tuning.model_params(t, b, config.model))(trainable, base)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     return config, params
