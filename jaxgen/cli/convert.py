@@ -1,4 +1,5 @@
-"""`jaxgen convert import-hf|export-hf`: Hugging Face checkpoints to and from run directories."""
+"""`jaxgen convert import-hf|export-hf|export-peft`: Hugging Face checkpoints to and from run
+directories, and a LoRA run's adapters as a PEFT adapter."""
 
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ def add_parser(sub) -> None:
     q.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     q.add_argument("--max-shard-gb", type=float, default=5.0, help="shard files above this size")
     q.set_defaults(handler=_cmd_export)
+    q = convert_sub.add_parser(
+        "export-peft", help="LoRA run over an HF base -> PEFT adapter (adapter_config.json + safetensors)"
+    )
+    q.add_argument("run_dir", help="LoRA fine-tuning run whose finetune.init_from is an HF model directory")
+    q.add_argument("out_dir", help="directory to create (must not exist or be empty)")
+    q.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    q.set_defaults(handler=_cmd_export_peft)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
@@ -44,4 +52,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.run_dir, args.out_dir, max_shard_bytes=max_bytes, step=args.step, load=load_run_params
     )
     print(f"exported {len(files)} files -> {args.out_dir}")
+    return 0
+
+
+def _cmd_export_peft(args: argparse.Namespace) -> int:
+    from jaxgen.convert.peft import export_peft
+    from jaxgen.train.finetune import load_adapters
+
+    files = export_peft(args.run_dir, args.out_dir, step=args.step, load=load_adapters)
+    print(f"exported PEFT adapter ({', '.join(files)}) -> {args.out_dir}")
     return 0

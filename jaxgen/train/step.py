@@ -153,6 +153,8 @@ class TrainStep:
         # Optimizer moments have their param's shape and take its sharding; anything
         # else (counts, Adafactor's factored rows/cols) is small and replicated.
         def like_param(leaf, param, sharding):
+            if isinstance(leaf, optax.MaskedNode):  # a leaf another group of multi_transform owns
+                return leaf
             return sharding if leaf.shape == param.shape else replicated
 
         opt = optax.tree_map_params(
@@ -162,7 +164,7 @@ class TrainStep:
             self.abstract_params,
             self.param_shardings,
             transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct | optax.MaskedNode),
         )
         return TrainState(params=self.param_shardings, opt_state=opt, step=replicated, rng=replicated)
 

@@ -171,29 +171,26 @@ class Tuning:
 
         def mask(path, leaf):
             name = path_name(path)
-            frozen = np.zeros(leaf.shape[:1], bool) if name.startswith("layers/") else None
             whole = False
+            frozen_layers = np.zeros(leaf.shape[:1], bool) if name.startswith("layers/") else None
             for pattern in self.freeze:
                 ranged = layer_pattern(pattern, num_layers, "finetune.freeze")
                 if ranged is None:
                     if matches(pattern, name):
                         whole = True
                         used.add(pattern)
-                elif frozen is not None and (not ranged[1] or matches(ranged[1], name[len("layers/") :])):
-                    frozen[list(ranged[0])] = True
+                elif frozen_layers is not None and (
+                    not ranged[1] or matches(ranged[1], name[len("layers/") :])
+                ):
+                    frozen_layers[list(ranged[0])] = True
                     used.add(pattern)
-            if not whole and (frozen is None or not frozen.any()):
-                return True
             if whole:
-                trains = np.zeros(leaf.shape[:1], bool) if frozen is not None else None
-            else:
-                trains = ~frozen
-            if trains is not None and trains.all():
-                return True
-            trains = self._added_rows(name, leaf, trains)
-            if trains is None:
-                return False
-            return trains
+                # Frozen, but for the rows of tokens this run added (embedding, untied head).
+                rows = self._added_rows(name, leaf)
+                return False if rows is None else rows
+            if frozen_layers is not None and frozen_layers.any():
+                return _broadcastable(~frozen_layers, leaf.ndim)
+            return True
 
         masks = jax.tree_util.tree_map_with_path(mask, tree)
         unused = [p for p in self.freeze if p not in used]
@@ -202,10 +199,10 @@ class Tuning:
             raise JaxgenError(f"finetune.freeze: {unused[0]!r} matches no parameter (paths: {names}, ...)")
         return masks
 
-    def _added_rows(self, name: str, leaf, trains):
-        """A frozen embedding/head keeps its added rows trainable: the 0/1 mask, or None."""
+    def _added_rows(self, name: str, leaf) -> np.ndarray | None:
+        """The 0/1 mask of this run's added rows in the embedding / untied head, else None."""
         if not self.new_rows or name not in ("embed/embedding", "lm_head"):
-            return None if trains is None else _broadcastable(trains, leaf.ndim)
+            return None
         first, count = self.new_rows
         axis = 0 if name == "embed/embedding" else 1
         rows = np.zeros(leaf.shape[axis], bool)
