@@ -330,3 +330,44 @@ def test_bad_inputs_are_one_line_errors(base_run, tmp_path):
     fails(rf"{bad}:2: field 'attributes' must map strings to strings", **{"data.train_files": f"[{bad}]"})
     dropout_ok = _ft_config(base_run, **{"model.dropout": 0.1, "train.steps": 2, "checkpoint.every": 2})
     assert finetune(dropout_ok, tmp_path / "dropout").step == 2  # a shape-free field may change
+
+
+# ----------------------------------------------------------------------------- attribute control
+
+
+def _case_rates(lm, samples: int) -> dict[str, float]:
+    """Per attribute value: the share of sampled lines written in that case."""
+    rates = {}
+    for case in CASES:
+        results = lm.generate(
+            [""] * samples, control={"case": case}, max_new_tokens=24, temperature=1.0, seed=3
+        )
+        hits = 0
+        for r in results:
+            upper = sum(c.isupper() for c in r.text)
+            lower = sum(c.islower() for c in r.text)
+            hits += (upper > lower) if case == "upper" else (lower > upper)
+        rates[case] = hits / samples
+    return rates
+
+
+def test_attribute_control_end_to_end(base_run, tmp_path):
+    import jaxgen
+
+    # Before: the base with the control tokens added (their rows at the mean, untrained).
+    untrained = finetune(
+        _ft_config(base_run, **{"train.steps": 1, "optimizer.learning_rate": 1e-9}), tmp_path / "t0"
+    )
+    assert untrained.step == 1
+    before = _case_rates(jaxgen.load(tmp_path / "t0"), 50)
+    finetune(_ft_config(base_run, **{"train.steps": 150, "checkpoint.every": 150}), tmp_path / "tuned")
+    lm = jaxgen.load(tmp_path / "tuned")
+    after = _case_rates(lm, 50)
+    print("case rates before", before, "after", after)
+    assert min(after.values()) >= 0.9, after
+    # About chance before: the control token does not steer the base (either case ~half the time).
+    assert all(0.2 <= rate <= 0.8 for rate in before.values()), before
+    with pytest.raises(
+        JaxgenError, match=r"control: case=title was never seen in fine-tuning \(known: case=lower"
+    ):
+        lm.generate([""], control={"case": "title"})

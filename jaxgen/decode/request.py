@@ -88,9 +88,14 @@ def encode_piece(tokenizer, text: str) -> tuple[int, ...]:
 
 
 def encode_prompt(
-    tokenizer, model: ModelConfig, prompt: Prompt, opts: GenerateConfig, where: str
+    tokenizer, model: ModelConfig, prompt: Prompt, opts: GenerateConfig, where: str, *, bos: bool = False
 ) -> list[int]:
-    """Control prefix + prompt as token ids; an empty prompt becomes the bos token."""
+    """[bos] + control prefix + prompt as token ids; an empty prompt becomes the bos token.
+
+    `bos`: start with the bos token, as the SFT records a fine-tuned model learned from
+    do (data/sft.py: bos, control tokens, then the text); a prompt that already starts
+    with it keeps its own.
+    """
     prefix = control_prefix(opts.control, opts.control_template)
     if isinstance(prompt, str):
         if tokenizer is None:
@@ -98,16 +103,22 @@ def encode_prompt(
         ids = tokenizer.encode(prefix + prompt)
     else:
         ids = [int(t) for t in prompt]
-        if prefix:
-            ids = list(encode_piece(tokenizer, prefix)) + ids
         if any(not 0 <= t < model.vocab_size for t in ids):
             raise JaxgenError(f"{where}: token ids outside [0, {model.vocab_size})")
+        if prefix:
+            start = _bos(tokenizer, ids)  # a chat prompt's bos stays in front of the control tokens
+            ids = ids[:start] + list(encode_piece(tokenizer, prefix)) + ids[start:]
+    first = None if tokenizer is None else tokenizer.bos_id
+    if first is not None and (bos or not ids) and ids[:1] != [first]:
+        ids = [first, *ids]
     if not ids:
-        bos = None if tokenizer is None else tokenizer.bos_id
-        if bos is None:
-            raise JaxgenError(f"{where}: empty prompt and the tokenizer has no bos token to start from")
-        ids = [bos]
+        raise JaxgenError(f"{where}: empty prompt and the tokenizer has no bos token to start from")
     return ids
+
+
+def _bos(tokenizer, ids: list[int]) -> int:
+    """1 when `ids` starts with the tokenizer's bos token, else 0."""
+    return int(tokenizer is not None and tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id])
 
 
 def fit_prompt(model: ModelConfig, ids: list[int], new: int, opts: GenerateConfig, where: str) -> list[int]:

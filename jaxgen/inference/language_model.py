@@ -29,7 +29,7 @@ from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import ServingTransformer, stack_layers, unstack_layers
 from jaxgen.runtime.mesh import make_mesh, mesh_context
 from jaxgen.tokenizer.text import continuation, cut_at_stop, stop_prefix
-from jaxgen.train.finetune import load_run_params
+from jaxgen.train.finetune import load_run_params, trained_attributes
 
 
 @dataclasses.dataclass
@@ -66,9 +66,11 @@ class LanguageModel:
         mesh: shard generation batches over its data axes (None: one device).
     """
 
-    def __init__(self, config: Config, params, tokenizer=None, mesh=None):
+    def __init__(self, config: Config, params, tokenizer=None, mesh=None, attributes=None):
 
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        # {attribute: values} the model was fine-tuned with (finetune.json); None: unknown.
+        self.attributes = attributes
         # The one copy of the weights this object keeps, in the serving layout (one array
         # per layer, jaxgen/model/serving.py) that decoding needs and scoring accepts.
         self.serving_params = unstack_layers(params, config.model)
@@ -111,11 +113,15 @@ class LanguageModel:
 
     def resolve(self, **options) -> request.Request:
         """Validates options over the config's `generate` defaults."""
-        return request.resolve(self.config.generate, self.config.model, self.tokenizer, **options)
+        req = request.resolve(self.config.generate, self.config.model, self.tokenizer, **options)
+        _check_control(req.options.control, self.attributes)
+        return req
 
     def encode_prompt(self, prompt: Prompt, opts: GenerateConfig, where: str) -> list[int]:
         """Control prefix + prompt as token ids; an empty prompt becomes the bos token."""
-        return request.encode_prompt(self.tokenizer, self.config.model, prompt, opts, where)
+        # Fine-tuned on SFT records, the model saw bos first: prompt it the same way.
+        bos = self.config.data.format == "sft"
+        return request.encode_prompt(self.tokenizer, self.config.model, prompt, opts, where, bos=bos)
 
     def generate(self, prompts: Sequence[Prompt], *, row_ids=None, **options) -> list[GenerationResult]:
         """Completes every prompt; results in the prompts' order.
@@ -260,4 +266,14 @@ def load(
     # A LoRA run's adapters are folded into its base here, once: decoding then runs at
     # the base model's speed (merged == unmerged within float32 rounding, tested).
     config, params = load_run_params(path, step=step, mesh=mesh, dtype=dtype)
-    return LanguageModel(config, params, find_tokenizer(path), mesh)
+    return LanguageModel(config, params, find_tokenizer(path), mesh, trained_attributes(path))
+
+
+def _check_control(control: dict[str, str], known: dict[str, list[str]] | None) -> None:
+    """A control value the model was never tuned on is one line listing the ones it was."""
+    if not known:
+        return
+    for key, value in control.items():
+        if value not in known.get(key, []):
+            listed = ", ".join(f"{k}={v}" for k, values in known.items() for v in values)
+            raise JaxgenError(f"control: {key}={value} was never seen in fine-tuning (known: {listed})")

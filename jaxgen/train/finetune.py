@@ -127,6 +127,12 @@ def _write_record(run_dir: pathlib.Path, record: dict) -> None:
     tmp.replace(run_dir / FINETUNE_FILE)
 
 
+def trained_attributes(run_dir: str | pathlib.Path) -> dict[str, list[str]] | None:
+    """{attribute: values} a fine-tuned run's data carried; None for other runs."""
+    path = pathlib.Path(run_dir) / FINETUNE_FILE
+    return read_record(pathlib.Path(run_dir)).get("attributes") if path.is_file() else None
+
+
 def tuning_of(config: Config, record: dict) -> Tuning:
     new_rows = (record["first_new_id"], len(record["added_tokens"]))
     return Tuning.from_config(config.finetune, new_rows)
