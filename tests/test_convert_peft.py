@@ -9,7 +9,6 @@ import json
 import pathlib
 
 import jax
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from jaxgen.convert.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapted_modules
 from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.errors import JaxgenError
 from jaxgen.model import lora as lora_lib
-from jaxgen.model.transformer import abstract_params, abstract_variables, init_params
+from jaxgen.model.transformer import abstract_params, init_params
 from jaxgen.train.finetune import finetune, load_adapters
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -34,26 +33,15 @@ TARGETS = {"gpt2": "[q, k, v, o, mlp_in, mlp_out]", "llama": "[q, k, v, o, mlp_i
 RANK, ALPHA = 4, 12.0
 
 
-def _leaf_shapes_unconstrained(model):
-    # Workaround: hf_params.leaf_shapes unboxes with `nn.unbox`, which applies a logical
-    # sharding constraint to ShapeDtypeStructs when a mesh is active and raises there;
-    # `finetune` reads an HF base inside the training loop's mesh. Remove once
-    # leaf_shapes unboxes without the constraint.
-    boxed = abstract_variables(model)["params"]
-    params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    return {tuple(k.key for k in keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
     """family -> a 2-step LoRA run whose base is an HF directory (model + tokenizer.model)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hf_params, "leaf_shapes", _leaf_shapes_unconstrained)
-        return _make_runs(tmp_path_factory.mktemp("peft"))
+    return _make_runs(tmp_path_factory.mktemp("peft"))
 
 
 def _make_runs(root: pathlib.Path) -> dict[str, pathlib.Path]:
-    lines = [line for line in (ROOT / "data" / "tinyshakespeare.txt").read_text()[:6_000].splitlines() if line]
+    text = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:6_000]
+    lines = [line for line in text.splitlines() if line]
     sft = root / "sft.jsonl"
     sft.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     data = [f"data.train_files=[{sft}]", "data.format=sft", f"data.data_dir={root / 'data'}", "data.name=sft"]
@@ -61,7 +49,7 @@ def _make_runs(root: pathlib.Path) -> dict[str, pathlib.Path]:
     out = {}
     for family, preset in PRESETS.items():
         model = load_config(None, [f"model.preset={preset}", "model.vocab_size=128"]).model
-        params = init_params(model, jax.random.key(0))
+        params = _init(model)
         write_hf(root / f"hf-{family}", model, params, extra_from=tokenizer.parent)
         overrides = {
             "finetune.init_from": root / f"hf-{family}",
@@ -86,6 +74,10 @@ def _make_runs(root: pathlib.Path) -> dict[str, pathlib.Path]:
     return out
 
 
+def _init(model):
+    return jax.jit(lambda rng: init_params(model, rng))(jax.random.key(0))  # eager init is slow
+
+
 def _read(out: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     return config, safetensors.numpy.load_file(out / ADAPTER_WEIGHTS)
@@ -96,7 +88,7 @@ def _read(out: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cli_writes_peft_names_shapes_and_config(runs, tmp_path, family, capsys):
-    assert main(["convert", "export-peft", str(runs[family]), str(tmp_path / "out")]) == 0
+    assert main(["convert", "export-peft", str(runs[family]), str(tmp_path / "out"), "--step", "2"]) == 0
     assert "exported PEFT adapter" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     config, tensors = _read(tmp_path / "out")
@@ -108,7 +100,12 @@ def test_cli_writes_peft_names_shapes_and_config(runs, tmp_path, family, capsys)
     assert config["lora_dropout"] == 0.0 and config["use_rslora"] is False
     if family == "gpt2":
         # q, k, v: one rank-3r LoRA over the fused [D, 3D] Conv1D, alpha scaled to keep alpha / r.
-        modules = {"c_attn": (3 * r, d, 3 * d), "attn.c_proj": (r, d, d), "c_fc": (r, d, f), "mlp.c_proj": (r, f, d)}
+        modules = {
+            "c_attn": (3 * r, d, 3 * d),
+            "attn.c_proj": (r, d, d),
+            "c_fc": (r, d, f),
+            "mlp.c_proj": (r, f, d),
+        }
         assert config["fan_in_fan_out"] is True
         assert config["rank_pattern"] == {"c_attn": 3 * r}
         assert config["alpha_pattern"] == {"c_attn": 3 * ALPHA}
@@ -160,9 +157,12 @@ def _peft_delta(config: dict, tensors: dict, suffix: str, module: str) -> np.nda
     """What PEFT adds to the base weight: scaling B A, transposed for Conv1D (fan_in_fan_out)."""
     rank = config["rank_pattern"].get(suffix, config["r"])
     alpha = config["alpha_pattern"].get(suffix, config["lora_alpha"])
-    delta = alpha / rank * tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[
-        f"base_model.model.{module}.lora_A.weight"
-    ]  # [out, in]
+    delta = (
+        alpha
+        / rank
+        * tensors[f"base_model.model.{module}.lora_B.weight"]
+        @ tensors[f"base_model.model.{module}.lora_A.weight"]
+    )  # [out, in]
     return delta.T if config["fan_in_fan_out"] else delta
 
 
@@ -197,7 +197,7 @@ def test_peft_delta_equals_merge(runs, tmp_path, family, targets):
 
 def test_errors_are_one_line(runs, tmp_path, capsys):
     tiny = load_config(None, ["model.preset=tiny"])
-    plain = save_params(tmp_path / "plain", tiny, init_params(tiny.model, jax.random.key(0)))
+    plain = save_params(tmp_path / "plain", tiny, _init(tiny.model))
     assert main(["convert", "export-peft", str(plain), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1

@@ -315,7 +315,7 @@ def test_bad_inputs_are_one_line_errors(base_run, tmp_path):
     fails(r"finetune.init_from: .*/empty is not a model", **{"finetune.init_from": str(tmp_path / "empty")})
     fails(r"model.d_model: 128 differs from the fine-tuned model's 64 and would change parameter shapes",
           **{"model.d_model": 128})  # fmt: skip
-    fails(r"finetune.lora.targets: 'mlp_gate' matches no projection of a gpt2 model \(valid: q, k, v, o, mlp_in",
+    fails(r"finetune.lora.targets: 'mlp_gate' matches no projection of a gpt2 model \(valid: q, k, v, o,",
           **{"finetune.method": "lora", "finetune.lora.targets": "[q, mlp_gate]"})  # fmt: skip
     fails(r"finetune.lora.rank: 100 exceeds the 64 x 64 matrix of target 'q'",
           **{"finetune.method": "lora", "finetune.lora.rank": 100})  # fmt: skip

@@ -20,12 +20,13 @@ from jaxgen.data.tokenizer_training import tokenizer_path
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import mfu, peak_tflops
 from jaxgen.model.layers import compute_dtype
-from jaxgen.model.transformer import model_flops_per_token, param_count
+from jaxgen.model.transformer import abstract_variables, init_params, model_flops_per_token, param_count
 from jaxgen.runtime import cpu_malloc
-from jaxgen.runtime.mesh import activate, make_mesh
+from jaxgen.runtime.mesh import activate, make_mesh, param_shardings
 from jaxgen.tokenizer import load_tokenizer
 from jaxgen.train.loop import check_shapes, resolve_config
 from jaxgen.train.step import TrainStep
+from jaxgen.train.tuning import Tuning
 
 
 def synthetic_batch(config: Config, seed: int = 0) -> dict:
@@ -74,9 +75,20 @@ def run(config: Config, *, steps: int = 20, warmup: int = 3) -> Iterator[dict]:
     mesh = make_mesh(config.mesh)
     check_shapes(config, mesh)
     cpu_malloc.prepare_for_training()
+    # finetune.method=lora|freeze times what `jaxgen finetune` would run; a random base
+    # stands in for the pretrained one (same shapes, same program).
+    tuning = None if config.finetune.method == "full" else Tuning.from_config(config.finetune)
     with activate(mesh):
-        trainer = TrainStep.from_config(config, mesh)
-        state = trainer.init(jax.random.key(0))
+        trainer = TrainStep.from_config(config, mesh, tuning)
+        base = None
+        if tuning is not None:
+            shardings = param_shardings(mesh, abstract_variables(config.model))["params"]
+            base = jax.jit(lambda rng: init_params(config.model, rng), out_shardings=shardings)(
+                jax.random.key(1)
+            )
+        state = trainer.init(jax.random.key(0), base)
+        trainable = sum(x.size for x in jax.tree.leaves(state.params))
+        opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
         batch = jax.device_put(synthetic_batch(config), trainer.batch_sharding)
         start = time.perf_counter()
         compiled = trainer.jit_step.lower(state, trainer.frozen, batch).compile()
@@ -100,6 +112,9 @@ def run(config: Config, *, steps: int = 20, warmup: int = 3) -> Iterator[dict]:
         "device": kind,
         "devices": jax.device_count(),
         "params": param_count(config.model),
+        "method": config.finetune.method,
+        "trainable_params": int(trainable),
+        "optimizer_state_bytes": int(opt_bytes),
         "vocab_size": config.model.vocab_size,
         "vocab_source": vocab_source,
         "batch": config.train.batch_size,

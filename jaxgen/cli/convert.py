@@ -9,7 +9,7 @@ from jaxgen.errors import JaxgenError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="import/export Hugging Face checkpoints")
+    p = sub.add_parser("convert", help="import/export Hugging Face checkpoints and PEFT adapters")
     convert_sub = p.add_subparsers(dest="convert_command", required=True, metavar="ACTION")
     q = convert_sub.add_parser("import-hf", help="HF GPT-2/Llama directory -> jaxgen run directory")
     q.add_argument("hf_dir", help="directory with config.json and model.safetensors (or a sharded index)")
@@ -22,9 +22,7 @@ def add_parser(sub) -> None:
     q.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     q.add_argument("--max-shard-gb", type=float, default=5.0, help="shard files above this size")
     q.set_defaults(handler=_cmd_export)
-    q = convert_sub.add_parser(
-        "export-peft", help="LoRA run over an HF base -> PEFT adapter (adapter_config.json + safetensors)"
-    )
+    q = convert_sub.add_parser("export-peft", help="LoRA run over an HF base -> PEFT LoRA adapter directory")
     q.add_argument("run_dir", help="LoRA fine-tuning run whose finetune.init_from is an HF model directory")
     q.add_argument("out_dir", help="directory to create (must not exist or be empty)")
     q.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

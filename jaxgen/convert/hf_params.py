@@ -17,13 +17,12 @@ import dataclasses
 import math
 import re
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from jaxgen.config import ModelConfig
 from jaxgen.errors import JaxgenError
-from jaxgen.model.transformer import abstract_variables
+from jaxgen.model.transformer import abstract_params
 
 Path = tuple[str, ...]
 
@@ -141,8 +140,9 @@ def _llama_rule(path: Path, m: ModelConfig, prefix: str) -> Rule:
 def leaf_shapes(model: ModelConfig) -> dict[Path, jax.ShapeDtypeStruct]:
     """The jaxgen params tree as {path: abstract leaf}, in tree order."""
 
-    params = nn.unbox(abstract_variables(model))["params"]
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    # abstract_params, not nn.unbox: under an active mesh (fine-tuning reads an HF base
+    # inside the training loop's) nn.unbox would apply sharding constraints to shapes.
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(model))[0]
     return {tuple(k.key for k in keys): leaf for keys, leaf in flat}
 
 

@@ -39,7 +39,9 @@ PREFIX = "base_model.model."  # PeftModelForCausalLM's name for the model it wra
 _WHOLE = "use `jaxgen finetune merge` then `jaxgen convert export-hf` to export the whole model"
 
 
-def export_peft(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, load: Callable, step=None):
+def export_peft(
+    run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, load: Callable, step: int | None = None
+) -> list[str]:
     """Writes a LoRA run's adapters as a PEFT adapter directory.
 
     Args:
@@ -52,7 +54,8 @@ def export_peft(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *, loa
     method = read_run_config(run_dir).finetune.method
     if method != "lora":
         raise JaxgenError(
-            f"{run_dir}: not a LoRA run (finetune.method is {method}); export it with `jaxgen convert export-hf`"
+            f"{run_dir}: not a LoRA run (finetune.method is {method}); export it with"
+            " `jaxgen convert export-hf`"
         )
     config, record, trainable = load(run_dir, step=step)
     if record["kind"] != "hf":

@@ -43,7 +43,7 @@ from jaxgen.errors import JaxgenError
 from jaxgen.metrics import progress_bar
 from jaxgen.tokenizer import load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sft splits count the characters of trained parts only
 _ENCODE_CHARS = 1 << 18  # text per encode_batch call: large enough to amortise the call
 _PARALLEL_BYTES = 16 << 20  # below this, starting worker processes costs more than it saves
 # Fields that only steer the input pipeline: changing them must not rebuild the dataset.

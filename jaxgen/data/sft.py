@@ -85,8 +85,10 @@ def write_sft(config, tokenizer, source, writer, counts: documents.Counts, advan
             kept = fit(*encode_record(tokenizer, record_parts, record_ids), max_len, data.overlong, counts)
             if kept is None:
                 continue
-            counts.chars += sum(len(t) for t, _ in record_parts)
-            counts.bytes += sum(len(t.encode("utf-8")) for t, _ in record_parts)
+            # Characters of the trained parts only: nats per character then divide the loss
+            # (which covers those parts) by the text it covers.
+            counts.chars += sum(len(t) for t, trained in record_parts if trained)
+            counts.bytes += sum(len(t.encode("utf-8")) for t, trained in record_parts if trained)
             writer.write({"tokens": kept[0], "loss_mask": kept[1]})
             counts.examples += 1
             counts.tokens += len(kept[0])
