@@ -186,6 +186,8 @@ def test_lr_multipliers_and_partial_freeze_groups(tiny_config):
     ).finetune
     with pytest.raises(JaxgenError, match="lr_multipliers: 'lm_head' matches no trainable parameter"):
         Tuning.from_config(ft).labels(m)  # tied embeddings: there is no lm_head
+    with pytest.raises(JaxgenError, match="layer ranges are for finetune.freeze only"):
+        Tuning.from_config(ft.model_copy(update={"lr_multipliers": {"layers/0-1": 0.5}}))
     ft = ft.model_copy(update={"lr_multipliers": {"*/mlp/*": 0.5}})
     tuning = Tuning.from_config(ft, new_rows=(500, 4))
     labels = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tuning.labels(m))}

@@ -139,7 +139,7 @@ class DataConfig(_Section):
 
     name: str = "default"  # the prepared dataset's name inside data_dir
     data_dir: str = "data/prepared"
-    format: Literal["text", "jsonl", "sft"] = "text"
+    format: Literal["text", "jsonl", "sft", "preference"] = "text"
     train_files: tuple[str, ...] = ()  # paths or globs; "tfds:NAME/CONFIG" for a catalog set
     validation_files: tuple[str, ...] = ()
     validation_fraction: float = pydantic.Field(0.1, ge=0.0, lt=1.0)  # tail of the train text
@@ -154,6 +154,9 @@ class DataConfig(_Section):
     # sft records: {"style": "formal", ...} -> control tokens (generate.control_template)
     # prepended to the record, never trained on as targets
     attributes_field: str = "attributes"
+    # preference records: {"prompt", "chosen", "rejected"} (each text or a messages list)
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
     strict_utf8: bool = False  # False: invalid UTF-8 becomes U+FFFD (counted); True: an error
     overlong: Literal["truncate", "drop"] = "truncate"  # sft records longer than seq_len + 1
     # tokenizing processes; 0: all cores for inputs over 16 MB (char tokenizers: 1), else 1
@@ -279,6 +282,14 @@ class LoraConfig(_Section):
         return self.alpha / self.rank
 
 
+class DpoConfig(_Section):
+    """Direct preference optimisation (Rafailov et al. 2023) and its IPO / hinge variants."""
+
+    beta: pydantic.PositiveFloat = 0.1  # strength of the pull toward the reference model
+    label_smoothing: float = pydantic.Field(0.0, ge=0.0, lt=0.5)  # cDPO: assumed label noise
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+
 class FinetuneConfig(_Section):
     """`jaxgen finetune`: where the weights come from and which of them train."""
 
@@ -291,6 +302,9 @@ class FinetuneConfig(_Section):
     lora: LoraConfig = LoraConfig()
     # {pattern: factor}: the schedule's learning rate times factor for matching parameters
     lr_multipliers: dict[str, pydantic.PositiveFloat] = {}
+    # sft: next-token loss on the loss mask; dpo: preference pairs (data.format: preference)
+    objective: Literal["sft", "dpo"] = "sft"
+    dpo: DpoConfig = DpoConfig()
 
 
 class EvalConfig(_Section):

@@ -26,7 +26,7 @@ import jax
 from rich.console import Console
 
 from jaxgen import checkpoint
-from jaxgen.config import Config, MeshConfig, ModelConfig, check_no_placeholders
+from jaxgen.config import Config, MeshConfig, ModelConfig
 from jaxgen.convert.hf import find_tokenizer, read_config, read_params
 from jaxgen.data import attributes
 from jaxgen.errors import JaxgenError
@@ -35,7 +35,7 @@ from jaxgen.model import vocab
 from jaxgen.model.transformer import abstract_variables
 from jaxgen.runtime.mesh import make_mesh, param_shardings
 from jaxgen.tokenizer import add_tokens, load_tokenizer, model_vocab_size
-from jaxgen.train.loop import TrainResult, barrier, check_resume, prepare_data, run_training
+from jaxgen.train.loop import TrainResult, barrier, begin, check_resume, prepare_data, run_training
 from jaxgen.train.tuning import Tuning
 
 FINETUNE_FILE = "finetune.json"
@@ -198,12 +198,16 @@ def _vocab_size(record: dict, tokenizer, multiple: int) -> int:
     return model_vocab_size(tokenizer, multiple)
 
 
-def resolve(config: Config, run_dir: pathlib.Path) -> tuple[Config, dict]:
-    """The run's config (model from the source, tokenizer from the run dir) and its record."""
-    if _has_checkpoints(run_dir) and (run_dir / FINETUNE_FILE).is_file():
-        record = read_record(run_dir)
-    else:
+def resolve(config: Config, run_dir: pathlib.Path, *, start: bool = True) -> tuple[Config, dict]:
+    """The run's config (model from the source, tokenizer from the run dir) and its record.
+
+    `start`: set up a fresh run directory when it has no checkpoint yet (process 0 does;
+    the other processes of a job only read what it wrote).
+    """
+    if start and not (_has_checkpoints(run_dir) and (run_dir / FINETUNE_FILE).is_file()):
         record = _start(config, run_dir)
+    else:
+        record = read_record(run_dir)
     tokenizer = load_tokenizer(run_dir)
     model = finetuned_model(
         source_model(record), config, _vocab_size(record, tokenizer, config.tokenizer.vocab_multiple)
@@ -227,15 +231,13 @@ def finetune(
     """Fine-tunes `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
     started = time.perf_counter()
     leader = jax.process_index() == 0
-    console = console or Console(quiet=not leader, soft_wrap=True)
-    run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
-    check_no_placeholders(config)
+    console, run_dir = begin(config, run_dir, console)
     if leader:
         config, record = resolve(config, run_dir)
         tuning = tuning_of(config, record)  # bad patterns fail before data preparation
     barrier("jaxgen-finetune-start")
     if not leader:
-        config, record = resolve(config, run_dir)
+        config, record = resolve(config, run_dir, start=False)
         tuning = tuning_of(config, record)
     prepare_data(config)
     check_resume(run_dir, config)

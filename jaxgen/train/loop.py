@@ -191,17 +191,22 @@ def prepare_data(config: Config) -> data.DatasetInfo:
     return info if leader else data.prepare(config, progress=False)
 
 
+def begin(config: Config, run_dir, console: Console | None) -> tuple[Console, pathlib.Path]:
+    """The console and run directory of a `train` or `finetune` call (default `runs/<name>`)."""
+    # One process speaks for a multi-host job. Lines are not wrapped to the console's width:
+    # a log line cut mid-value (the banner's mesh dict, a long run dir) reads as two.
+    console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
+    check_no_placeholders(config)
+    return console, pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
+
+
 def train(
     config: Config, run_dir: str | pathlib.Path | None = None, *, console: Console | None = None
 ) -> TrainResult:
     """Trains `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
     started = time.perf_counter()
     leader = jax.process_index() == 0
-    # One process speaks for a multi-host job. Lines are not wrapped to the console's width:
-    # a log line cut mid-value (the banner's mesh dict, a long run dir) reads as two.
-    console = console or Console(quiet=not leader, soft_wrap=True)
-    run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
-    check_no_placeholders(config)
+    console, run_dir = begin(config, run_dir, console)
     # Process 0 writes shared files (prepared data, run config); the others wait for it
     # and then only read them.
     info = prepare_data(config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -89,6 +90,12 @@ class Tuning:
             raise JaxgenError(
                 "finetune.freeze: method freeze needs at least one pattern (e.g. [embed, layers/0-3])"
             )
+        for pattern in config.lr_multipliers:
+            if layer_pattern(pattern, num_layers=sys.maxsize, key="finetune.lr_multipliers") is not None:
+                raise JaxgenError(
+                    f"finetune.lr_multipliers: {pattern!r}: layer ranges are for finetune.freeze only"
+                    " (a multiplier applies to whole parameters)"
+                )
         return cls(
             method=config.method,
             lora=config.lora if config.method == "lora" else None,
@@ -222,7 +229,7 @@ class Tuning:
                 return FROZEN
             name = path_name(path)
             for pattern, factor in self.lr_multipliers:
-                if matches(pattern, name) or _matches_layers(pattern, name, config.num_layers):
+                if matches(pattern, name):
                     used.add(pattern)
                     return f"x{factor}"
             return "x1.0"
@@ -235,13 +242,6 @@ class Tuning:
 
     def needs_groups(self) -> bool:
         return self.method == "freeze" or bool(self.lr_multipliers)
-
-
-def _matches_layers(pattern: str, name: str, num_layers: int) -> bool:
-    ranged = layer_pattern(pattern, num_layers, "finetune.lr_multipliers")
-    if ranged is not None:
-        raise JaxgenError(f"finetune.lr_multipliers: {pattern!r}: layer ranges are for finetune.freeze only")
-    return False
 
 
 def _broadcastable(trains: np.ndarray, ndim: int) -> np.ndarray:
