@@ -67,9 +67,11 @@ def _report(result) -> int:
     if result.preempted or result.process_index != 0:
         return 0
     figures = result.final_eval or {}
+    loss = figures.get("nats_per_token", figures.get("loss", float("nan")))  # DPO: the pair loss
     per_char = f" {figures['nats_per_char']:.4f} nats/char" if "nats_per_char" in figures else ""
+    accuracy = f" reward accuracy {figures['accuracy']:.3f}" if "accuracy" in figures else ""
     print(
-        f"final: step {result.step} val loss {figures.get('nats_per_token', float('nan')):.4f}{per_char}"
+        f"final: step {result.step} val loss {loss:.4f}{per_char}{accuracy}"
         f" in {result.wall_seconds:.1f} s wall ({result.run_dir})"
     )
     return 0

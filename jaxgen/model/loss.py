@@ -56,3 +56,25 @@ def token_nll(project, hidden, targets, mask, chunk: int) -> tuple[jax.Array, ja
         body, (jnp.zeros(()), jnp.zeros(())), (chunks(hidden), chunks(targets), chunks(mask))
     )
     return nll, z
+
+
+def token_logps(project, hidden, targets, chunk: int) -> jax.Array:
+    """Log-probability of each target, [B, T] float32: what preference losses sum per sequence.
+
+    Chunked like `token_nll` (logits of <= `chunk` positions at a time, recomputed in the
+    backward pass), so [B, T, V] float32 logits never exist at once.
+    """
+    t = hidden.shape[1]
+    size = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
+
+    def piece(h, y):  # [B, c, D], [B, c] -> [B, c]
+        logits = project(h).astype(jnp.float32)  # [B, c, V]
+        target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+    if size == t:
+        return piece(hidden, targets)
+    n = t // size
+    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)  # noqa: E731
+    out = jax.lax.map(lambda xs: jax.checkpoint(piece)(*xs), (chunks(hidden), chunks(targets)))  # [n, B, c]
+    return jnp.moveaxis(out, 0, 1).reshape(targets.shape)

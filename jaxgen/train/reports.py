@@ -16,6 +16,7 @@ from jaxgen.errors import JaxgenError
 from jaxgen.metrics import MetricsWriter, mfu, peak_tflops, perplexity_figures
 from jaxgen.model.transformer import model_flops_per_token
 from jaxgen.tokenizer import load_tokenizer
+from jaxgen.train import dpo
 from jaxgen.train.hooks import Hooks, StepInfo
 from jaxgen.train.step import TrainStep
 
@@ -86,25 +87,37 @@ class StepLogger:
             values["mfu"] = util
         if self.config.train.z_loss:
             values["z_loss"] = float(last.z_loss)
+        for name in last.extra:  # the objective's own figures (DPO: accuracy, rewards, ...)
+            values[name] = float(np.mean([m.extra[name] for m in fetched]))
         self.metrics.write(step, "train", values)
         mfu_text = f" mfu {util:.1%}" if util is not None else ""
         self.console.print(
             f"step {step:>6}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}"
             f"  lr {values['learning_rate']:.2e}  {tps:,.0f} tok/s  {values['step_ms']:.1f} ms/step{mfu_text}"
+            + (
+                f"  acc {values['accuracy']:.3f}  margin {values['margin']:.4f}"
+                if "accuracy" in values
+                else ""
+            )
         )
 
 
 def evaluate(step_fn: TrainStep, params, config: Config, mesh, max_batches: int | None) -> dict:
-    """Validation figures (`metrics.perplexity_figures`); per character and byte when the
-    whole split is seen."""
-    nll, count, seen, complete = 0.0, 0.0, 0, True
+    """Validation figures: `metrics.perplexity_figures` (per character and byte when the
+    whole split is seen), or for DPO the loss and the pairs' figures (train/dpo.py)."""
+    sums, seen, complete = {}, 0, True
     with data.eval_batches(config, mesh, "validation", config.train.batch_size) as batches:
         for batch in batches:
             if max_batches is not None and seen >= max_batches:
                 complete = False
                 break
-            b_nll, b_count = step_fn.eval_sums(params, batch)
-            nll, count, seen = nll + float(b_nll), count + float(b_count), seen + 1
+            batch_sums = jax.device_get(step_fn.eval_sums(params, batch))
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in batch_sums.items()}
+            seen += 1
+    nll, count = sums.get("loss", 0.0), sums.get("count", 0.0)
+    if config.finetune.objective == "dpo":
+        pairs = max(count, 1.0)
+        return {"pairs": count, "loss": nll / pairs, **{k: sums[k] / pairs for k in dpo.METRICS}}
     if not complete:
         return perplexity_figures(nll, count)
     stats = data.split_stats(config, "validation")
@@ -127,6 +140,10 @@ class Validation:
         limit = self.config.train.eval_batches if max_batches == -1 else max_batches
         result = evaluate(self.step_fn, info.state.params, self.config, self.mesh, limit)
         self.metrics.write(info.step, "eval", result)
+        if "pairs" in result:  # DPO
+            figures = f"accuracy {result['accuracy']:.3f}  margin {result['margin']:.4f}"
+            self.console.print(f"eval  {info.step:>6}  loss {result['loss']:.4f}  {figures}")
+            return result
         per_char = f"  {result['nats_per_char']:.4f} nats/char" if "nats_per_char" in result else ""
         loss, ppl = result["nats_per_token"], result["perplexity"]
         self.console.print(f"eval  {info.step:>6}  loss {loss:.4f}  ppl {ppl:.2f}{per_char}")

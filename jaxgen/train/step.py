@@ -15,9 +15,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgen.config import Config, ModelConfig, OptimizerConfig, ScheduleConfig, TrainConfig
-from jaxgen.model.loss import projector, token_nll
+from jaxgen.model.loss import projector, token_logps, token_nll
 from jaxgen.model.transformer import Transformer, init_params
 from jaxgen.runtime.mesh import batch_sharding
+from jaxgen.train import dpo
 from jaxgen.train.optim import make_optimizer, make_schedule
 from jaxgen.train.tuning import Tuning
 
@@ -36,8 +37,9 @@ class StepMetrics:
     z_loss: jax.Array
     grad_norm: jax.Array
     learning_rate: jax.Array
-    tokens: jax.Array  # tokens that counted in the loss
+    tokens: jax.Array  # tokens that counted in the loss (DPO: preference pairs)
     finite: jax.Array  # False: NaN/Inf loss or gradient, the update was not applied
+    extra: dict  # the objective's own figures, per token or pair (DPO: train/dpo.py METRICS)
 
 
 class TrainStep:
@@ -64,6 +66,7 @@ class TrainStep:
         dropout = model.dropout > 0 or (lora is not None and lora.dropout > 0)
         self.model = Transformer(model, deterministic=not dropout, lora=lora)
         self.eval_model = Transformer(model, deterministic=True, lora=lora)
+        self.reference_model = Transformer(model, deterministic=True)  # DPO: adapters off
         self.schedule = make_schedule(schedule, optimizer.learning_rate, train.steps)
         self.param_shardings = tuning.trainable_shardings(mesh, model)
         self.frozen_shardings = tuning.frozen_shardings(mesh, model)
@@ -106,8 +109,8 @@ class TrainStep:
         """One update (the state is donated)."""
         return self.jit_step(state, self.frozen, batch)
 
-    def eval_sums(self, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-        """(summed NLL, token count) of one evaluation batch, dropout off."""
+    def eval_sums(self, params, batch: dict) -> dict:
+        """The objective's sums over one evaluation batch, dropout off: {"loss", "count", ...}."""
         return self._eval(params, self.frozen, batch)
 
     def model_params(self, params):
@@ -175,14 +178,34 @@ class TrainStep:
 
     def loss_sums(
         self, params, batch: dict, rng: jax.Array, model=None, frozen=None
-    ) -> tuple[jax.Array, tuple]:
-        """Summed (not averaged) NLL + z-loss over a (micro-)batch, and the token count.
+    ) -> tuple[jax.Array, dict]:
+        """The summed (not averaged) objective over a (micro-)batch, and its figures' sums.
 
-        Sums make gradient accumulation exact: the step divides once by the global count.
-        `params` is the trainable tree; `frozen` the LoRA base ({} otherwise).
+        Sums make gradient accumulation exact: the step divides once by the global count
+        (`aux["count"]`: loss-masked tokens, or preference pairs for DPO). `params` is the
+        trainable tree; `frozen` the LoRA base or the DPO reference ({} otherwise).
         """
         model = model or self.model
         variables = self.tuning.variables(params, frozen, self.model_config)
+        hidden = self._hidden(model, variables, batch, rng)  # [B, T, D]
+        project = projector(model.config, variables["params"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        chunk = self.train_config.loss_chunk
+        if self.tuning.dpo is None:
+            nll, z = token_nll(project, hidden, batch["targets"], mask, chunk)
+            return nll + self.train_config.z_loss * z, {"loss": nll, "z_loss": z, "count": mask.sum()}
+        # The reference is the frozen starting model: the LoRA base with its adapters off,
+        # or the copy of the weights full fine-tuning started from.
+        reference = {"params": frozen}
+        ref_hidden = self._hidden(self.reference_model, reference, batch, rng)
+        ref_project = projector(model.config, frozen)
+        policy = token_logps(project, hidden, batch["targets"], chunk)  # [B, T]
+        ref = token_logps(ref_project, ref_hidden, batch["targets"], chunk)
+        loss, aux = dpo.dpo_sums(policy, ref, mask, batch["segment_ids"], self.tuning.dpo)
+        return loss, {"loss": loss, "z_loss": jnp.zeros(()), **aux}
+
+    @staticmethod
+    def _hidden(model, variables, batch: dict, rng: jax.Array) -> jax.Array:
         hidden, _ = model.apply(
             variables,
             batch["tokens"],
@@ -190,20 +213,11 @@ class TrainStep:
             batch["segment_ids"],
             return_hidden=True,
             rngs={"dropout": rng},
-        )  # [B, T, D]
-        mask = batch["loss_mask"].astype(jnp.float32)
-        nll, z = token_nll(
-            projector(model.config, variables["params"]),
-            hidden,
-            batch["targets"],
-            mask,
-            self.train_config.loss_chunk,
         )
-        return nll + self.train_config.z_loss * z, (nll, z, mask.sum())
+        return hidden
 
-    def _eval_sums(self, params, frozen, batch: dict) -> tuple[jax.Array, jax.Array]:
-        _, (nll, _, count) = self.loss_sums(params, batch, jax.random.key(0), self.eval_model, frozen)
-        return nll, count
+    def _eval_sums(self, params, frozen, batch: dict) -> dict:
+        return self.loss_sums(params, batch, jax.random.key(0), self.eval_model, frozen)[1]
 
     # -- step ----------------------------------------------------------------------------
 
@@ -216,12 +230,13 @@ class TrainStep:
 
         grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
         if accum == 1:
-            (_, (nll, z, count)), grads = grad_fn(state.params, batch, rng)
+            (_, aux), grads = grad_fn(state.params, batch, rng)
         else:
-            grads, nll, z, count = accumulate(grad_fn, state.params, batch, rng, accum)
-        count = jnp.maximum(count, 1.0)
+            grads, aux = accumulate(grad_fn, state.params, batch, rng, accum)
+        count = jnp.maximum(aux["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        loss, z = nll / count, z / count
+        loss, z = aux["loss"] / count, aux["z_loss"] / count
+        extra = {k: v / count for k, v in aux.items() if k not in ("loss", "z_loss", "count")}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -239,14 +254,16 @@ class TrainStep:
             z_loss=z,
             grad_norm=grad_norm,
             learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32),
-            tokens=count,
+            tokens=aux["count"],
             finite=finite,
+            extra=extra,
         )
         return new_state, metrics
 
 
 def accumulate(grad_fn, params, batch: dict, rng: jax.Array, accum: int):
-    """Sums gradients over `accum` micro-batches with lax.scan (memory flat in `accum`).
+    """Sums gradients and the loss's figures over `accum` micro-batches with lax.scan
+    (memory flat in `accum`): (grads, aux sums).
 
     Micro-batch i takes rows i, i+accum, i+2*accum, ... so every data shard
     contributes equally to each micro-batch and no rows move between devices.
@@ -257,14 +274,17 @@ def accumulate(grad_fn, params, batch: dict, rng: jax.Array, accum: int):
 
     micro = jax.tree.map(split, batch)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_zeros = jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, first, rng)[0][1]
+    )
 
     def body(carry, inputs):
-        grads, nll, z, count = carry
+        grads, aux = carry
         i, mb = inputs
-        (_, (mb_nll, mb_z, mb_count)), mb_grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (_, mb_aux), mb_grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, mb_grads)
-        return (grads, nll + mb_nll, z + mb_z, count + mb_count), None
+        return (grads, jax.tree.map(jnp.add, aux, mb_aux)), None
 
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-    (grads, nll, z, count), _ = jax.lax.scan(body, init, (jnp.arange(accum), micro))
-    return grads, nll, z, count
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux_zeros), (jnp.arange(accum), micro))
+    return grads, aux

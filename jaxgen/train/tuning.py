@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.config import FinetuneConfig, LoraConfig, ModelConfig
+from jaxgen.config import DpoConfig, FinetuneConfig, LoraConfig, ModelConfig
 from jaxgen.errors import JaxgenError
 from jaxgen.model import lora as lora_lib
 from jaxgen.model import vocab
@@ -72,6 +72,7 @@ class Tuning:
         freeze: frozen parameter patterns (method "freeze").
         lr_multipliers: (pattern, factor) pairs, first match wins.
         new_rows: (first id, count) of the vocabulary rows this run added, or None.
+        dpo: the preference loss's settings (objective "dpo"), None for next-token loss.
     """
 
     method: str = "full"
@@ -79,6 +80,7 @@ class Tuning:
     freeze: tuple[str, ...] = ()
     lr_multipliers: tuple[tuple[str, float], ...] = ()
     new_rows: tuple[int, int] | None = None
+    dpo: DpoConfig | None = None
 
     @classmethod
     def from_config(cls, config: FinetuneConfig, new_rows: tuple[int, int] | None = None) -> Tuning:
@@ -102,17 +104,23 @@ class Tuning:
             freeze=config.freeze,
             lr_multipliers=tuple(config.lr_multipliers.items()),
             new_rows=new_rows if new_rows and new_rows[1] and config.method != "full" else None,
+            dpo=config.dpo if config.objective == "dpo" else None,
         )
 
     @property
-    def has_frozen_base(self) -> bool:
-        """Whether the base params are a separate frozen argument (LoRA)."""
+    def is_lora(self) -> bool:
         return self.method == "lora"
+
+    @property
+    def has_frozen_base(self) -> bool:
+        """Whether the starting params are kept as a frozen argument: the LoRA base, or
+        DPO's reference model (for full and freeze, a second copy of the weights)."""
+        return self.is_lora or self.dpo is not None
 
     # -- trees ---------------------------------------------------------------------------
 
     def abstract_trainable(self, config: ModelConfig):
-        if not self.has_frozen_base:
+        if not self.is_lora:
             return abstract_params(config)
         return jax.tree.map(lambda x: x.value, self._boxed_lora_tree(config), is_leaf=_is_boxed)
 
@@ -128,7 +136,7 @@ class Tuning:
         return tree
 
     def trainable_shardings(self, mesh, config: ModelConfig):
-        if not self.has_frozen_base:
+        if not self.is_lora:
             return param_shardings(mesh, abstract_variables(config))["params"]
         return param_shardings(mesh, self._boxed_lora_tree(config))
 
@@ -139,7 +147,7 @@ class Tuning:
 
     def initial(self, base, config: ModelConfig, rng: jax.Array):
         """The trainable tree at step 0 from the base params (traced inside jit)."""
-        if not self.has_frozen_base:
+        if not self.is_lora:
             return base
         tree = {"lora": lora_lib.init_adapters(config, self.lora, rng)}
         if self.new_rows:
