@@ -59,6 +59,8 @@ def test_loss_equals_the_formula(kind, ls):
     np.testing.assert_allclose(float(loss), sum(want), atol=1e-6, rtol=0)
     rewards = [beta * (a - c) > beta * (b - d) for a, b, c, d in zip(pc, pr, rc, rr, strict=True)]
     assert float(aux["accuracy"]) == sum(rewards)
+    at_reference = dpo.dpo_sums(*map(jnp.asarray, _batch(pc, pr, pc, pr)), config)[1]
+    assert float(at_reference["accuracy"]) == 1.5  # three ties, each counted half
     np.testing.assert_allclose(float(aux["chosen_logps"]), sum(pc), atol=1e-5)
 
 

@@ -34,14 +34,17 @@ CHUNK_TOKENS = 4096  # tokens per pretraining record: windows of any seq_len rea
 
 
 def features(kind: str):
-    """Feature spec: pretraining records hold a chunk of the token stream; SFT records one example."""
+    """Feature spec: pretraining records hold a chunk of the token stream; SFT records one
+    example; preference records one pair (data/preference.py)."""
 
     def array(dtype):
         return tfds.features.Tensor(shape=(None,), dtype=dtype, encoding=tfds.features.Encoding.BYTES)
 
     spec = {"tokens": array(np.int32)}
-    if kind == "sft":
+    if kind in ("sft", "preference"):
         spec["loss_mask"] = array(np.uint8)  # 1 where the token is a training target
+    if kind == "preference":
+        spec["pair"] = array(np.uint8)  # 1 on the chosen sequence, 2 on the rejected one
     return tfds.features.FeaturesDict(spec)
 
 

@@ -23,9 +23,11 @@ class Counts:
     """Size of one split, counted while it is written (exported as `SplitStats`).
 
     chars/bytes count the split's text, for nats per char/byte. examples: documents
-    (pretraining) or kept records (SFT); tokens: tokens written (with eos separators /
-    bos+eos); replaced_chars: invalid UTF-8 replaced by U+FFFD; dropped / truncated: SFT
-    records longer than seq_len + 1 (per `data.overlong`).
+    (pretraining) or kept records (SFT) or pairs (preference); tokens: tokens written (with
+    eos separators / bos+eos); replaced_chars: invalid UTF-8 replaced by U+FFFD; dropped /
+    truncated: SFT records longer than seq_len + 1, preference pairs longer than seq_len + 2
+    (per `data.overlong`); identical: preference pairs dropped because chosen == rejected;
+    dropped_at: "file:line (why)" of the first few dropped preference pairs.
     """
 
     examples: int = 0
@@ -35,6 +37,8 @@ class Counts:
     replaced_chars: int = 0
     dropped: int = 0
     truncated: int = 0
+    identical: int = 0
+    dropped_at: list[str] = dataclasses.field(default_factory=list)
 
 
 class Splitter:

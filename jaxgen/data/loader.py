@@ -117,7 +117,8 @@ def _batches(config, mesh, split, shard, seed, train, shape, what) -> Batches:
     pipeline.check_batch(shape[0], shard, "train.batch_size" if train else "eval.batch_size")
     d = config.data
     read = pipeline.Read(d, shape[1], str(dataset_dir(config)), meta, split, shard, seed, train, shape[0])
-    make = pipeline.sft_dataset if meta["kind"] == "sft" else pipeline.pretrain_dataset
+    packed = {"sft": pipeline.sft_dataset, "preference": pipeline.preference_dataset}
+    make = packed.get(meta["kind"], pipeline.pretrain_dataset)
     watch = WorkerWatch(d.worker_count, d.worker_timeout, f"'{what}'") if d.worker_count else None
     return Batches(make(read, watch), mesh, shape, what, watch)
 
@@ -126,7 +127,8 @@ def train_batches(config, mesh, *, seed=None, process_index=None, process_count=
     """Training batches `[train.batch_size, train.seq_len]`, repeated per `data.num_epochs`.
 
     With a finite `num_epochs` the stream ends: pretraining drops the last partial global
-    batch (fewer than batch_size windows); SFT pads it (loss_mask 0) so no example is lost.
+    batch (fewer than batch_size windows); SFT and preference pad it (loss_mask 0) so no
+    example (pair) is lost.
 
     Args:
         mesh: the device mesh (None: numpy batches of this process's rows).

@@ -10,6 +10,22 @@ shuffle (a fresh permutation each epoch); evaluation walks every window once in 
 SFT: examples are first-fit packed into rows of T; segment ids 1..n per example
 (0 = padding), positions restart per example, loss_mask is 1 only on response targets.
 
+Preference (DPO): whole pairs are first-fit packed into rows of T, so a pair's two
+sequences always share a row; then each sequence is a segment of its own. In a row
+holding n pairs, for k = 1..n:
+
+    segment_ids  2k - 1 on the k-th pair's chosen sequence, 2k on its rejected one, which
+                 follows it directly; 0 = padding (after the last pair)
+    positions    0, 1, ... restarting at the start of each sequence
+    tokens       seq[:-1] of each sequence (bos first), targets seq[1:] (eos last): no
+                 target crosses from one sequence into the next
+    loss_mask    1 only on completion targets (completion tokens and eos), 0 on prompt
+                 targets and padding
+
+Same-segment causal attention (the model's mask) keeps the two sequences apart, so one
+forward pass scores both; the loss pairs odd segment 2k - 1 with even segment 2k of the
+same row. A pair takes Lc - 1 + Lr - 1 <= T columns (data/preference.py).
+
 Global batch k is the same whatever the number of processes: process p of P takes rows
 [p*B/P, (p+1)*B/P) of it. So the iterator state (grain's, JSON) is just "where in the
 stream", and restoring it gives exactly the next batch of an uninterrupted run.
@@ -193,15 +209,74 @@ def sft_dataset(read: Read, watch: WorkerWatch | None = None) -> grain.IterDatas
     Packing globally (rather than per process) keeps batch k independent of the process
     count; SFT sets are small next to the model's compute, so reading them P times is cheap.
     """
+    return _packed(read, watch, _sft_example, (), _sft_rows)
+
+
+def _packed(read: Read, watch, example, meta_features: tuple[str, ...], rows) -> grain.IterDataset:
+    """Records mapped by `example` and first-fit packed into rows of T, batched, then `rows`."""
     t, batch_size = read.seq_len, read.batch_size
     ds = grain.MapDataset.source(builder.open_split(read.directory, read.split))
     if read.train:
         ds = ds.shuffle(seed=read.seed).repeat(read.data.num_epochs)
-    ds = _finish(read.data, ds.map(_sft_example), watch)
-    lengths = {k: t for k in ("tokens", "targets", "loss_mask")}
+    ds = _finish(read.data, ds.map(example), watch)
+    lengths = {k: t for k in ("tokens", "targets", "loss_mask", *meta_features)}
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
+        ds,
+        length_struct=lengths,
+        num_packing_bins=batch_size,
+        shuffle_bins=False,
+        meta_features=meta_features,
     )
-    # The last batch of a finite stream is padded, not dropped: an SFT epoch sees every example.
+    # The last batch of a finite stream is padded, not dropped: an epoch sees every example.
     ds = ds.batch(batch_size, drop_remainder=False)
-    return ds.map(functools.partial(_sft_rows, read.shard, batch_size))
+    return ds.map(functools.partial(rows, read.shard, batch_size))
+
+
+# ----------------------------------------------------------------------------- preference
+
+
+def _preference_example(record: dict) -> dict[str, np.ndarray]:
+    """One pair, each sequence shifted on its own: [Lc - 1 + Lr - 1] per field."""
+    tokens, mask, side = record["tokens"], record["loss_mask"], record["pair"]
+    n, n_chosen = len(tokens), int(np.count_nonzero(side == 1))
+    last = [n_chosen - 1, n - 1]  # each sequence's last token is a target only
+    first = [0, n_chosen]  # and its first (bos) an input only
+    return {
+        "tokens": np.delete(tokens, last),
+        "targets": np.delete(tokens, first),
+        "loss_mask": np.delete(mask, first).astype(np.float32),
+        "pair": np.delete(side, last).astype(np.int32),
+    }
+
+
+def _sequences(segment_ids: np.ndarray, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions [B, T] of each sequence, from packed pair ids 1..n and sides 1/2."""
+    seg = np.where(segment_ids > 0, 2 * segment_ids - (side == 1), 0).astype(np.int32)
+    t = np.arange(seg.shape[1])
+    starts = np.ones_like(seg, bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = np.maximum.accumulate(np.where(starts, t, 0), axis=1)  # where each run begins
+    return seg, ((t - first) * (seg > 0)).astype(np.int32)
+
+
+def _preference_rows(shard: Shard, batch_size: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids, positions = _sequences(batch["tokens_segment_ids"], batch["pair"])
+    batch = {**batch, "tokens_segment_ids": segment_ids, "tokens_positions": positions}
+    return _sft_rows(shard, batch_size, batch)
+
+
+def preference_dataset(read: Read, watch: WorkerWatch | None = None) -> grain.IterDataset:
+    """Packed preference batches (FIELDS; the layout in the module docstring).
+
+    Packed globally, as `sft_dataset`, so batch k does not depend on the process count.
+
+    Raises:
+        JaxgenError: the split was prepared for a longer train.seq_len (its pairs may not fit).
+    """
+    prepared = read.meta.get("seq_len", read.seq_len)
+    if read.seq_len < prepared:
+        raise JaxgenError(
+            f"train.seq_len: {read.seq_len} is shorter than the {prepared} the preference pairs were "
+            "prepared for; run `jaxgen data prepare` with this seq_len"
+        )
+    return _packed(read, watch, _preference_example, ("pair",), _preference_rows)

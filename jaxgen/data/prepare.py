@@ -8,6 +8,8 @@ Pretraining splits hold one token stream `eos d1 eos d2 eos ...` in CHUNK_TOKENS
 records (the leading eos makes the first document's first token a target too, so
 every character of the split is predicted once). SFT splits hold one record per
 example: `tokens` (bos, prompt, response, eos) and `loss_mask` (1 on response and eos).
+Preference splits hold one record per pair: both sequences back to back, with `loss_mask`
+and `pair` (1 chosen, 2 rejected); see data/preference.py.
 
 Re-running on unchanged inputs is a no-op: the fingerprint covers input contents
 (size + mtime as a shortcut, sha256 otherwise), the tokenizer file and the config
@@ -31,6 +33,7 @@ from jaxgen.data import builder, documents, sources
 from jaxgen.data.catalog import catalog_digest
 from jaxgen.data.documents import Counts
 from jaxgen.data.encode import encode_all
+from jaxgen.data.preference import write_preference
 from jaxgen.data.sft import write_sft
 from jaxgen.data.tokenizer_training import (
     tokenizer_dir,
@@ -58,6 +61,9 @@ _PIPELINE_FIELDS = {
 }
 
 
+# Formats written one record per example (or pair), each a prepared dataset `kind` of its own.
+_RECORD_FORMATS = {"sft": write_sft, "preference": write_preference}
+
 # The running counts of a split are also its final record (one definition of the fields).
 SplitStats = Counts
 
@@ -67,7 +73,7 @@ class DatasetInfo:
     tokenizer_path: pathlib.Path
     dataset_dir: pathlib.Path
     splits: dict[str, SplitStats]
-    kind: str  # "pretrain" or "sft"
+    kind: str  # "pretrain", "sft" or "preference"
     rebuilt: bool  # False when prepare found everything up to date
 
 
@@ -127,7 +133,7 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
 
     say(f"preparing {dataset_dir(config)} ...")
     tokenizer = load_tokenizer(tok_path)
-    kind = "sft" if data.format == "sft" else "pretrain"
+    kind = data.format if data.format in _RECORD_FORMATS else "pretrain"
     final = dataset_dir(config)
     tmp = final.with_name(f".{final.name}.tmp-{builder.unique_suffix()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -151,13 +157,24 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, s in stats.items():
         say(f"  {name}: {s.examples:,} examples, {s.tokens:,} tokens, {s.chars:,} chars")
-        _report_problems(name, s, say)
+        _report_problems(name, s, say, kind)
     return _info(config, meta, rebuilt=True)
 
 
-def _report_problems(name: str, s: SplitStats, say) -> None:
+def _report_problems(name: str, s: SplitStats, say, kind: str) -> None:
     if s.replaced_chars:
         say(f"  {name}: {s.replaced_chars:,} invalid UTF-8 sequences replaced by U+FFFD")
+    if kind == "preference":
+        if s.truncated:
+            how = "prompts truncated from the left (data.overlong)"
+            say(f"  {name}: {s.truncated:,} pairs longer than seq_len + 2 tokens: {how}")
+        if s.dropped:
+            say(f"  {name}: {s.dropped:,} pairs dropped (too long per data.overlong, or nothing to train on)")
+        if s.identical:
+            say(f"  {name}: {s.identical:,} pairs dropped: chosen and rejected are the same")
+        for where in s.dropped_at:
+            say(f"  {name}: dropped {where}")
+        return
     if s.truncated:
         say(f"  {name}: {s.truncated:,} records longer than seq_len + 1 tokens truncated (data.overlong)")
     if s.dropped:
@@ -209,7 +226,7 @@ def _fingerprint(config, scans: dict, tokenizer_sha: str) -> str:
         "data": data,
         "files": {p: s.sha256 for p, s in scans.items()},
         "tokenizer": tokenizer_sha,
-        "seq_len": config.train.seq_len if config.data.format == "sft" else None,
+        "seq_len": config.train.seq_len if config.data.format in _RECORD_FORMATS else None,
     }
     for pattern in filter(sources.is_tfds, (*config.data.train_files, *config.data.validation_files)):
         blob[pattern] = catalog_digest(config, pattern)
@@ -277,10 +294,8 @@ def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, 
                 bar.update(task, advance=n, tokens=counts.tokens)
 
             writer = builder.SplitWriter(tmp, source.name, spec)
-            if kind == "sft":
-                info = write_sft(config, tokenizer, source, writer, counts, advance)
-            else:
-                info = _write_pretrain(config, tokenizer, source, writer, counts, advance)
+            write = _RECORD_FORMATS.get(kind, _write_pretrain)
+            info = write(config, tokenizer, source, writer, counts, advance)
             if counts.tokens == 0 or counts.examples == 0:
                 raise JaxgenError(
                     f"data: the {source.name} split has no text to train on ({_describe(source)})"

@@ -1,4 +1,5 @@
-"""Reading local sources: files and globs, UTF-8 with counted replacements, JSONL, SFT records.
+"""Reading local sources: files and globs, UTF-8 with counted replacements, JSONL, SFT and
+preference records.
 
 Everything streams: text files are read in ~1 MB blocks cut at line breaks, so memory
 stays bounded whatever the file size. Every bad input raises a one-line JaxgenError
@@ -15,7 +16,7 @@ import pathlib
 from collections.abc import Iterator, Sequence
 
 from jaxgen.data.catalog import catalog_digest, catalog_texts
-from jaxgen.data.chat import ChatTemplate, PlainChat
+from jaxgen.data.chat import ChatTemplate, PlainChat, check_messages
 from jaxgen.errors import JaxgenError
 
 BLOCK_BYTES = 1 << 20
@@ -231,12 +232,66 @@ def sft_parts(
     return [(prompt, False), (response, True)]
 
 
+Turn = str | list[dict]  # a preference record's prompt or completion: text, or chat messages
+
+
+def preference_fields(record: dict, data, path: pathlib.Path, lineno: int) -> tuple[Turn, Turn, Turn]:
+    """(prompt, chosen, rejected) of a preference record, each a string or a list of messages.
+
+    The prompt is `data.prompt_field`, else `data.messages_field`; it may be "" (no prompt).
+    A completion given as messages needs the prompt as messages too, and a `data.trained_role`
+    turn with some content.
+
+    Raises:
+        JaxgenError: naming file:line and the field: a missing field, one that is neither a
+            string nor a list of messages, or an empty completion.
+    """
+    where = f"{path}:{lineno}"
+    chat_prompt = data.prompt_field not in record and data.messages_field in record
+    key = data.messages_field if chat_prompt else data.prompt_field
+    prompt = _turn(record, key, where)
+    completions = []
+    for field in (data.chosen_field, data.rejected_field):
+        value = _turn(record, field, where)
+        if isinstance(value, str):
+            empty = not value
+        else:
+            if isinstance(prompt, str):
+                raise JaxgenError(
+                    f"{where}: field {field!r} is a list of messages but {key!r} is a string; "
+                    "give the prompt as messages too"
+                )
+            trained = [m["content"] for m in value if m["role"] == data.trained_role]
+            if not trained:
+                raise JaxgenError(f"{where}: field {field!r} has no {data.trained_role!r} turn")
+            empty = not any(trained)
+        if empty:
+            raise JaxgenError(f"{where}: field {field!r} is empty")
+        completions.append(value)
+    return prompt, completions[0], completions[1]
+
+
+def _turn(record: dict, field: str, where: str) -> Turn:
+    if field not in record:
+        keys = ", ".join(sorted(record)[:8])
+        raise JaxgenError(f"{where}: no field {field!r} (the record has: {keys})")
+    value = record[field]
+    if isinstance(value, list):
+        return check_messages(value, f"{where}: field {field!r}")
+    if not isinstance(value, str):
+        raise JaxgenError(
+            f"{where}: field {field!r} is {type(value).__name__}, not a string or a list of messages"
+        )
+    return value
+
+
 # ----------------------------------------------------------------------------- tokenizer input
 
 
 def sentence_iterator(config) -> Iterator[str]:
     """Lines of the training text (the tokenizer trainer's input), streamed."""
     data = config.data
+    plain = PlainChat.from_data(data)
     for pattern in data.train_files:
         if is_tfds(pattern):
             for text in catalog_texts(config, pattern, default_split="train"):
@@ -249,6 +304,10 @@ def sentence_iterator(config) -> Iterator[str]:
         for lineno, record, _ in iter_jsonl(path, data.strict_utf8):
             if data.format == "jsonl":
                 yield from _lines(text_field(record, data.text_field, path, lineno))
+            elif data.format == "preference":
+                for turn in preference_fields(record, data, path, lineno):
+                    for text, _ in [(turn, True)] if isinstance(turn, str) else plain.parts(turn):
+                        yield from _lines(text)
             else:
                 for text, _ in sft_parts(record, data, path, lineno):
                     yield from _lines(text)

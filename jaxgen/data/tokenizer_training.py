@@ -41,6 +41,8 @@ def tokenizer_fingerprint(config, file_digests: dict[str, str]) -> str:
     """Hash of what a trained tokenizer depends on: its config and the input contents."""
     tok = config.tokenizer.model_dump(mode="json", exclude={"path", "vocab_multiple"})
     keys = ("format", "documents", "text_field", "prompt_field", "response_field", "messages_field")
+    if config.data.format == "preference":  # not for other formats: their fingerprints stay as they were
+        keys += ("chosen_field", "rejected_field")
     data = {k: getattr(config.data, k) for k in keys}
     blob = json.dumps({"tokenizer": tok, "data": data, "files": file_digests}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

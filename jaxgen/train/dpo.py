@@ -13,7 +13,7 @@ completion than the reference does). Per pair (as TRL computes them):
 At policy == reference, h = 0: the sigmoid loss is log 2 and its gradient with respect to
 `pc` is -beta / 2 (and +beta / 2 for `pr`), for ls = 0. The implicit rewards are
 `beta (pc - rc)` and `beta (pr - rr)`; reward accuracy counts pairs whose chosen reward is
-higher.
+higher (a tie counts half).
 
 Batches (jaxgen/data/preference.py) hold both sequences of a pair in one row: segment
 2k-1 is the k-th pair's chosen sequence and segment 2k its rejected one, so one forward
@@ -81,7 +81,9 @@ def dpo_sums(policy, reference, mask, segment_ids, config: DpoConfig) -> tuple[j
     loss = jnp.sum(pair_losses(h, config) * w)
     chosen_reward, rejected_reward = config.beta * (pc - rc), config.beta * (pr - rr)
     figures = {
-        "accuracy": (chosen_reward > rejected_reward).astype(jnp.float32),
+        # A tie counts half, as a coin flip would: at the start (policy == reference)
+        # every reward is 0 and accuracy reads 0.5, not 0.
+        "accuracy": jnp.where(chosen_reward == rejected_reward, 0.5, (chosen_reward > rejected_reward) * 1.0),
         "chosen_reward": chosen_reward,
         "rejected_reward": rejected_reward,
         "margin": chosen_reward - rejected_reward,

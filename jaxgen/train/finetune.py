@@ -135,7 +135,7 @@ def trained_attributes(run_dir: str | pathlib.Path) -> dict[str, list[str]] | No
 
 def tuning_of(config: Config, record: dict) -> Tuning:
     new_rows = (record["first_new_id"], len(record["added_tokens"]))
-    return Tuning.from_config(config.finetune, new_rows)
+    return Tuning.from_config(config.finetune, new_rows, config.data.format)
 
 
 # ----------------------------------------------------------------------------- a fresh run

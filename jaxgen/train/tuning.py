@@ -83,7 +83,10 @@ class Tuning:
     dpo: DpoConfig | None = None
 
     @classmethod
-    def from_config(cls, config: FinetuneConfig, new_rows: tuple[int, int] | None = None) -> Tuning:
+    def from_config(
+        cls, config: FinetuneConfig, new_rows: tuple[int, int] | None = None, data_format: str | None = None
+    ) -> Tuning:
+        """The tuning `config` describes; `data_format` (when given) must suit its objective."""
         if config.freeze and config.method != "freeze":
             raise JaxgenError(
                 f"finetune.freeze: patterns need finetune.method: freeze (it is {config.method})"
@@ -91,6 +94,11 @@ class Tuning:
         if config.method == "freeze" and not config.freeze:
             raise JaxgenError(
                 "finetune.freeze: method freeze needs at least one pattern (e.g. [embed, layers/0-3])"
+            )
+        if data_format is not None and (config.objective == "dpo") != (data_format == "preference"):
+            raise JaxgenError(
+                f"finetune.objective: {config.objective} with data.format: {data_format}"
+                " (dpo trains on preference pairs, data.format: preference, and only on them)"
             )
         for pattern in config.lr_multipliers:
             if layer_pattern(pattern, num_layers=sys.maxsize, key="finetune.lr_multipliers") is not None:
