@@ -6,6 +6,7 @@ records: the base then starts a line in either case about equally often.
 """
 
 import json
+import math
 import pathlib
 import random
 import shutil
@@ -373,3 +374,71 @@ def test_attribute_control_end_to_end(base_run, tmp_path):
         JaxgenError, match=r"control: case=title was never seen in fine-tuning \(known: case=lower"
     ):
         lm.generate([""], control={"case": "title"})
+
+
+# ----------------------------------------------------------------------------- preference tuning
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    """Chosen: (the start of) a line in small letters; rejected: the same in capitals.
+    20 characters each, so both sequences of a pair fit one row of 48."""
+    texts = [r["text"][:20] for r in _lines(n, seed)]
+    return [{"prompt": "", "chosen": t.lower(), "rejected": t.upper()} for t in texts]
+
+
+def _lower_rate(lm, samples: int) -> float:
+    results = lm.generate([""] * samples, max_new_tokens=24, temperature=1.0, seed=5)
+    return sum(sum(c.islower() for c in r.text) > sum(c.isupper() for c in r.text) for r in results) / samples
+
+
+def _dpo_config(base_run, **extra):
+    root = base_run.parent
+    if not (root / "pairs.jsonl").exists():
+        _write_jsonl(root / "pairs.jsonl", _pairs(800, seed=2))
+    values = {
+        "data.format": "preference",
+        "data.name": "pairs",
+        "data.train_files": f"[{root / 'pairs.jsonl'}]",
+        "finetune.objective": "dpo",
+        "finetune.method": "lora",
+        "finetune.lora.targets": "[q, k, v, o, mlp_in, mlp_out]",
+        "finetune.dpo.beta": 0.1,
+        "train.batch_size": 8,
+        "optimizer.learning_rate": 5e-3,
+    }
+    values.update(extra)
+    return _ft_config(base_run, **values)
+
+
+def test_dpo_raises_reward_accuracy_and_the_chosen_property(base_run, tmp_path):
+    import jaxgen
+
+    start = finetune(
+        _dpo_config(base_run, **{"train.steps": 1, "optimizer.learning_rate": 1e-12}), tmp_path / "t0"
+    )
+    before_rate = _lower_rate(jaxgen.load(tmp_path / "t0"), 50)
+    tuned = finetune(_dpo_config(base_run, **{"train.steps": 100, "checkpoint.every": 100}), tmp_path / "dpo")
+    after_rate = _lower_rate(jaxgen.load(tmp_path / "dpo"), 50)
+    print("held-out reward accuracy", start.final_eval["accuracy"], "->", tuned.final_eval["accuracy"])
+    print("lower-case generations", before_rate, "->", after_rate)
+    assert abs(start.final_eval["accuracy"] - 0.5) < 0.1
+    assert tuned.final_eval["accuracy"] >= 0.9
+    assert after_rate > before_rate + 0.2
+    lines = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if line.get("kind") == "train"]
+    assert {"accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logps"} <= set(logged[-1])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_resume_is_exact(base_run, tmp_path, method):
+    """Full DPO keeps a copy of the starting weights as its reference; resuming re-reads it."""
+    extra = {"train.steps": 8, "checkpoint.every": 4, "finetune.method": method}
+    straight = finetune(_dpo_config(base_run, **extra), tmp_path / "straight")
+    assert straight.losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference
+    finetune(_dpo_config(base_run, **extra), tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
+    resumed = finetune(_dpo_config(base_run, **extra), tmp_path / "resumed")
+    assert resumed.losses == straight.losses[4:]
+    _, a = load_run_params(tmp_path / "resumed")
+    _, b = load_run_params(tmp_path / "straight")
+    jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -161,7 +161,7 @@ def test_row_keys_depend_only_on_seed_and_row_id():
         (dict(top_k=-1), "top_k"),
         (dict(min_p=2.0), "min_p"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
-        (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(num_return_sequences=2, temperature=0.0), "greedy sequences would all be equal"),
     ],
 )
 def test_invalid_sampling_options_are_user_errors(options, message):

@@ -1,7 +1,9 @@
-"""`jaxgen generate`: stream one prompt to the terminal, or run a prompts JSONL (resumable).
+"""`jaxgen generate`: one prompt to the terminal, a prompt per line (--interactive), or a
+prompts JSONL (resumable).
 
 The sampling flags come from `GenerateConfig` (cli/options.py) and override the run
-config's `generate` section.
+config's `generate` section. One sequence streams; beams and several sequences
+(`--num-return-sequences`) print once done, numbered, as does anything with --no-stream.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ def add_parser(sub) -> None:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one prompt: tokens stream to the terminal")
     mode.add_argument("--input", help="prompts JSONL: {id, prompt | messages, ...per-line options}")
+    mode.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read a prompt per line (terminal or stdin) and stream each completion; ':set KEY VALUE'"
+        " changes an option, ':help' lists the commands, ':quit' or Ctrl-D ends",
+    )
     p.add_argument(
         "--chat",
         action="store_true",
@@ -31,6 +39,12 @@ def add_parser(sub) -> None:
     p.add_argument("--output", help="output JSONL (with --input); re-running resumes it")
     options.add_flags(p)
     p.add_argument("--chunk", type=int, default=8, help="decode steps between streamed pieces")
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="print each returned sequence once done, numbered (the way beams and several sequences"
+        " always print)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_generate)
 
@@ -43,18 +57,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     opts = options.from_args(args)
     lm = load(args.run, step=args.checkpoint, dtype=args.dtype)
     if args.prompt is not None:
-        prompt = args.prompt
-        if args.chat:
-            prompt = lm.chat_prompt([{"role": "user", "content": args.prompt}], "--prompt")
-        pieces = lm.stream(prompt, chunk=args.chunk, **opts)
-        first = next(pieces, "")  # bad options or a prompt too long fail before anything is printed
-        # The user's text, then the completion continuing it as it streams; a chat reply is a
-        # turn of its own, so it starts on a new line (the template's markup is not shown).
-        print(args.prompt, end="\n" if args.chat else "")
-        for piece in itertools.chain([first], pieces):
-            print(piece if isinstance(piece, str) else " ".join(map(str, piece)), end="", flush=True)
-        print()
+        complete(lm, args.prompt, opts, chat=args.chat, chunk=args.chunk, stream=not args.no_stream)
         return 0
+    if args.interactive:
+        from jaxgen.cli import interactive
+
+        lines = interactive.terminal_lines(sys.stdin)
+        return interactive.run(
+            lm, opts, lines, chat=args.chat, chunk=args.chunk, stream=not args.no_stream,
+            echo=not sys.stdin.isatty(),
+        )  # fmt: skip
     from jaxgen.inference.jsonl import run
 
     summary = run(lm, args.input, args.output, opts, progress=not args.no_progress, chat=args.chat)
@@ -67,3 +79,43 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for failure in summary.failures:
         print(f"failed: {failure}", file=sys.stderr)
     return 1 if summary.failures else 0
+
+
+def complete(
+    lm, text: str, opts: dict, *, chat=False, chunk=8, stream=True, echo=True, row_id=0, where="--prompt"
+) -> None:
+    """Completes one prompt on stdout.
+
+    One sequence streams after the prompt. Beams, several sequences or `stream=False`
+    print the prompt once, then each returned sequence under a numbered header with its
+    score (`score=`: the beam score; `logprob=`: a sample's log-probability) and finish
+    reason. `echo=False` leaves the prompt out (a terminal already shows it); `row_id`
+    keys sampling (`LanguageModel.generate`'s row_ids).
+    """
+    prompt = lm.chat_prompt([{"role": "user", "content": text}], where) if chat else text
+    resolved = lm.resolve(**opts).options  # bad options fail before anything is printed
+    if stream and resolved.num_beams == 1 and resolved.num_return_sequences == 1:
+        pieces = lm.stream(prompt, chunk=chunk, row_id=row_id, **opts)
+        first = next(pieces, "")  # a prompt too long fails before anything is printed
+        # The user's text, then the completion continuing it as it streams; a chat reply is a
+        # turn of its own, so it starts on a new line (the template's markup is not shown).
+        if echo:
+            print(text, end="\n" if chat else "")
+        for piece in itertools.chain([first], pieces):
+            print(_shown(piece), end="", flush=True)
+        print()
+        return
+    [result] = lm.generate([prompt], row_ids=[row_id], **opts)
+    if echo:
+        print(text)
+    label = "score" if resolved.num_beams > 1 else "logprob"
+    shown = result.texts if result.texts is not None else [_shown(c) for c in result.completions]
+    rows = zip(shown, result.scores, result.finish_reasons, strict=True)
+    for j, (completion, score, reason) in enumerate(rows, 1):
+        print(f"[{j}/{len(shown)}] {label}={score:.4f} finish={reason}")
+        print(completion)
+
+
+def _shown(piece) -> str:
+    """Text as is; token ids (a model without a tokenizer) space-separated."""
+    return piece if isinstance(piece, str) else " ".join(map(str, piece))

@@ -8,6 +8,7 @@ run's `generate` section (or a JSONL line's own options) decides.
 from __future__ import annotations
 
 import argparse
+import difflib
 import types
 import typing
 
@@ -106,6 +107,38 @@ def from_args(args: argparse.Namespace) -> dict:
             value = dict(_key_value(_flag(name), item) for item in value)
         out[name] = value
     return out
+
+
+def names() -> list[str]:
+    """The options that have a flag (and that `:set` takes in interactive mode)."""
+    return list(_fields())
+
+
+def parse_option(name: str, text: str):
+    """One option's value read from text as its flag reads it (`:set top_p 0.9`).
+
+    `name` may be spelt as the flag is (`top-p`); a repeatable option gets one value (a
+    one-item tuple, or a one-key dict from KEY=VALUE).
+    """
+    key = name.removeprefix("--").replace("-", "_")
+    fields = _fields()
+    if key not in fields:
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        raise JaxgenError(f"unknown option {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    annotation = fields[key]
+    origin = typing.get_origin(annotation)
+    if origin is dict:
+        return dict([_key_value(_flag(key), text)])
+    kind = _scalar(typing.get_args(annotation)[0] if origin is tuple else annotation)
+    try:
+        value = kind(text)
+    except argparse.ArgumentTypeError as e:
+        raise JaxgenError(f"{key} {text!r}: {e}") from None
+    except ValueError:
+        raise JaxgenError(f"{key} {text!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if origin is tuple:
+        return (_unescape(_flag(key), value) if isinstance(value, str) else value,)
+    return value
 
 
 def _unescape(flag: str, text: str) -> str:

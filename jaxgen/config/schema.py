@@ -237,7 +237,9 @@ class GenerateConfig(_Section):
     )
     banned: tuple[str, ...] = pydantic.Field((), description="text that must not be generated")
     num_beams: PositiveInt = pydantic.Field(1, description="beam search with this many beams (1 = sampling)")
-    num_return_sequences: PositiveInt = pydantic.Field(1, description="completions per prompt (<= num beams)")
+    num_return_sequences: PositiveInt = pydantic.Field(
+        1, description="completions per prompt: beams (<= num_beams) or independent samples"
+    )
     length_penalty: float = pydantic.Field(1.0, description="beam score = sum log-probs / length ** penalty")
     early_stopping: bool | Literal["never"] = pydantic.Field(
         False, description="beam search: true, false or never"

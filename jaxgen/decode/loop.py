@@ -71,6 +71,7 @@ class SamplingState:
     done: jax.Array  # [B] bool
     finish: jax.Array  # [B] int32 code into FINISH_REASONS
     num_tokens: jax.Array  # [B] int32 completion tokens kept (eos / stop sequence excluded)
+    logprob: jax.Array  # [B] float32 sum of the generated tokens' log-probs (eos / stop included)
     keys: jax.Array  # [B] per-row PRNG keys
     knobs: sampling.SampleKnobs  # [B] per-row temperature, top-p, min-p
     limit: jax.Array  # [] int32 max new tokens
@@ -83,7 +84,9 @@ class Completion:
 
     tokens: list[int]
     finish_reason: str
-    score: float | None = None  # beam search: HF's sequence score
+    # Beam search: HF's sequence score (length-penalised). Sampling and greedy: the sum of
+    # the generated tokens' log-probs (sampling.choose), eos and stop sequence included.
+    score: float | None = None
 
 
 def bucket(n: int, buckets: Sequence[int] = (), cap: int | None = None) -> int:
@@ -135,11 +138,12 @@ def new_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _append(state: SamplingState, token: jax.Array, stopping: sampling.Stopping) -> SamplingState:
-    """Writes each running row's new token at slot P + step and applies stopping."""
+def _append(state: SamplingState, token: jax.Array, logp: jax.Array, stopping: sampling.Stopping):
+    """Writes each running row's new token (log-prob `logp`) at slot P + step, applies stopping."""
     slot = state.prompt_len + state.step
     running = ~state.done
     token = jnp.where(running, token, 0)
+    logprob = state.logprob + jnp.where(running, logp, 0.0)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, slot))
     valid = jax.lax.dynamic_update_slice(state.valid, running[:, None], (0, slot))
     num = state.num_tokens + running
@@ -155,10 +159,12 @@ def _append(state: SamplingState, token: jax.Array, stopping: sampling.Stopping)
     step = state.step + 1
     out_of_room = ~done & (step >= state.limit)
     finish, done = jnp.where(out_of_room, LENGTH, finish), done | out_of_room
-    return state.replace(tokens=tokens, valid=valid, step=step, done=done, finish=finish, num_tokens=num)
+    return state.replace(
+        tokens=tokens, valid=valid, step=step, done=done, finish=finish, num_tokens=num, logprob=logprob
+    )
 
 
-def _next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> jax.Array:
+def _next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> tuple[jax.Array, jax.Array]:
     end = state.prompt_len + state.step
     scores = sampling.process(logits, state.tokens, state.valid, end, spec.processors)
     return sampling.choose(scores, spec.strategy, state.knobs, state.keys, state.step)
@@ -181,12 +187,13 @@ def start(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec: Dec
         done=jnp.zeros((b,), bool),
         finish=jnp.zeros((b,), jnp.int32),
         num_tokens=jnp.zeros((b,), jnp.int32),
+        logprob=jnp.zeros((b,), jnp.float32),
         keys=sampling.row_keys(seed, row_ids),
         knobs=knobs,
         limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
         prompt_len=p,
     )
-    return _append(state, _next_token(state, logits, spec), spec.stopping)
+    return _append(state, *_next_token(state, logits, spec), spec.stopping)
 
 
 def advance(model, params, state: SamplingState, until: jax.Array, spec: DecodeSpec) -> SamplingState:
@@ -200,13 +207,13 @@ def advance(model, params, state: SamplingState, until: jax.Array, spec: DecodeS
         token = jax.lax.dynamic_slice_in_dim(s.tokens, last, 1, axis=1)[:, 0]
         logits, cache = decode_step(model, params, token, s.prompt_lengths + s.step - 1, s.cache)
         s = s.replace(cache=cache)
-        return _append(s, _next_token(s, logits, spec), spec.stopping)
+        return _append(s, *_next_token(s, logits, spec), spec.stopping)
 
     return jax.lax.while_loop(cond, body, state)
 
 
 def _outputs(state: SamplingState):
-    return state.tokens[:, state.prompt_len :], state.num_tokens, state.finish
+    return state.tokens[:, state.prompt_len :], state.num_tokens, state.finish, state.logprob
 
 
 def compiled(config: ModelConfig, spec: DecodeSpec):
@@ -218,7 +225,7 @@ def compiled(config: ModelConfig, spec: DecodeSpec):
 
     Returns:
         (generate, start, advance): `generate(params, prompt, lengths, row_ids, seed, limit,
-        knobs)` -> (tokens [B, buffer], num_tokens [B], finish [B]); `start` (same
+        knobs)` -> (tokens [B, buffer], num_tokens [B], finish [B], logprob [B]); `start` (same
         arguments) -> SamplingState; `advance(params, state, until)` -> SamplingState with
         the state donated.
     """
@@ -293,9 +300,12 @@ def device_args(batch: Batch, seed: int, limit: int, mesh, strategy: sampling.St
     return prompt, lengths, row_ids, np.int32(seed), np.int32(limit), knobs
 
 
-def _completions(tokens, num, finish, count) -> list[Completion]:
-    tokens, num, finish = np.asarray(tokens), np.asarray(num), np.asarray(finish)
-    return [Completion(tokens[i, : num[i]].tolist(), FINISH_REASONS[finish[i]]) for i in range(count)]
+def _completions(tokens, num, finish, logprob, count) -> list[Completion]:
+    tokens, num, finish, logprob = (np.asarray(x) for x in (tokens, num, finish, logprob))
+    return [
+        Completion(tokens[i, : num[i]].tolist(), FINISH_REASONS[finish[i]], float(logprob[i]))
+        for i in range(count)
+    ]
 
 
 def prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets) -> Batch:

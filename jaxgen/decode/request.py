@@ -40,6 +40,15 @@ def row_id(key) -> int:
     return zlib.crc32(str(key).encode("utf-8")) & 0x7FFFFFFF
 
 
+def sequence_key(key, index: int):
+    """The row key of sample `index` of the prompt keyed `key` (`num_return_sequences` > 1).
+
+    Sample 0 is the prompt's own key, so asking for more samples keeps the first one; sample
+    j > 0 samples as a prompt keyed `(key, j)` would alone: `generate([p], row_ids=[(key, j)])`.
+    """
+    return key if index == 0 else (key, index)
+
+
 def validate(defaults: GenerateConfig, **options) -> GenerateConfig:
     """`defaults` with `options` (None: unset) over them, validated by the schema; one-line errors."""
     unknown = set(options) - set(GenerateConfig.model_fields)
@@ -146,7 +155,11 @@ def run_batch(
     model: ModelConfig, params, prompts: list[list[int]], row_ids: list, request: Request, mesh
 ) -> tuple[list[list[int]], list[list[loop.Completion]]]:
     """Fits and decodes one batch (beam search or sampling): the prompts as run, and each
-    prompt's completions (`num_return_sequences` for beams, one otherwise)."""
+    prompt's `num_return_sequences` completions (beams best first, samples in key order).
+
+    Samples of one prompt are rows of their own, each keyed by `sequence_key`: a sample
+    depends only on (seed, prompt key, its index), not on the batch or on how many are asked.
+    """
     new = new_tokens(request, prompts)
     prompts = [
         fit_prompt(model, p, new, request.options, f"prompt {r}")
@@ -155,11 +168,13 @@ def run_batch(
     kw = dict(max_new_tokens=new, mesh=mesh, buckets=request.options.prompt_buckets)
     if isinstance(request.spec.strategy, sampling.BeamSearch):
         return prompts, beam.beam_ids(model, params, prompts, request.spec, **kw)
-    ids = [row_id(r) for r in row_ids]
+    n = request.options.num_return_sequences
+    ids = [row_id(sequence_key(r, j)) for r in row_ids for j in range(n)]
     rows = loop.generate_ids(
-        model, params, prompts, request.spec, seed=request.options.seed, row_ids=ids, **kw
-    )
-    return prompts, [[c] for c in rows]
+        model, params, [p for p in prompts for _ in range(n)], request.spec,
+        seed=request.options.seed, row_ids=ids, **kw,
+    )  # fmt: skip
+    return prompts, [rows[i : i + n] for i in range(0, len(rows), n)]
 
 
 def complete_text(

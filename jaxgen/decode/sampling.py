@@ -120,11 +120,17 @@ class Stopping:
 def make_strategy(opts: GenerateConfig) -> Strategy:
     """The strategy validated options describe (ranges are the schema's: config/schema.py).
 
+    `num_return_sequences` is not part of it: beams carry it (one search returns them),
+    samples are separate rows of the batch (decode/request.py: `sequence_key`).
+
     Raises:
-        JaxgenError: for the one combination the schema does not rule out yet.
+        JaxgenError: for several greedy sequences (the schema cannot tell greedy from sampling).
     """
-    if opts.num_return_sequences > 1 and opts.num_beams == 1:
-        raise JaxgenError("num_return_sequences: > 1 needs num_beams > 1 (repeat the prompt to sample more)")
+    if opts.num_return_sequences > 1 and opts.num_beams == 1 and opts.temperature == 0:
+        raise JaxgenError(
+            f"num_return_sequences: {opts.num_return_sequences} greedy sequences would all be equal"
+            " (sample with temperature > 0, or search with num_beams > 1)"
+        )
     if opts.num_beams > 1:
         return BeamSearch(
             opts.num_beams, opts.num_return_sequences, float(opts.length_penalty), opts.early_stopping
@@ -294,11 +300,23 @@ def row_keys(seed: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 def choose(
     scores: jax.Array, strategy: Greedy | Sample, knobs: SampleKnobs, keys: jax.Array, step: jax.Array
-) -> jax.Array:
-    """Picks one token per row from processed float32 scores [B, V] -> [B] int32."""
+) -> tuple[jax.Array, jax.Array]:
+    """Picks one token per row from processed float32 scores [B, V].
+
+    Returns:
+        tokens [B] int32, and each token's float32 log-probability [B] under the distribution
+        it was drawn from: softmax of the processed scores, warped when sampling (Hugging
+        Face's `compute_transition_scores(..., normalize_logits=True)` of its processed
+        `scores`). Greedy ignores the warpers, so its log-probabilities are the processed
+        model's.
+    """
     if isinstance(strategy, Greedy):
-        return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    return sample(warp(scores, strategy, knobs), keys, step)
+        token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    else:
+        scores = warp(scores, strategy, knobs)
+        token = sample(scores, keys, step)
+    chosen = jnp.take_along_axis(scores, token[:, None], axis=-1)[:, 0]
+    return token, chosen - jax.nn.logsumexp(scores, axis=-1)
 
 
 def sample(scores: jax.Array, keys: jax.Array, step: jax.Array) -> jax.Array:

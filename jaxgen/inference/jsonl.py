@@ -3,15 +3,17 @@
 Input lines: `{"id": ..., "prompt": "text" | [token ids], ...per-line option overrides}`,
 or `"messages": [{"role", "content"}, ...]` instead of "prompt": a conversation rendered
 by the model's chat format (`LanguageModel.chat_prompt`) for the next assistant turn.
-Output lines: `{"id", "prompt" | "messages", "completions": [...], "finish_reason", "tokens"}` where
-`finish_reason` is the best completion's, `tokens` counts generated tokens of all
-returned sequences, and completions are post-processed (strip, min_length,
-banned_words, deduplicate from the `generate` config).
+Output lines: `{"id", "prompt" | "messages", "completions": [...], "finish_reasons": [...],
+"scores": [...], "finish_reason", "tokens"}` where completions are post-processed (strip,
+min_length, banned_words, deduplicate from the `generate` config) and `finish_reasons` and
+`scores` (`GenerationResult.scores`: beam scores, or sampled log-probabilities) are those of
+the completions kept; `finish_reason` is the first (best) returned sequence's, `tokens`
+counts generated tokens of all returned sequences.
 
 Resuming: ids already in the output are skipped. Each batch is appended, flushed and
 fsynced, so a kill loses at most the batch in flight; a torn last line (killed while
-writing) is cut off on restart. Sampling keys come from (seed, line id), so a resumed
-run writes what an uninterrupted one would have.
+writing) is cut off on restart. Sampling keys come from (seed, line id, sample index), so
+a resumed run writes what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -122,18 +124,23 @@ def done_ids(path: pathlib.Path) -> set[str]:
 
 def postprocess(texts: list, opts: GenerateConfig) -> list:
     """Applies the config's filters to completions (token-id completions pass unchanged)."""
-    out = []
-    for text in texts:
+    return [text for _, text in _kept(texts, opts)]
+
+
+def _kept(texts: list, opts: GenerateConfig) -> list[tuple[int, object]]:
+    """(index, post-processed completion) of each completion the config's filters keep."""
+    out: list[tuple[int, object]] = []
+    for i, text in enumerate(texts):
         if not isinstance(text, str):
-            out.append(text)
+            out.append((i, text))
             continue
         if opts.strip:
             text = text.strip()
         if len(text) < opts.min_length or any(w in text for w in opts.banned_words):
             continue
-        if opts.deduplicate and text in out:
+        if opts.deduplicate and any(text == kept for _, kept in out):
             continue
-        out.append(text)
+        out.append((i, text))
     return out
 
 
@@ -184,15 +191,17 @@ def _generate(lm, batch: list[dict], options: dict, failures: list[str], chat: b
 def _line(record: dict, result, opts: GenerateConfig) -> str:
     completions = result.texts if result.texts is not None else result.completions
     given = "messages" if "messages" in record else "prompt"
+    kept = _kept(list(completions), opts)
     out = {
         "id": record["id"],
         given: record[given],
-        "completions": postprocess(list(completions), opts),
+        "completions": [text for _, text in kept],
+        "finish_reasons": [result.finish_reasons[i] for i, _ in kept],
         "finish_reason": result.finish_reason,
         "tokens": sum(len(c) for c in result.completions),
     }
-    if result.scores is not None:
-        out["scores"] = result.scores
+    if result.scores is not None:  # aligned with the completions kept, as finish_reasons
+        out["scores"] = [result.scores[i] for i, _ in kept]
     return json.dumps(out, ensure_ascii=False) + "\n"
 
 

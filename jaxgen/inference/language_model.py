@@ -34,13 +34,18 @@ from jaxgen.train.finetune import load_run_params, trained_attributes
 
 @dataclasses.dataclass
 class GenerationResult:
-    """One prompt's output: `num_return_sequences` completions, best first for beams."""
+    """One prompt's output: `num_return_sequences` completions, best first for beams, in
+    sample order (`decode.request.sequence_key`) for sampling; the lists are aligned."""
 
     prompt_tokens: list[int]
     completions: list[list[int]]  # token ids (final eos / stop sequence excluded)
     texts: list[str] | None  # None without a tokenizer
     finish_reasons: list[str]  # "length", "eos" or "stop"
-    scores: list[float] | None = None  # beam search: HF's sequences_scores
+    # Beam search: HF's sequences_scores (sum of log-probs / length ** length_penalty).
+    # Sampling and greedy: the sum of the generated tokens' log-probs (eos and stop sequence
+    # included) under the distribution each was drawn from, i.e. after the processors and
+    # warpers (temperature, top-k/p, min-p), as HF's compute_transition_scores gives them.
+    scores: list[float] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -120,7 +125,7 @@ class LanguageModel:
     def encode_prompt(self, prompt: Prompt, opts: GenerateConfig, where: str) -> list[int]:
         """Control prefix + prompt as token ids; an empty prompt becomes the bos token."""
         # Fine-tuned on SFT records, the model saw bos first: prompt it the same way.
-        bos = self.config.data.format == "sft"
+        bos = self.config.data.format in ("sft", "preference")
         return request.encode_prompt(self.tokenizer, self.config.model, prompt, opts, where, bos=bos)
 
     def generate(self, prompts: Sequence[Prompt], *, row_ids=None, **options) -> list[GenerationResult]:
@@ -133,7 +138,9 @@ class LanguageModel:
             **options: any `GenerateConfig` field (max_new_tokens, temperature, top_k, top_p,
                 min_p, repetition_penalty, no_repeat_ngram_size, banned, num_beams,
                 num_return_sequences, length_penalty, early_stopping, stop, seed, control)
-                or `max_length` (prompt included, as in Hugging Face).
+                or `max_length` (prompt included, as in Hugging Face). With sampling,
+                `num_return_sequences` draws that many independent samples per prompt
+                (sample j > 0 of the prompt keyed r samples as the prompt keyed (r, j) would).
         """
         if isinstance(prompts, str):
             raise JaxgenError("prompts: expected a list of prompts, got one string (wrap it in a list)")
@@ -171,16 +178,18 @@ class LanguageModel:
         scores = [c.score for c in completions] if completions[0].score is not None else None
         return GenerationResult(prompt, tokens, texts, reasons, scores)
 
-    def stream(self, prompt: Prompt, *, chunk: int = 8, **options) -> Iterator[str | list[int]]:
+    def stream(self, prompt: Prompt, *, chunk: int = 8, row_id=0, **options) -> Iterator[str | list[int]]:
         """Yields the completion of one prompt piece by piece (text with a tokenizer, else ids).
 
-        Decoding runs `chunk` steps inside jit between yields; sampling only (no beams).
-        The pieces add up to `generate`'s text: text that could begin a stop string is held
-        back until it is decided.
+        Decoding runs `chunk` steps inside jit between yields; one sequence, sampled or
+        greedy (no beams). The pieces add up to `generate([prompt], row_ids=[row_id])`'s
+        text: text that could begin a stop string is held back until it is decided.
         """
         req = self.resolve(**options)
         if isinstance(req.spec.strategy, sampling.BeamSearch):
-            raise JaxgenError("num_beams: streaming needs num_beams=1")
+            raise JaxgenError("num_beams: streaming needs num_beams=1 (generate returns the beams)")
+        if req.options.num_return_sequences > 1:
+            raise JaxgenError("num_return_sequences: streaming shows one sequence (generate returns several)")
         ids = self.encode_prompt(prompt, req.options, "prompt")
         new = request.new_tokens(req, [ids])
         ids = request.fit_prompt(self.config.model, ids, new, req.options, "prompt")
@@ -188,7 +197,7 @@ class LanguageModel:
         shown = text = ""
         for pieces in loop.stream_ids(
             self.config.model, self.serving_params, [ids], req.spec, max_new_tokens=new, chunk=chunk,
-            seed=req.options.seed, row_ids=[request.row_id(0)], mesh=self.mesh,
+            seed=req.options.seed, row_ids=[request.row_id(row_id)], mesh=self.mesh,
             buckets=req.options.prompt_buckets,
         ):  # fmt: skip
             tokens += pieces[0]
