@@ -7,6 +7,9 @@
 - control.jsonl: {"text": "<a line>", "attributes": {"case": "upper" | "lower"}} -- the same
   lines written in capitals or in small letters, a property anyone can see in a sample
   (configs/control_example.yaml).
+- preference.jsonl: {"prompt": "<SPEAKER>:\n", "chosen": "<SPEECH OPENING IN CAPITALS>",
+  "rejected": "<the speech's opening as written>"} -- a preference for declaiming, short
+  enough that both sequences of a pair fit one 64-token row (configs/dpo_example.yaml).
 
 Only the first 90% of the text is used: the quickstart's validation split (the last 10%)
 stays unseen by every example.
@@ -21,6 +24,7 @@ import random
 HERE = pathlib.Path(__file__).parent
 TEXT = HERE.parent / "tinyshakespeare.txt"
 RESPONSE_CHARS = 160  # about 40 quickstart BPE tokens: prompt and response fit in 64
+PAIR_CHARS = 40  # capitals take more BPE tokens: both sequences of a pair fit in 64
 
 
 def speeches(text: str) -> list[tuple[str, str]]:
@@ -47,7 +51,12 @@ def main() -> None:
     for line in rng.sample(lines, 4000):
         case = rng.choice(("upper", "lower"))
         control.append({"text": line.upper() if case == "upper" else line.lower(), "attributes": {"case": case}})
-    for name, records in (("sft.jsonl", sft[:3000]), ("control.jsonl", control)):
+    preference = []
+    for speaker, speech in blocks[:3000]:
+        opening = speech.splitlines()[0][:PAIR_CHARS]
+        preference.append({"prompt": f"{speaker}:\n", "chosen": opening.upper(), "rejected": opening})
+    outputs = (("sft.jsonl", sft[:3000]), ("control.jsonl", control), ("preference.jsonl", preference))
+    for name, records in outputs:
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(records)} records to {HERE / name}")
 

@@ -80,19 +80,18 @@ def adapter_for(lora: LoraConfig | None, target: str) -> Adapter | None:
     return Adapter(lora.rank, lora.scale, lora.dropout)
 
 
-def lora_equations(eq: str) -> tuple[str, str, int]:
-    """(x -> xA, xA -> xAB, number of input dims) for a kernel einsum; R is the rank letter.
+def adapter_input_dims(eq: str) -> int:
+    """How many leading kernel dims a projection contracts: an adapter's A covers them.
 
-    "BTNH,NHD->BTD" gives ("BTNH,NHR->BTR", "BTR,RD->BTD", 2). The kernel's contracted
-    dims must come first, as in every projection here ([D, N, H], [N, H, D], [D, F]).
+    "BTNH,NHD->BTD" gives 2. The kernel's contracted dims must lead and the input's
+    trail, in the same order, as in every projection here ([D, N, H], [N, H, D], [D, F]).
     """
     inputs, out = eq.split("->")
     lhs, rhs = inputs.split(",")
     n_in = sum(c in lhs and c not in out for c in rhs)
-    if "R" in eq or any(c in out or c not in lhs for c in rhs[:n_in]):
-        raise ValueError(f"lora_equations: {eq!r} does not contract the kernel's leading dims")
-    free = "".join(c for c in lhs if c not in rhs[:n_in])
-    return f"{lhs},{rhs[:n_in]}R->{free}R", f"{free}R,R{rhs[n_in:]}->{out}", n_in
+    if rhs[:n_in] != lhs[len(lhs) - n_in :] or any(c in out for c in rhs[:n_in]):
+        raise ValueError(f"adapter_input_dims: {eq!r} does not contract the kernel's leading dims")
+    return n_in
 
 
 class Einsum(nn.Module):
@@ -144,7 +143,7 @@ class Einsum(nn.Module):
         return y
 
     def _low_rank(self, x: jax.Array) -> jax.Array:
-        eq_a, eq_b, n_in = lora_equations(self.eq)
+        n_in = adapter_input_dims(self.eq)
         r, shape, names = self.adapter.rank, tuple(self.shape), tuple(self.names)
 
         def variable(name, init, var_shape, var_names):
@@ -163,8 +162,16 @@ class Einsum(nn.Module):
         b = variable("b", nn.initializers.zeros, (r, *shape[n_in:]), (None, *names[n_in:]))  # [R, *out]
         if self.adapter.dropout:
             x = nn.Dropout(self.adapter.dropout)(x, deterministic=self.deterministic)
-        h = kernel_einsum(eq_a, x.astype(self.dtype), a.astype(self.dtype))  # [..., R]
-        return kernel_einsum(eq_b, h, b.astype(self.dtype)) * jnp.asarray(self.adapter.scale, self.dtype)
+        # The batch and length dims flattened into one (M): the backward pass's dA = x^T dh
+        # and dB = h^T dy then contract one dim. Contracting (B, T) of skinny [B, T, R]
+        # operands took XLA on CPU ~0.1 s per layer and target (GPT-2 124M, 4 x 256 tokens) and
+        # made LoRA steps slower than full fine-tuning (benchmarks/RESULTS.md).
+        lead = x.shape[: x.ndim - n_in]
+        x2 = x.reshape(-1, *x.shape[x.ndim - n_in :]).astype(self.dtype)  # [M, *in]
+        contract = (tuple(range(1, n_in + 1)), tuple(range(n_in)))
+        h = jax.lax.dot_general(x2, a.astype(self.dtype), (contract, ((), ())))  # [M, R]
+        y = h @ b.reshape(r, -1).astype(self.dtype)  # [M, out]
+        return y.reshape(*lead, *shape[n_in:]) * jnp.asarray(self.adapter.scale, self.dtype)
 
 
 class Norm(nn.Module):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxgen.config import LORA_TARGETS, LoraConfig, ModelConfig
 from jaxgen.errors import JaxgenError
-from jaxgen.model.layers import lora_equations
+from jaxgen.model.layers import adapter_input_dims
 from jaxgen.model.transformer import Transformer, abstract_params
 
 # LoRA target name -> (module, projection) inside each block.
@@ -69,7 +69,7 @@ def check(config: ModelConfig, lora: LoraConfig) -> None:
     for target in lora.targets:
         module, name = TARGET_MODULES[target]
         shape = layers[module][name]["kernel"].shape[1:]  # without the layers axis
-        n_in = lora_equations(_EQUATIONS[name])[2]
+        n_in = adapter_input_dims(_EQUATIONS[name])
         size_in, size_out = _prod(shape[:n_in]), _prod(shape[n_in:])
         if lora.rank > min(size_in, size_out):
             raise JaxgenError(
