@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterable, Iterator
 
 from jaxgen.cli import options
-from jaxgen.cli.generate import complete
+from jaxgen.cli.completion import complete
 from jaxgen.errors import JaxgenError
 
 _HELP = """\
