@@ -21,6 +21,13 @@ def projector(config: ModelConfig, params):
     return lambda h: model.apply(head, h, method=Transformer.project)
 
 
+def _chunking(t: int, chunk: int):
+    """(the largest chunk size <= `chunk` dividing `t`, [B, T, ...] -> [n, B, size, ...])."""
+    size = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
+    n = t // size
+    return size, lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+
 def token_nll(project, hidden, targets, mask, chunk: int) -> tuple[jax.Array, jax.Array]:
     """Sum of masked token NLL and of z-loss (logsumexp^2), in float32.
 
@@ -34,7 +41,7 @@ def token_nll(project, hidden, targets, mask, chunk: int) -> tuple[jax.Array, ja
         hidden: [B, T, D]; targets: [B, T] int; mask: [B, T] float32.
     """
     t = hidden.shape[1]
-    size = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
+    size, chunks = _chunking(t, chunk)
 
     def piece(h, y, m):  # [B, c, D], [B, c], [B, c]
         logits = project(h).astype(jnp.float32)  # [B, c, V]
@@ -45,8 +52,6 @@ def token_nll(project, hidden, targets, mask, chunk: int) -> tuple[jax.Array, ja
     if size == t:  # one chunk: keeping its logits for the backward pass is cheaper
         return piece(hidden, targets, mask)
     piece = jax.checkpoint(piece)
-    n = t // size
-    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)  # noqa: E731
 
     def body(carry, xs):
         nll, z = piece(*xs)
@@ -65,7 +70,7 @@ def token_logps(project, hidden, targets, chunk: int) -> jax.Array:
     backward pass), so [B, T, V] float32 logits never exist at once.
     """
     t = hidden.shape[1]
-    size = max(d for d in range(1, min(chunk, t) + 1) if t % d == 0)
+    size, chunks = _chunking(t, chunk)
 
     def piece(h, y):  # [B, c, D], [B, c] -> [B, c]
         logits = project(h).astype(jnp.float32)  # [B, c, V]
@@ -74,7 +79,5 @@ def token_logps(project, hidden, targets, chunk: int) -> jax.Array:
 
     if size == t:
         return piece(hidden, targets)
-    n = t // size
-    chunks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)  # noqa: E731
     out = jax.lax.map(lambda xs: jax.checkpoint(piece)(*xs), (chunks(hidden), chunks(targets)))  # [n, B, c]
     return jnp.moveaxis(out, 0, 1).reshape(targets.shape)

@@ -41,7 +41,8 @@ from jaxgen.train.tuning import Tuning
 FINETUNE_FILE = "finetune.json"
 # Model fields a fine-tuning run may change: they leave every parameter's shape alone.
 SHAPE_FREE = frozenset({"dropout", "remat", "dtype", "param_dtype", "attention_impl", "scan_layers"})
-_SIDE_FILES = ("special_tokens_map.json", "generation_config.json")
+# Beside the tokenizer files that `checkpoint.copy_tokenizer` copies: HF generation defaults.
+_SIDE_FILES = ("generation_config.json",)
 
 
 # ----------------------------------------------------------------------------- the source

@@ -212,7 +212,7 @@ class Tuning:
                 rows = self._added_rows(name, leaf)
                 return False if rows is None else rows
             if frozen_layers is not None and frozen_layers.any():
-                return _broadcastable(~frozen_layers, leaf.ndim)
+                return _along(~frozen_layers, leaf.ndim, 0)
             return True
 
         masks = jax.tree_util.tree_map_with_path(mask, tree)
@@ -230,9 +230,7 @@ class Tuning:
         axis = 0 if name == "embed/embedding" else 1
         rows = np.zeros(leaf.shape[axis], bool)
         rows[first : first + count] = True
-        shape = [1] * leaf.ndim
-        shape[axis] = leaf.shape[axis]
-        return rows.reshape(shape).astype(np.float32)
+        return _along(rows, leaf.ndim, axis)
 
     def labels(self, config: ModelConfig):
         """The optimizer group of each trainable leaf: FROZEN, or "x<lr factor>"."""
@@ -260,8 +258,11 @@ class Tuning:
         return self.method == "freeze" or bool(self.lr_multipliers)
 
 
-def _broadcastable(trains: np.ndarray, ndim: int) -> np.ndarray:
-    return trains.reshape(trains.shape + (1,) * (ndim - 1)).astype(np.float32)
+def _along(trains: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A 1-D trains/frozen vector as a float 0/1 mask that broadcasts along `axis` of an ndim leaf."""
+    shape = [1] * ndim
+    shape[axis] = len(trains)
+    return trains.reshape(shape).astype(np.float32)
 
 
 def _is_boxed(x) -> bool:
