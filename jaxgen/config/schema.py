@@ -250,6 +250,16 @@ class GenerateConfig(_Section):
     )
     control: dict[str, str] = pydantic.Field({}, description="control attribute")
     control_template: str = "<{key}={value}>"
+    speculative: Literal["none", "prompt_lookup", "draft"] = pydantic.Field(
+        "none", description="draft tokens and verify them in one pass (same text as without)"
+    )
+    num_speculative_tokens: int = pydantic.Field(4, ge=1, le=16, description="tokens drafted per pass")
+    max_ngram: int = pydantic.Field(
+        3, ge=1, le=8, description="prompt lookup: longest n-gram matched in the text so far"
+    )
+    draft_run: str | None = pydantic.Field(
+        None, description="speculative draft: a run or HF directory with the same tokenizer"
+    )
     batch_size: PositiveInt = pydantic.Field(32, description="prompts per batch")
     prompt_buckets: tuple[PositiveInt, ...] = ()  # () : powers of two
     truncate_prompt: bool = False  # True: drop the oldest tokens of an over-long prompt

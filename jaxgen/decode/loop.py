@@ -31,7 +31,7 @@ import numpy as np
 from jaxgen.config import ModelConfig
 from jaxgen.decode import sampling
 from jaxgen.errors import JaxgenError
-from jaxgen.model.kvcache import CACHE_NAMES, KVCache, init_cache
+from jaxgen.model.kvcache import CACHE_NAMES, KVCache, init_cache, write_slots
 from jaxgen.model.layers import constrain
 from jaxgen.model.serving import ServingTransformer, unstack_layers
 from jaxgen.model.transformer import Transformer
@@ -76,6 +76,11 @@ class SamplingState:
     knobs: sampling.SampleKnobs  # [B] per-row temperature, top-p, min-p
     limit: jax.Array  # [] int32 max new tokens
     prompt_len: int = flax.struct.field(pytree_node=False)  # P
+
+    @property
+    def slot(self) -> jax.Array:
+        """[]: the slot every row's next token goes to."""
+        return self.prompt_len + self.step
 
 
 @dataclasses.dataclass
@@ -138,14 +143,19 @@ def new_cache(config: ModelConfig, batch: int, length: int) -> KVCache:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _append(state: SamplingState, token: jax.Array, logp: jax.Array, stopping: sampling.Stopping):
-    """Writes each running row's new token (log-prob `logp`) at slot P + step, applies stopping."""
-    slot = state.prompt_len + state.step
-    running = ~state.done
+def append(state, token: jax.Array, logp: jax.Array, stopping: sampling.Stopping, active=True):
+    """Writes each running row's new token (log-prob `logp`) at its `state.slot`, applies stopping.
+
+    `state` is a `SamplingState` (every row at slot P + step) or a `ragged.RowState` (a
+    slot and a step per row); `active` [B] leaves the other rows as they are.
+    """
+    slot = state.slot
+    running = ~state.done & active
     token = jnp.where(running, token, 0)
     logprob = state.logprob + jnp.where(running, logp, 0.0)
-    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, slot))
-    valid = jax.lax.dynamic_update_slice(state.valid, running[:, None], (0, slot))
+    # A row that does not append writes (0, False) at its next slot: nothing there yet.
+    tokens = write_slots(state.tokens, token[:, None], slot, 0, 1)
+    valid = write_slots(state.valid, running[:, None], slot, 0, 1)
     num = state.num_tokens + running
     finish = state.finish
     done = state.done
@@ -156,7 +166,7 @@ def _append(state: SamplingState, token: jax.Array, logp: jax.Array, stopping: s
         hit = ~done & sampling.ends_with(tokens, valid, slot + 1, seq)
         finish, done = jnp.where(hit, STOP, finish), done | hit
         num = jnp.where(hit, jnp.maximum(num - len(seq), 0), num)
-    step = state.step + 1
+    step = state.step + running if jnp.ndim(state.step) else state.step + 1
     out_of_room = ~done & (step >= state.limit)
     finish, done = jnp.where(out_of_room, LENGTH, finish), done | out_of_room
     return state.replace(
@@ -164,9 +174,8 @@ def _append(state: SamplingState, token: jax.Array, logp: jax.Array, stopping: s
     )
 
 
-def _next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> tuple[jax.Array, jax.Array]:
-    end = state.prompt_len + state.step
-    scores = sampling.process(logits, state.tokens, state.valid, end, spec.processors)
+def next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> tuple[jax.Array, jax.Array]:
+    scores = sampling.process(logits, state.tokens, state.valid, state.slot, spec.processors)
     return sampling.choose(scores, spec.strategy, state.knobs, state.keys, state.step)
 
 
@@ -193,7 +202,7 @@ def start(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec: Dec
         limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
         prompt_len=p,
     )
-    return _append(state, *_next_token(state, logits, spec), spec.stopping)
+    return append(state, *next_token(state, logits, spec), spec.stopping)
 
 
 def advance(model, params, state: SamplingState, until: jax.Array, spec: DecodeSpec) -> SamplingState:
@@ -207,7 +216,7 @@ def advance(model, params, state: SamplingState, until: jax.Array, spec: DecodeS
         token = jax.lax.dynamic_slice_in_dim(s.tokens, last, 1, axis=1)[:, 0]
         logits, cache = decode_step(model, params, token, s.prompt_lengths + s.step - 1, s.cache)
         s = s.replace(cache=cache)
-        return _append(s, *_next_token(s, logits, spec), spec.stopping)
+        return append(s, *next_token(s, logits, spec), spec.stopping)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -300,7 +309,7 @@ def device_args(batch: Batch, seed: int, limit: int, mesh, strategy: sampling.St
     return prompt, lengths, row_ids, np.int32(seed), np.int32(limit), knobs
 
 
-def _completions(tokens, num, finish, logprob, count) -> list[Completion]:
+def completions(tokens, num, finish, logprob, count) -> list[Completion]:
     tokens, num, finish, logprob = (np.asarray(x) for x in (tokens, num, finish, logprob))
     return [
         Completion(tokens[i, : num[i]].tolist(), FINISH_REASONS[finish[i]], float(logprob[i]))
@@ -336,7 +345,7 @@ def generate_ids(
     whole, _, _ = compiled(config, spec)
     with mesh_context(mesh):
         out = whole(params, *device_args(batch, seed, max_new_tokens, mesh, spec.strategy))
-    return _completions(*out, batch.count)
+    return completions(*out, batch.count)
 
 
 def stream_ids(
@@ -378,4 +387,4 @@ def stream_ids(
             if bool(np.all(done)):
                 break
             state = advance_fn(params, state, state.step + chunk)
-    return _completions(*_outputs(state), batch.count)
+    return completions(*_outputs(state), batch.count)

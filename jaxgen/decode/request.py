@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import pydantic
 
 from jaxgen.config import GenerateConfig, ModelConfig
-from jaxgen.decode import beam, loop, sampling
+from jaxgen.decode import beam, loop, sampling, speculative
 from jaxgen.errors import JaxgenError
 from jaxgen.tokenizer.text import continuation, control_prefix, cut_at_stop
 
@@ -33,6 +33,7 @@ class Request:
     max_new_tokens: int
     max_length: int | None  # when given, wins over max_new_tokens (HF: the prompt counts)
     stop_texts: tuple[str, ...]
+    speculation: speculative.Speculation | None = None
 
 
 def row_id(key) -> int:
@@ -65,8 +66,13 @@ def validate(defaults: GenerateConfig, **options) -> GenerateConfig:
         raise JaxgenError(f"{key}: {given}{err['msg'].removeprefix('Value error, ')}") from None
 
 
-def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, **options) -> Request:
-    """Validates `options` over `defaults` and builds the decode program they describe."""
+def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, draft=None, **options) -> Request:
+    """Validates `options` over `defaults` and builds the decode program they describe.
+
+    Args:
+        draft: the draft model's ModelConfig when `speculative` is "draft" (loaded by the
+            caller from `draft_run`).
+    """
     max_length = options.pop("max_length", None)
     opts = validate(defaults, **options)
     strategy = sampling.make_strategy(opts)
@@ -84,7 +90,20 @@ def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, **opti
         raise JaxgenError(f"max_length: {max_length!r} must be a positive integer")
     most = opts.max_new_tokens if max_length is None else max_length  # an upper bound of new tokens
     spec = loop.DecodeSpec(strategy, processors, stopping, buffer=loop.bucket(most))
-    return Request(opts, spec, opts.max_new_tokens, max_length, tuple(opts.stop))
+    speculation = _speculation(opts, draft)
+    if speculation is not None:
+        speculative.check(speculation, spec, model)
+    return Request(opts, spec, opts.max_new_tokens, max_length, tuple(opts.stop), speculation)
+
+
+def _speculation(opts: GenerateConfig, draft: ModelConfig | None) -> speculative.Speculation | None:
+    if opts.speculative == "prompt_lookup":
+        return speculative.PromptLookup(opts.num_speculative_tokens, opts.max_ngram)
+    if opts.speculative == "draft":
+        if draft is None:
+            raise JaxgenError("speculative: draft needs draft_run (a run or HF directory of a smaller model)")
+        return speculative.DraftModel(draft, opts.num_speculative_tokens)
+    return None
 
 
 def encode_piece(tokenizer, text: str) -> tuple[int, ...]:
@@ -152,13 +171,20 @@ def new_tokens(request: Request, prompts: list[list[int]]) -> int:
 
 
 def run_batch(
-    model: ModelConfig, params, prompts: list[list[int]], row_ids: list, request: Request, mesh
+    model: ModelConfig,
+    params,
+    prompts: list[list[int]],
+    row_ids: list,
+    request: Request,
+    mesh,
+    draft_params=None,
 ) -> tuple[list[list[int]], list[list[loop.Completion]]]:
     """Fits and decodes one batch (beam search or sampling): the prompts as run, and each
     prompt's `num_return_sequences` completions (beams best first, samples in key order).
 
     Samples of one prompt are rows of their own, each keyed by `sequence_key`: a sample
     depends only on (seed, prompt key, its index), not on the batch or on how many are asked.
+    With `request.speculation`, rows decode speculatively (`draft_params`: the draft model's).
     """
     new = new_tokens(request, prompts)
     prompts = [
@@ -170,10 +196,16 @@ def run_batch(
         return prompts, beam.beam_ids(model, params, prompts, request.spec, **kw)
     n = request.options.num_return_sequences
     ids = [row_id(sequence_key(r, j)) for r in row_ids for j in range(n)]
-    rows = loop.generate_ids(
-        model, params, [p for p in prompts for _ in range(n)], request.spec,
-        seed=request.options.seed, row_ids=ids, **kw,
-    )  # fmt: skip
+    rows_in = [p for p in prompts for _ in range(n)]
+    if request.speculation is not None:
+        rows, _ = speculative.generate_ids(
+            model, params, rows_in, request.spec, request.speculation, draft_params=draft_params,
+            seed=request.options.seed, row_ids=ids, **kw,
+        )  # fmt: skip
+    else:
+        rows = loop.generate_ids(
+            model, params, rows_in, request.spec, seed=request.options.seed, row_ids=ids, **kw
+        )
     return prompts, [rows[i : i + n] for i in range(0, len(rows), n)]
 
 

@@ -15,9 +15,10 @@ compared with it:
 - top-p keeps the smallest set of most probable tokens whose mass reaches p;
 - min-p drops tokens whose probability is below `min_p` times the top probability.
 
-Histories are the left-padded token buffer `tokens [B, S]` with `valid [B, S]`
-marking real tokens; every row's text ends at the same slot `end` (left padding),
-so "the last n tokens" is one slice for the whole batch.
+Histories are the token buffer `tokens [B, S]` with `valid [B, S]` marking real
+tokens. In the plain loop every row's text ends at the same slot `end` (left padding),
+so "the last n tokens" is one slice for the whole batch; rows that advance separately
+(decode/ragged.py) pass one `end` per row and read it with a gather.
 """
 
 from __future__ import annotations
@@ -153,19 +154,30 @@ def check_processors(processors: Processors, vocab_size: int) -> None:
 # ----------------------------------------------------------------------------- processors
 
 
-def _last(tokens: jax.Array, valid: jax.Array, end: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """The last `n` slots before `end`: tokens [B, n] and whether all of them are real [B]."""
+def last_tokens(tokens: jax.Array, valid: jax.Array, end: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The last `n` slots before `end` ([] or one per row [B]): tokens [B, n] and whether
+    all of them are real [B]."""
     b = tokens.shape[0]
     start = end - n
     safe = jnp.maximum(start, 0)  # n > end only early in short rows: masked by `ok`
-    last = jax.lax.dynamic_slice(tokens, (0, safe), (b, n))
-    ok = jnp.all(jax.lax.dynamic_slice(valid, (0, safe), (b, n)), axis=-1) & (start >= 0)
-    return last, ok
+    if jnp.ndim(end) == 0:
+        last = jax.lax.dynamic_slice(tokens, (0, safe), (b, n))
+        real = jax.lax.dynamic_slice(valid, (0, safe), (b, n))
+    else:
+        slots = safe[:, None] + jnp.arange(n)  # [B, n]
+        last = jnp.take_along_axis(tokens, slots, axis=1)
+        real = jnp.take_along_axis(valid, slots, axis=1)
+    return last, jnp.all(real, axis=-1) & (start >= 0)
+
+
+def before(width: int, end: jax.Array) -> jax.Array:
+    """[1 or B, width] bool: slots before `end` ([] or [B])."""
+    return jnp.arange(width)[None] < jnp.reshape(end, (-1, 1))
 
 
 def ends_with(tokens: jax.Array, valid: jax.Array, end: jax.Array, seq: tuple[int, ...]) -> jax.Array:
     """[B] bool: the text before slot `end` ends with the token sequence `seq`."""
-    last, ok = _last(tokens, valid, end, len(seq))
+    last, ok = last_tokens(tokens, valid, end, len(seq))
     return ok & jnp.all(last == jnp.asarray(seq, jnp.int32)[None], axis=-1)
 
 
@@ -189,10 +201,10 @@ def no_repeat_ngram_banned(tokens: jax.Array, valid: jax.Array, end: jax.Array, 
     """
     b, s = tokens.shape
     if n == 1:  # every token already present is banned (HF: the empty prefix always matches)
-        return seen_tokens(tokens, valid & (jnp.arange(s)[None] < end), vocab_size)
-    prefix, prefix_ok = _last(tokens, valid, end, n - 1)  # [B, n-1]
+        return seen_tokens(tokens, valid & before(s, end), vocab_size)
+    prefix, prefix_ok = last_tokens(tokens, valid, end, n - 1)  # [B, n-1]
     width = s - n + 1  # number of n-gram start slots
-    match = prefix_ok[:, None] & (jnp.arange(width)[None] + n - 1 < end)  # [B, W]
+    match = prefix_ok[:, None] & before(width, end - n + 1)  # [B, W]
     for i in range(n):  # n is small and static
         match &= valid[:, i : i + width]
         if i < n - 1:
@@ -210,13 +222,27 @@ def banned_sequences(tokens: jax.Array, valid: jax.Array, end: jax.Array, banned
     return mask
 
 
+def limit_vocab(scores: jax.Array, limit: int | None) -> jax.Array:
+    """Scores [..., V] with ids >= `limit` (the tokenizer's padding ids) at -inf."""
+    v = scores.shape[-1]
+    if limit is None or limit >= v:
+        return scores
+    return jnp.where(jnp.arange(v) >= limit, NEG_INF, scores)
+
+
+def uses_history(processors: Processors) -> bool:
+    """Whether any processor reads the text so far (all but the vocabulary limit do)."""
+    return (
+        processors.repetition_penalty != 1.0 or processors.no_repeat_ngram_size > 0 or bool(processors.banned)
+    )
+
+
 def process(scores, tokens, valid, end, processors: Processors) -> jax.Array:
     """Applies the processors to `scores [B, V]` given the history before slot `end`."""
     v = scores.shape[-1]
-    if processors.vocab_limit is not None and processors.vocab_limit < v:
-        scores = jnp.where(jnp.arange(v)[None] >= processors.vocab_limit, NEG_INF, scores)
+    scores = limit_vocab(scores, processors.vocab_limit)
     if processors.repetition_penalty != 1.0:
-        seen = seen_tokens(tokens, valid & (jnp.arange(tokens.shape[1])[None] < end), v)
+        seen = seen_tokens(tokens, valid & before(tokens.shape[1], end), v)
         scores = repetition_penalty(scores, seen, processors.repetition_penalty)
     if processors.no_repeat_ngram_size > 0:
         banned = no_repeat_ngram_banned(tokens, valid, end, processors.no_repeat_ngram_size, v)
@@ -322,10 +348,28 @@ def choose(
 def sample(scores: jax.Array, keys: jax.Array, step: jax.Array) -> jax.Array:
     """One token per row from softmax(scores [B, V]) by inverting its CDF -> [B] int32.
 
-    One uniform per row (from the row's key and the step) where `jax.random.categorical`
-    draws V Gumbel variables: 3 ms of random bits per row and step on CPU at V = 50k.
+    One uniform per row (from the row's key and the step, [] or [B]) where
+    `jax.random.categorical` draws V Gumbel variables: 3 ms of random bits per row and
+    step on CPU at V = 50k.
+    """
+    return inverse_cdf(jax.nn.softmax(scores.astype(jnp.float32), axis=-1), uniforms(keys, step))
+
+
+def uniforms(keys: jax.Array, step: jax.Array, salt: int | None = None) -> jax.Array:
+    """[B] uniforms in [0, 1) from each row's key and its step ([] or [B]); `salt` draws
+    another independent set for the same step."""
+
+    def one(key, t):
+        key = jax.random.fold_in(key, t)
+        return jax.random.uniform(key if salt is None else jax.random.fold_in(key, salt))
+
+    return jax.vmap(one)(keys, jnp.broadcast_to(step, keys.shape))
+
+
+def inverse_cdf(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """The token whose CDF interval holds `u` [B] under (unnormalised) `probs` [B, V] -> [B] int32.
+
     Tokens of probability zero (masked: -inf) are never drawn: the CDF does not rise there.
     """
-    cdf = jnp.cumsum(jax.nn.softmax(scores.astype(jnp.float32), axis=-1), axis=-1)  # [B, V]
-    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, step)))(keys)  # [B] in [0, 1)
+    cdf = jnp.cumsum(probs, axis=-1)  # [B, V]
     return jnp.argmax(cdf > u[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)

@@ -23,7 +23,7 @@ import numpy as np
 from jaxgen.config import Config, GenerateConfig, MeshConfig
 from jaxgen.convert.hf import default_mesh, find_tokenizer, load_hf
 from jaxgen.data import chat
-from jaxgen.decode import loop, request, sampling
+from jaxgen.decode import loop, request, sampling, speculative
 from jaxgen.decode.request import Prompt
 from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import ServingTransformer, stack_layers, unstack_layers
@@ -117,10 +117,26 @@ class LanguageModel:
     # ------------------------------------------------------------------ generation
 
     def resolve(self, **options) -> request.Request:
-        """Validates options over the config's `generate` defaults."""
-        req = request.resolve(self.config.generate, self.config.model, self.tokenizer, **options)
+        """Validates options over the config's `generate` defaults (loading a speculative draft
+        model named by `draft_run` once)."""
+        draft = None
+        opts = request.validate(
+            self.config.generate, **{k: options.get(k) for k in ("speculative", "draft_run")}
+        )
+        if opts.speculative == "draft" and opts.draft_run is not None:
+            draft = self.draft(opts.draft_run).config.model
+        req = request.resolve(self.config.generate, self.config.model, self.tokenizer, draft, **options)
         _check_control(req.options.control, self.attributes)
         return req
+
+    def draft(self, path: str) -> LanguageModel:
+        """The speculative draft model at `path` (loaded once, on this model's mesh)."""
+        drafts = self.__dict__.setdefault("_drafts", {})
+        if path not in drafts:
+            draft = load(path, mesh=self.mesh)
+            _check_same_tokenizer(self.tokenizer, draft.tokenizer, path)
+            drafts[path] = draft
+        return drafts[path]
 
     def encode_prompt(self, prompt: Prompt, opts: GenerateConfig, where: str) -> list[int]:
         """Control prefix + prompt as token ids; an empty prompt becomes the bos token."""
@@ -161,7 +177,10 @@ class LanguageModel:
 
     def _generate_batch(self, prompts, row_ids, req: request.Request) -> list[GenerationResult]:
         model = self.config.model
-        prompts, rows = request.run_batch(model, self.serving_params, prompts, row_ids, req, self.mesh)
+        draft = None
+        if isinstance(req.speculation, speculative.DraftModel):
+            draft = self.draft(req.options.draft_run).serving_params
+        prompts, rows = request.run_batch(model, self.serving_params, prompts, row_ids, req, self.mesh, draft)
         return [self._result(p, cs, req) for p, cs in zip(prompts, rows, strict=True)]
 
     def _result(
@@ -190,6 +209,10 @@ class LanguageModel:
             raise JaxgenError("num_beams: streaming needs num_beams=1 (generate returns the beams)")
         if req.options.num_return_sequences > 1:
             raise JaxgenError("num_return_sequences: streaming shows one sequence (generate returns several)")
+        if req.speculation is not None:  # one piece: the speculative loop runs to the end in jit
+            [result] = self.generate([prompt], row_ids=[row_id], **options)
+            yield result.tokens if self.tokenizer is None else result.text
+            return
         ids = self.encode_prompt(prompt, req.options, "prompt")
         new = request.new_tokens(req, [ids])
         ids = request.fit_prompt(self.config.model, ids, new, req.options, "prompt")
@@ -286,3 +309,20 @@ def _check_control(control: dict[str, str], known: dict[str, list[str]] | None) 
         if value not in known.get(key, []):
             listed = ", ".join(f"{k}={v}" for k, values in known.items() for v in values)
             raise JaxgenError(f"control: {key}={value} was never seen in fine-tuning (known: {listed})")
+
+
+def _check_same_tokenizer(ours, theirs, path) -> None:
+    """A speculative draft must turn text into the same ids as the model it drafts for."""
+    probe = "The quick brown fox, 1234 times: éß 日本 \n\t end."
+    if ours is None or theirs is None:
+        if ours is not theirs:
+            raise JaxgenError(f"draft_run: {path}: one of the draft and the model has no tokenizer")
+        return
+    same = (ours.vocab_size, ours.bos_id, ours.eos_id, ours.encode(probe)) == (
+        theirs.vocab_size, theirs.bos_id, theirs.eos_id, theirs.encode(probe),
+    )  # fmt: skip
+    if not same:
+        raise JaxgenError(
+            f"draft_run: {path}: its tokenizer differs from the model's (vocab {theirs.vocab_size} vs"
+            f" {ours.vocab_size}); a draft model must share the target's tokenizer"
+        )

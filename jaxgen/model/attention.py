@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import LoraConfig, ModelConfig
+from jaxgen.model.kvcache import write_slots
 from jaxgen.model.layers import Einsum, constrain, projection_kwargs, rope
 
 
@@ -15,13 +16,14 @@ def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, offset: jax.Arra
 
     Args:
         q_segment: [B, T] segment ids of the queries; kv_segment: [B, S] of the keys.
-        offset: slot of the first query (the cache index; 0 without a cache).
+        offset: slot of the first query: [] for every row (the cache index; 0 without a
+            cache) or [B], one per row.
     """
     t, s = q_segment.shape[1], kv_segment.shape[1]
-    q_slot = offset + jnp.arange(t)[:, None]  # [T, 1]
-    causal = jnp.arange(s)[None, :] <= q_slot  # [T, S]
+    q_slot = jnp.reshape(offset, (-1, 1, 1)) + jnp.arange(t)[:, None]  # [1 or B, T, 1]
+    causal = jnp.arange(s) <= q_slot  # [1 or B, T, S]
     same = q_segment[:, :, None] == kv_segment[:, None, :]  # [B, T, S]
-    return (causal[None] & same)[:, None]
+    return (causal & same)[:, None]
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -52,6 +54,18 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).reshape(b, kv, g * t, -1)
     out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array) -> jax.Array:
+    """The cache [L, B, K, S, H] with one layer's new keys or values [B, T, K, H] written
+    from slot `index` ([] or [B], see jaxgen/model/kvcache.py)."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, K, T, H]
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
+    # Per-row slots: write into this layer's [B, K, S, H] and put it back; the update of
+    # a static slice is in place.
+    rows = write_slots(jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False), new, index, 0, 2)
+    return jax.lax.dynamic_update_index_in_dim(cache, rows, layer, 0)
 
 
 def _implementation(config: ModelConfig, masked: bool) -> str | None:
@@ -100,10 +114,8 @@ class Attention(nn.Module):
 
         if cache is not None:
             k_all, v_all, index = cache
-            start = (layer, 0, 0, index, 0)  # the cache is [L, B, K, S, H]
-            to_cache = lambda t: jnp.swapaxes(t, 1, 2)[None].astype(k_all.dtype)  # noqa: E731
-            k_all = jax.lax.dynamic_update_slice(k_all, to_cache(kk), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, to_cache(vv), start)
+            k_all = write_layer(k_all, kk, layer, index)
+            v_all = write_layer(v_all, vv, layer, index)
             cache = (k_all, v_all, index)
             keys, values = k_all[layer], v_all[layer]  # [B, K, S, H]
             mask = attention_mask(segment_ids, kv_segment, index)

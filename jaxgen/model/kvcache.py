@@ -14,6 +14,14 @@ at the same slot `index`, so one `dynamic_update_slice` serves the batch. `segme
 marks each slot's owner (0 = padding or empty, 1 = this row's text); attention only
 sees keys of the query's own segment, so padding is invisible, and positions are
 passed separately per row (they start at 0 at each row's first real token).
+
+`index` may also be one slot per row ([B]): speculative decoding and continuous refill
+(jaxgen/decode/ragged.py) keep each row's text from slot 0 and advance rows by different
+counts. A rejected draft token is then rolled back by lowering its row's index; the
+stale entries it leaves lie after the row's last real slot, where the causal mask hides
+them until the row's next tokens overwrite them. Rows then write through a scatter
+(`write_slots`) instead of one dynamic_update_slice, so the shared index stays the
+plain decoding loop's layout.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ class KVCache:
     k: jax.Array  # [L, B, K, S, H]
     v: jax.Array  # [L, B, K, S, H]
     segment: jax.Array  # [B, S] int32; 0 = padding / not yet written
-    index: jax.Array  # [] int32; the next slot to write
+    index: jax.Array  # [] int32 (or [B]: one per row); the next slot to write
 
     @property
     def max_len(self) -> int:
@@ -57,3 +65,26 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
         segment=jnp.zeros((batch, max_len), jnp.int32),
         index=jnp.zeros((), jnp.int32),
     )
+
+
+def write_slots(buffer: jax.Array, update: jax.Array, index: jax.Array, batch_axis: int, slot_axis: int):
+    """`buffer` with `update` (the same shape but T slots) written from slot `index`.
+
+    Args:
+        buffer: e.g. the cache's [L, B, K, S, H] (batch_axis 1, slot_axis 3) or its
+            segments [B, S] (0, 1).
+        index: [] (every row at the same slot: one dynamic_update_slice) or [B] (a slot
+            per row: one dynamic_update_slice per row, which XLA makes one scatter).
+    """
+    if jnp.ndim(index) == 0:
+        start = [0] * buffer.ndim
+        start[slot_axis] = index
+        return jax.lax.dynamic_update_slice(buffer, update, tuple(start))
+    row_slot_axis = slot_axis - (slot_axis > batch_axis)
+
+    def one_row(buf, upd, i):  # buf, upd: one row, the batch axis removed
+        start = [0] * buf.ndim
+        start[row_slot_axis] = i
+        return jax.lax.dynamic_update_slice(buf, upd, tuple(start))
+
+    return jax.vmap(one_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, update, index)

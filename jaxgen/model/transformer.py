@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxgen.config import LoraConfig, ModelConfig
 from jaxgen.model.attention import Attention
-from jaxgen.model.kvcache import KVCache
+from jaxgen.model.kvcache import KVCache, write_slots
 from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum
 
 _REMAT_POLICIES = {
@@ -147,7 +147,7 @@ def cache_inputs(cache: KVCache | None, segment_ids: jax.Array | None, tokens: j
         return None, None, None, segment_ids
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
-    kv_segment = jax.lax.dynamic_update_slice(cache.segment, segment_ids.astype(jnp.int32), (0, cache.index))
+    kv_segment = write_slots(cache.segment, segment_ids.astype(jnp.int32), cache.index, 0, 1)
     return (cache.k, cache.v), kv_segment, cache.index, segment_ids
 
 

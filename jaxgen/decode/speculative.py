@@ -1,0 +1,339 @@
+"""Speculative decoding: cheap guesses of the next k tokens, checked by one target pass.
+
+At batch 1 a decode step reads every weight to produce one token; a forward pass over
+k + 1 tokens reads them once too. Each round here (one iteration of the jitted
+`lax.while_loop`):
+
+1. a drafter proposes k tokens per row: `PromptLookup` copies what followed the latest
+   earlier occurrence of the row's last n tokens (n = max_ngram .. 1) in its prompt or
+   its text so far; `DraftModel` runs a small model k steps;
+2. the target model runs once over [newest token, d_1 .. d_k] (decode/ragged.py: rows at
+   their own cache slots) and gives distributions p_0 .. p_k;
+3. greedy keeps the drafts that equal the target's argmax and then the target's own next
+   token, so the text is plain greedy decoding's token for token. Sampling keeps d_j with
+   probability min(1, p_j(d_j) / q_j(d_j)) and, at the first rejection, draws from
+   normalise(max(0, p_j - q_j)) (Leviathan et al. 2023, Chen et al. 2023), so each token
+   has the target's distribution; q is the draft model's distribution, or a point mass
+   for prompt lookup;
+4. the kept tokens (1 .. k + 1) go through the plain loop's `append`, one at a time, so
+   eos, stop sequences and max lengths that fall inside a block stop a row at exactly the
+   same token as plain decoding; each row's cache index moves past only what it kept.
+
+Prompt lookup rounds where no row found a match run a one-token step instead of the
+k + 1 token pass. Processors that read the text (repetition penalty, no-repeat n-grams,
+banned sequences) would need each drafted position's history and are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.config import ModelConfig
+from jaxgen.decode import loop, ragged, sampling
+from jaxgen.errors import JaxgenError
+from jaxgen.model.kvcache import KVCache
+from jaxgen.model.serving import ServingTransformer, unstack_layers
+from jaxgen.runtime.mesh import mesh_context
+
+MAX_SPECULATIVE_TOKENS = 16
+MAX_NGRAM = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup:
+    """Draft by copying the continuation of the row's last n-gram from earlier text."""
+
+    num_tokens: int = 4  # k: tokens drafted per round
+    max_ngram: int = 3  # longest n-gram looked up (then shorter ones)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+    """Draft with a smaller model of the same tokenizer (its config; params come separately)."""
+
+    config: ModelConfig
+    num_tokens: int = 4
+
+
+Speculation = PromptLookup | DraftModel
+
+
+def check(speculation: Speculation, spec: loop.DecodeSpec, target: ModelConfig) -> None:
+    """One clear line for settings the speculative loop cannot run."""
+    k = speculation.num_tokens
+    if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise JaxgenError(f"num_speculative_tokens: {k} must be in [1, {MAX_SPECULATIVE_TOKENS}]")
+    if isinstance(speculation, PromptLookup) and not 1 <= speculation.max_ngram <= MAX_NGRAM:
+        raise JaxgenError(f"max_ngram: {speculation.max_ngram} must be in [1, {MAX_NGRAM}]")
+    if isinstance(spec.strategy, sampling.BeamSearch):
+        raise JaxgenError("speculative: beam search cannot be speculative (use greedy or sampling)")
+    if sampling.uses_history(spec.processors):
+        raise JaxgenError(
+            "speculative: repetition_penalty, no_repeat_ngram_size and banned are not supported"
+            " with speculative decoding (set speculative: none)"
+        )
+    if isinstance(speculation, DraftModel) and speculation.config.vocab_size != target.vocab_size:
+        raise JaxgenError(
+            f"draft_run: the draft model's vocabulary ({speculation.config.vocab_size}) differs from"
+            f" the target's ({target.vocab_size}); the draft must share the target's tokenizer"
+        )
+
+
+@flax.struct.dataclass
+class SpecState:
+    rows: ragged.RowState
+    draft_cache: KVCache | None  # the draft model's, at the same per-row slots
+    passes: jax.Array  # [] target forward passes after the prefill
+    drafted: jax.Array  # [] draft tokens offered to running rows
+    accepted: jax.Array  # [] of them kept
+
+
+# ----------------------------------------------------------------------------- drafters
+
+
+def lookup(tokens: jax.Array, valid: jax.Array, end: jax.Array, k: int, max_ngram: int):
+    """Prompt-lookup drafts: the k tokens after the latest earlier match of the row's last
+    n tokens, for the longest n <= max_ngram that matches.
+
+    Args:
+        tokens, valid: [B, W] rows from slot 0; end: [B] text lengths.
+    Returns:
+        drafts [B, k] int32 (slots past the text give whatever is there: they are only
+        guesses), found [B] bool.
+    """
+    b, w = tokens.shape
+    found = jnp.zeros((b,), bool)
+    start = jnp.zeros((b,), jnp.int32)
+    for n in range(max_ngram, 0, -1):
+        last, ok = sampling.last_tokens(tokens, valid, end, n)  # [B, n]
+        width = w - n + 1  # n-gram start slots
+        # A match must end before the row's last token, so that a continuation exists.
+        match = ok[:, None] & sampling.before(width, end - n)  # [B, width]
+        for i in range(n):
+            match &= tokens[:, i : i + width] == last[:, i : i + 1]
+        latest = jnp.max(jnp.where(match, jnp.arange(width), -1), axis=1)  # [B]
+        hit = (latest >= 0) & ~found
+        start = jnp.where(hit, latest + n, start)
+        found |= hit
+    slots = jnp.minimum(start[:, None] + jnp.arange(k), w - 1)
+    return jnp.take_along_axis(tokens, slots, axis=1), found
+
+
+def _warped(scores: jax.Array, spec: loop.DecodeSpec, knobs: sampling.SampleKnobs) -> jax.Array:
+    """float32 [B, T, V] scores -> the sampling distribution [B, T, V] (softmax after the warpers)."""
+    b, t, v = scores.shape
+    flat = sampling.limit_vocab(scores, spec.processors.vocab_limit).reshape(b * t, v)
+    row_knobs = jax.tree.map(lambda x: jnp.repeat(x, t), knobs)
+    return jax.nn.softmax(sampling.warp(flat, spec.strategy, row_knobs), axis=-1).reshape(b, t, v)
+
+
+def draft_tokens(model, params, state: SpecState, k: int, spec: loop.DecodeSpec):
+    """k tokens per row from the draft model, k + 1 steps so that its cache also holds the
+    last draft (kept when every draft is accepted).
+
+    Returns:
+        drafts [B, k], q [B, k, V] float32 (the draft's sampling distributions; None when
+        greedy), the draft cache after the k + 1 steps.
+    """
+    rows = state.rows
+    greedy = isinstance(spec.strategy, sampling.Greedy)
+
+    def one(carry, j):
+        token, cache = carry
+        positions = jnp.minimum(rows.slot - 1 + j, model.config.max_len - 1)
+        logits, cache = loop.decode_step(model, params, token, positions, cache)
+        scores = sampling.limit_vocab(logits, spec.processors.vocab_limit)
+        if greedy:
+            nxt, q = jnp.argmax(scores, axis=-1).astype(jnp.int32), None
+        else:
+            q = _warped(scores[:, None], spec, rows.knobs)[:, 0]
+            nxt = sampling.inverse_cdf(q, sampling.uniforms(rows.keys, rows.step, salt=1000 + j))
+        return (nxt, cache), (nxt, q)
+
+    (_, cache), (drafts, q) = jax.lax.scan(one, (rows.last_token(), state.draft_cache), jnp.arange(k + 1))
+    drafts = drafts[:k].T  # [B, k]
+    return drafts, None if greedy else jnp.swapaxes(q[:k], 0, 1), cache
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _accept(scores, drafts, q, rows: ragged.RowState, spec: loop.DecodeSpec):
+    """Which drafts to keep and the token after them.
+
+    Args:
+        scores: the target's float32 logits [B, T, V] (T = k + 1) at [newest, d_1 .. d_k].
+        drafts: [B, k]; q: the draft's distributions [B, k, V], or None (a point mass).
+    Returns:
+        tokens [B, T] (d_1 .. d_a, then the target's token; the rest unused), their log-probs
+        [B, T], and a [B]: how many drafts were kept.
+    """
+    b, t, _ = scores.shape
+    k = t - 1
+    if isinstance(spec.strategy, sampling.Greedy):
+        scores = sampling.limit_vocab(scores, spec.processors.vocab_limit)
+        target = jnp.argmax(scores, axis=-1).astype(jnp.int32)  # [B, T]
+        kept = jnp.cumprod(drafts == target[:, :k], axis=1).sum(axis=1)  # leading agreements
+        logp = jax.nn.log_softmax(scores, axis=-1)
+        return target, jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0], kept
+    p = _warped(scores, spec, rows.knobs)  # [B, T, V]
+    if q is None:
+        q = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype)
+    p_draft = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
+    q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    u = jnp.stack([sampling.uniforms(rows.keys, rows.step, salt=2000 + j) for j in range(k)], axis=1)
+    kept = jnp.cumprod(u * q_draft < p_draft, axis=1).sum(axis=1)  # [B]
+    # The token after the kept drafts: from the residual max(0, p - q) after a rejection,
+    # from p itself when all k were kept (q is zero past the drafts).
+    q_full = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)
+    at = lambda x: jnp.take_along_axis(x, kept[:, None, None], axis=1)[:, 0]  # noqa: E731
+    residual = jnp.maximum(at(p) - at(q_full), 0.0)
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, at(p))
+    last = sampling.inverse_cdf(residual, sampling.uniforms(rows.keys, rows.step, salt=3000))
+    padded = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    tokens = jnp.where(jnp.arange(t) == kept[:, None], last[:, None], padded)
+    logp = jnp.log(jnp.take_along_axis(p, tokens[..., None], axis=-1)[..., 0])
+    return tokens, logp, kept
+
+
+def _verify(model, params, rows: ragged.RowState, drafts, q, spec: loop.DecodeSpec, width: int):
+    """One target pass over [newest token, drafts] -> (tokens, log-probs [B, width], kept, cache).
+
+    `drafts` may be empty ([B, 0]: a plain one-token step); the results are padded to `width`.
+    """
+    inputs = jnp.concatenate([rows.last_token()[:, None], drafts], axis=1)  # [B, T]
+    positions = ragged.positions_at(model.config, rows.slot - 1, inputs.shape[1])
+    logits, cache = model.apply(
+        {"params": params}, inputs, positions, jnp.ones_like(inputs), cache=rows.cache
+    )
+    tokens, logp, kept = _accept(logits.astype(jnp.float32), drafts, q, rows, spec)
+    pad = ((0, 0), (0, width - tokens.shape[1]))
+    return jnp.pad(tokens, pad), jnp.pad(logp, pad), kept, cache
+
+
+def _round(model, params, draft, state: SpecState, speculation: Speculation, spec: loop.DecodeSpec):
+    """One draft + verify + append round."""
+    rows = state.rows
+    k = speculation.num_tokens
+    if isinstance(speculation, DraftModel):
+        drafts, q, draft_cache = draft_tokens(*draft, state, k, spec)
+        tokens, logp, kept, cache = _verify(model, params, rows, drafts, q, spec, k + 1)
+        any_drafts = jnp.array(True)
+    else:
+        drafts, found = lookup(rows.tokens, rows.valid, rows.slot, k, speculation.max_ngram)
+        any_drafts = jnp.any(found & ~rows.done)
+        tokens, logp, kept, cache = jax.lax.cond(
+            any_drafts,
+            lambda: _verify(model, params, rows, drafts, None, spec, k + 1),
+            lambda: _verify(model, params, rows, drafts[:, :0], None, spec, k + 1),  # one-token step
+        )
+        draft_cache = None
+    running = ~rows.done
+    new_rows = rows.replace(cache=cache)
+    for j in range(k + 1):  # the plain loop's stopping rules, token by token
+        new_rows = loop.append(new_rows, tokens[:, j], logp[:, j], spec.stopping, active=j <= kept)
+    # Each running row's cache keeps [newest, d_1 .. d_kept]: its index moves to its slot - 1.
+    index = jnp.where(running, rows.slot + kept, rows.cache.index)
+    new_rows = new_rows.replace(cache=new_rows.cache.replace(index=index))
+    if draft_cache is not None:
+        draft_cache = draft_cache.replace(index=index)
+    offered = jnp.where(any_drafts, k, 0) * jnp.sum(running)
+    return SpecState(
+        rows=new_rows,
+        draft_cache=draft_cache,
+        passes=state.passes + 1,
+        drafted=state.drafted + offered,
+        accepted=state.accepted + jnp.sum(jnp.where(running, kept, 0)),
+    )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def generate(model, params, draft, prompt, lengths, row_ids, seed, limit, knobs, speculation, spec):
+    """Prefill (target and draft), then rounds until every row is done.
+
+    Args:
+        draft: (draft model, its params) for `DraftModel`, else None.
+        prompt: [B, P] right-padded (ragged.right_pad); the rest as `loop.compiled`'s generate.
+    Returns:
+        (tokens [B, buffer], num_tokens, finish, logprob) as the plain loop, and
+        (passes, drafted, accepted, steps [B]): round statistics.
+    """
+    k = speculation.num_tokens
+    rows = ragged.start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec, k + 1)
+    draft_cache = None
+    if draft is not None:
+        draft_model, draft_params = draft
+        empty = loop.new_cache(draft_model.config, *rows.cache.segment.shape)
+        draft_cache = ragged.prefill_rows(draft_model, draft_params, prompt, lengths, empty)[1]
+    zero = jnp.zeros((), jnp.int32)
+    state = SpecState(rows, draft_cache, zero, zero, zero)
+    state = jax.lax.while_loop(
+        lambda s: ~jnp.all(s.rows.done),
+        lambda s: _round(model, params, draft, s, speculation, spec),
+        state,
+    )
+    counts = (state.passes, state.drafted, state.accepted, state.rows.step)
+    return ragged.completions_of(state.rows, spec.buffer), counts
+
+
+@functools.lru_cache(maxsize=16)
+def compiled(config: ModelConfig, spec: loop.DecodeSpec, speculation: Speculation):
+    """`generate(params, draft_params, prompt, lengths, row_ids, seed, limit, knobs)`, jitted
+    (params in either layout; draft_params None without a draft model)."""
+    model = ServingTransformer(config)
+    draft_model = ServingTransformer(speculation.config) if isinstance(speculation, DraftModel) else None
+
+    def run(params, draft_params, *args):
+        params = unstack_layers(params, config)
+        draft = (
+            None if draft_model is None else (draft_model, unstack_layers(draft_params, draft_model.config))
+        )
+        return generate(model, params, draft, *args, speculation, spec)
+
+    return jax.jit(run)
+
+
+@dataclasses.dataclass
+class Stats:
+    """What a speculative call did: target passes after the prefill, drafts offered and kept."""
+
+    passes: int
+    drafted: int
+    accepted: int
+    tokens: int  # tokens generated by the real rows (eos and stop sequences included)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / max(self.passes + 1, 1)  # + the prefill's first token
+
+
+def generate_ids(
+    config, params, prompts, spec: loop.DecodeSpec, speculation: Speculation, *, max_new_tokens,
+    draft_params=None, seed=0, row_ids=None, mesh=None, buckets=(),
+) -> tuple[list[loop.Completion], Stats]:  # fmt: skip
+    """`loop.generate_ids` decoded speculatively; also returns the round statistics."""
+    check(speculation, spec, config)
+    batch = loop.prepare_batch(config, spec, prompts, max_new_tokens, row_ids, mesh, buckets)
+    # The plain loop's bucketed batch, its left padding moved to the right.
+    rows = [row[len(row) - n :] for row, n in zip(batch.prompt, batch.lengths, strict=True)]
+    prompt, lengths = ragged.right_pad(rows, batch.prompt.shape[1])
+    batch = dataclasses.replace(batch, prompt=prompt, lengths=lengths)
+    run = compiled(config, spec.program(), speculation)
+    with mesh_context(mesh):
+        out, (passes, drafted, accepted, steps) = run(
+            params, draft_params, *loop.device_args(batch, seed, max_new_tokens, mesh, spec.strategy)
+        )
+    stats = Stats(int(passes), int(drafted), int(accepted), int(np.sum(np.asarray(steps)[: batch.count])))
+    return loop.completions(*out, batch.count), stats

@@ -1,0 +1,167 @@
+"""Speculative decoding (decode/speculative.py): greedy is plain greedy token for token;
+sampling keeps the target's distribution; bad settings are one clear line."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.config import GenerateConfig
+from jaxgen.decode import loop, request, sampling
+from jaxgen.decode import speculative as sp
+from jaxgen.errors import JaxgenError
+from jaxgen.model.transformer import init_params
+
+# Ragged on purpose; rows 0 and 2 repeat themselves so prompt lookup finds matches.
+PROMPTS = [[5, 17, 9, 33, 2, 101, 7, 5, 17, 9], [44], [250, 3, 8, 61, 250, 3], [12, 12, 90]]
+MAX_NEW = 21  # odd: the length limit falls inside a drafted block
+
+
+def _params(cfg, seed):
+    """Params x4, so greedy text of the random model is not one repeated token."""
+    return jax.tree.map(lambda x: x * 4.0, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def family(request, tiny_config, tiny_llama_config):
+    cfg = (tiny_config if request.param == "gpt2" else tiny_llama_config).model
+    return cfg, _params(cfg, 1)
+
+
+def _stopping(cfg, params):
+    """A stop sequence (row 0) and an eos (row 2) from the plain greedy text, so that both fire
+    mid-text, the eos chosen to leave rows 1 and 3 running to the length limit."""
+    free = [
+        r.tokens
+        for r in loop.generate_ids(cfg, params, PROMPTS, loop.DecodeSpec(buffer=32), max_new_tokens=MAX_NEW)
+    ]
+    stop = tuple(free[0][6:8])
+    eos = next(t for t in free[2][5:] if t not in free[0][:8] + free[1] + free[3])
+    return sampling.Stopping(eos_ids=(eos,), stop=(stop,))
+
+
+def _speculations(cfg, params):
+    draft_cfg = cfg.model_copy(update={"num_layers": 1})
+    return [
+        (sp.PromptLookup(1, 1), None),
+        (sp.PromptLookup(4, 3), None),
+        (sp.DraftModel(cfg, 3), params),  # the model as its own draft: every draft is kept
+        (sp.DraftModel(draft_cfg, 4), _params(draft_cfg, 2)),  # an unrelated draft: most are rejected
+    ]
+
+
+def test_greedy_speculative_equals_plain_greedy(family):
+    cfg, params = family
+    spec = loop.DecodeSpec(sampling.Greedy(), stopping=_stopping(cfg, params), buffer=32)
+    plain = loop.generate_ids(cfg, params, PROMPTS, spec, max_new_tokens=MAX_NEW)
+    assert [c.finish_reason for c in plain] == ["stop", "length", "eos", "length"]
+    for speculation, draft_params in _speculations(cfg, params):
+        rows, stats = sp.generate_ids(
+            cfg, params, PROMPTS, spec, speculation, max_new_tokens=MAX_NEW, draft_params=draft_params
+        )
+        assert [(r.tokens, r.finish_reason) for r in rows] == [(r.tokens, r.finish_reason) for r in plain]
+        np.testing.assert_allclose([r.score for r in rows], [r.score for r in plain], rtol=1e-5, atol=1e-5)
+        if isinstance(speculation, sp.DraftModel) and speculation.config == cfg:
+            assert stats.acceptance == 1.0, stats
+
+
+def test_self_draft_keeps_every_token_and_saves_passes(tiny_config):
+    cfg = tiny_config.model
+    params = _params(cfg, 1)
+    spec = loop.DecodeSpec(buffer=32)
+    [row], stats = sp.generate_ids(
+        cfg, params, [PROMPTS[0]], spec, sp.DraftModel(cfg, 4), max_new_tokens=26, draft_params=params
+    )
+    assert len(row.tokens) == 26
+    # The prefill gives token 1; each pass then keeps 4 drafts + 1 target token.
+    assert stats.passes == 5 and stats.tokens_per_pass == 26 / 6
+
+
+def test_prompt_lookup_copies_the_prompt():
+    tokens = jnp.asarray([[1, 2, 3, 4, 5, 1, 2, 0, 0, 0], [7, 8, 9, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+    end = jnp.asarray([7, 3])
+    valid = jnp.arange(10)[None] < end[:, None]
+    drafts, found = sp.lookup(tokens, valid, end, 3, 2)
+    # Row 0 ends "1 2", seen at slot 0: its continuation is "3 4 5". Row 1 repeats nothing.
+    assert found.tolist() == [True, False]
+    assert drafts[0].tolist() == [3, 4, 5]
+
+
+def _accept_rows(b, v, seed):
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(b))
+    knobs = sampling.knobs(sampling.Sample(1.0), b)
+    return types.SimpleNamespace(keys=keys, step=jnp.zeros((b,), jnp.int32), knobs=knobs)
+
+
+@pytest.mark.parametrize("point_mass", [False, True], ids=["draft_model", "prompt_lookup"])
+def test_sampled_tokens_follow_the_target_distribution(point_mass):
+    """The first token of a round (draft kept or resampled) is distributed as softmax(target)."""
+    b, v = 40000, 5
+    p_logits = jnp.log(jnp.asarray([0.05, 0.4, 0.3, 0.15, 0.1]))
+    q = jnp.asarray([0.5, 0.1, 0.1, 0.2, 0.1])
+    rows = _accept_rows(b, v, 0)
+    u = jax.random.uniform(jax.random.key(1), (b,))
+    drafts = (
+        jnp.full((b, 1), 0, jnp.int32)
+        if point_mass
+        else sampling.inverse_cdf(jnp.tile(q, (b, 1)), u)[:, None]
+    )
+    qs = None if point_mass else jnp.tile(q, (b, 1, 1))
+    scores = jnp.tile(p_logits, (b, 2, 1))  # [B, k + 1 = 2, V]
+    spec = loop.DecodeSpec(sampling.Sample(1.0))
+    tokens, logp, kept = sp._accept(scores, drafts, qs, rows, spec)
+    freq = np.bincount(np.asarray(tokens[:, 0]), minlength=v) / b
+    # 40,000 draws: the standard error of each frequency is <= 0.0025; 4.5 sigma.
+    np.testing.assert_allclose(freq, np.exp(p_logits), atol=0.0115)
+    np.testing.assert_allclose(np.exp(logp[:, 0]), np.exp(p_logits)[np.asarray(tokens[:, 0])], rtol=1e-5)
+    if point_mass:  # token 0 is kept with probability p(0) = 0.05
+        assert abs(float(jnp.mean(kept)) - 0.05) < 0.005
+
+
+def test_sampled_speculative_decoding_runs_and_is_reproducible(llama):
+    cfg, params = llama
+    spec = loop.DecodeSpec(sampling.Sample(0.9, top_k=50), buffer=16)
+    kw = dict(max_new_tokens=12, seed=3, draft_params=params)
+    a, _ = sp.generate_ids(cfg, params, PROMPTS, spec, sp.DraftModel(cfg, 3), **kw)
+    b, _ = sp.generate_ids(cfg, params, PROMPTS, spec, sp.DraftModel(cfg, 3), **kw)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert all(len(r.tokens) == 12 and all(0 <= t < cfg.vocab_size for t in r.tokens) for r in a)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama_config):
+    cfg = tiny_llama_config.model
+    return cfg, _params(cfg, 1)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(speculative="prompt_lookup", num_beams=2), "speculative: beam search cannot be speculative"),
+        (dict(speculative="prompt_lookup", repetition_penalty=1.2), "speculative: repetition_penalty,"),
+        (dict(speculative="draft"), "speculative: draft needs draft_run"),
+        (
+            dict(speculative="prompt_lookup", num_speculative_tokens=0),
+            "num_speculative_tokens: 0 Input should",
+        ),
+        (
+            dict(speculative="prompt_lookup", max_ngram=9),
+            "max_ngram: 9 Input should be less than or equal to 8",
+        ),
+        (dict(speculative="sometimes"), "speculative: 'sometimes' Input should be 'none', 'prompt_lookup'"),
+    ],
+)
+def test_bad_settings_are_one_line(tiny_config, options, message):
+    with pytest.raises(JaxgenError, match="^" + message.replace("(", r"\(")):
+        request.resolve(GenerateConfig(), tiny_config.model, None, **options)
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_config):
+    cfg = tiny_config.model
+    other = cfg.model_copy(update={"vocab_size": cfg.vocab_size * 2})
+    with pytest.raises(JaxgenError, match=r"^draft_run: the draft model's vocabulary \(1024\) differs"):
+        request.resolve(GenerateConfig(), cfg, None, other, speculative="draft")
