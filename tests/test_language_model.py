@@ -328,3 +328,16 @@ def test_language_model_keeps_one_copy_of_the_weights(run_dir):
     assert held < 1.1 * size, (held, size)
     # The stacked view (for export) is rebuilt bit for bit.
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lm.params), want)
+
+
+def test_generate_each_refills_and_matches_generate(lm, tmp_path):
+    prompts = [f"the cat {'sat ' * (i % 5)}" for i in range(9)]
+    lengths = dict(temperature=0.0, max_new_tokens=12, batch_size=3)
+    want = lm.generate(prompts, **lengths)
+    got = dict(lm.generate_each(prompts, **lengths))
+    assert [got[i].tokens for i in range(9)] == [w.tokens for w in want]
+    # A JSONL file comes back in input order, whatever order the rows finished in.
+    path, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    _write_prompts(path, 9)
+    generate_jsonl.run(lm, path, out, lengths, progress=False)
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(9))

@@ -19,6 +19,7 @@ a resumed run writes what an uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -144,15 +145,20 @@ def _kept(texts: list, opts: GenerateConfig) -> list[tuple[int, object]]:
     return out
 
 
-def _groups(records: list[dict], batch_size: int) -> list[list[dict]]:
-    """Batches of records sharing option overrides, sorted by prompt length within a group."""
+def _option_groups(records: list[dict]) -> list[list[dict]]:
+    """Records sharing option overrides, in input order."""
     by_options: dict[str, list[dict]] = {}
     for r in records:
         overrides = {k: v for k, v in r.items() if k not in (*_RECORD_KEYS, "_line")}
         by_options.setdefault(json.dumps(overrides, sort_keys=True), []).append(r)
+    return list(by_options.values())
+
+
+def _groups(records: list[dict], batch_size: int) -> list[list[dict]]:
+    """Batches of records sharing option overrides, sorted by prompt length within a group."""
     batches = []
-    for group in by_options.values():
-        group.sort(key=_size)
+    for group in _option_groups(records):
+        group = sorted(group, key=_size)
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
 
@@ -186,6 +192,48 @@ def _generate(lm, batch: list[dict], options: dict, failures: list[str], chat: b
             failures.append(f"{batch[0]['_line']}: {e}")
             return []
     return [pair for r in batch for pair in _generate(lm, [r], options, failures, chat)]
+
+
+def _refilled(lm, group: list[dict], options: dict, chat: bool):
+    """(record, result) pairs of one option group in input order, decoded with continuous
+    refill (`LanguageModel.generate_each`); None when a record fails before decoding starts
+    (the caller then decodes the group in batches, which isolates the bad line)."""
+    overrides = {k: v for k, v in group[0].items() if k not in (*_RECORD_KEYS, "_line")}
+    try:
+        prompts = [_prompt(lm, r, chat) for r in group]
+        results = lm.generate_each(prompts, row_ids=[r["id"] for r in group], **(options | overrides))
+        first = next(results, None)
+    except JaxgenError:
+        return None
+
+    def in_order():
+        ready, upto = {}, 0
+        for i, result in itertools.chain([first] if first is not None else [], results):
+            ready[i] = result
+            while upto in ready:  # lines go to disk in input order, as soon as they can
+                yield group[upto], ready.pop(upto)
+                upto += 1
+
+    return in_order()
+
+
+def _written_chunks(lm, pending, options, opts: GenerateConfig, failures, chat):
+    """Lists of (record, result) to write: up to `batch_size` lines of a continuously refilled
+    group at a time, in input order, or one static batch of a group that needs batches."""
+    for group in _option_groups(pending):
+        stream = _refilled(lm, group, options, chat)
+        if stream is None:
+            for batch in _groups(group, opts.batch_size):
+                yield _generate(lm, batch, options, failures, chat)
+            continue
+        chunk = []
+        for pair in stream:
+            chunk.append(pair)
+            if len(chunk) >= opts.batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
 
 def _line(record: dict, result, opts: GenerateConfig) -> str:
@@ -228,9 +276,9 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
     figures = (MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     bar = progress_bar("generate", *figures, enabled=progress)
     task = bar.add_task("generate", total=len(pending), rate="")
+    failed_before = len(summary.failures)
     with open(output_path, "a", encoding="utf-8") as out, bar:
-        for n, batch in enumerate(_groups(pending, opts.batch_size), 1):
-            pairs = _generate(lm, batch, options, summary.failures, chat)
+        for n, pairs in enumerate(_written_chunks(lm, pending, options, opts, summary.failures, chat), 1):
             out.write("".join(_line(r, res, opts) for r, res in pairs))
             out.flush()
             os.fsync(out.fileno())  # a line counts as done only once it is on disk
@@ -238,7 +286,7 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
             summary.tokens += sum(sum(len(c) for c in res.completions) for _, res in pairs)
             seconds = time.perf_counter() - start
             rate = f"{summary.written / seconds:.1f} prompts/s  {summary.tokens / seconds:.0f} tokens/s"
-            bar.update(task, advance=len(batch), rate=rate)
+            bar.update(task, completed=summary.written + len(summary.failures) - failed_before, rate=rate)
             if on_batch is not None:
                 on_batch(n)
     summary.seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ import numpy as np
 from jaxgen.config import Config, GenerateConfig, MeshConfig
 from jaxgen.convert.hf import default_mesh, find_tokenizer, load_hf
 from jaxgen.data import chat
-from jaxgen.decode import loop, request, sampling, speculative
+from jaxgen.decode import loop, refill, request, sampling, speculative
 from jaxgen.decode.request import Prompt
 from jaxgen.errors import JaxgenError
 from jaxgen.model.serving import ServingTransformer, stack_layers, unstack_layers
@@ -174,6 +174,35 @@ class LanguageModel:
             for i, result in zip(idx, batch, strict=True):
                 results[i] = result
         return results
+
+    def generate_each(self, prompts: Sequence[Prompt], *, row_ids=None, **options):
+        """Like `generate`, yielding (prompt index, result) as each prompt completes.
+
+        Plain greedy or sampled decoding of one sequence per prompt runs with continuous
+        refill (decode/refill.py: `batch_size` rows, a finished row takes the next prompt at
+        once), so prompts of very different lengths keep the batch full; each result is the
+        one `generate` gives. Beams, several sequences, `max_length` and speculative
+        decoding run `generate` in batches.
+        """
+        req = self.resolve(**options)
+        row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        opts = req.options
+        plain = req.speculation is None and req.max_length is None and opts.num_return_sequences == 1
+        if not plain or isinstance(req.spec.strategy, sampling.BeamSearch):
+            yield from enumerate(self.generate(prompts, row_ids=row_ids, **options))
+            return
+        model = self.config.model
+        new = req.max_new_tokens
+        encoded = [
+            request.fit_prompt(model, self.encode_prompt(p, opts, f"prompt {r}"), new, opts, f"prompt {r}")
+            for p, r in zip(prompts, row_ids, strict=True)
+        ]
+        rows = refill.refill_ids(
+            model, self.serving_params, encoded, [req.max_new_tokens] * len(encoded), req.spec,
+            batch_size=opts.batch_size, seed=opts.seed, row_ids=[request.row_id(r) for r in row_ids],
+        )  # fmt: skip
+        for i, completion in rows:
+            yield i, self._result(encoded[i], [completion], req)
 
     def _generate_batch(self, prompts, row_ids, req: request.Request) -> list[GenerationResult]:
         model = self.config.model
