@@ -154,8 +154,8 @@ def append(state, token: jax.Array, logp: jax.Array, stopping: sampling.Stopping
     token = jnp.where(running, token, 0)
     logprob = state.logprob + jnp.where(running, logp, 0.0)
     # A row that does not append writes (0, False) at its next slot: nothing there yet.
-    tokens = write_slots(state.tokens, token[:, None], slot, 0, 1)
-    valid = write_slots(state.valid, running[:, None], slot, 0, 1)
+    tokens = write_slots(state.tokens, token[:, None], slot)
+    valid = write_slots(state.valid, running[:, None], slot)
     num = state.num_tokens + running
     finish = state.finish
     done = state.done

@@ -34,6 +34,8 @@ from jaxgen.errors import JaxgenError
 from jaxgen.metrics import progress_bar
 
 _RECORD_KEYS = ("id", "prompt", "messages")  # every other key is a generate option
+# Options each row of a continuously refilled batch may set for itself.
+_PER_ROW = ("max_new_tokens",)
 
 
 @dataclasses.dataclass
@@ -145,11 +147,11 @@ def _kept(texts: list, opts: GenerateConfig) -> list[tuple[int, object]]:
     return out
 
 
-def _option_groups(records: list[dict]) -> list[list[dict]]:
-    """Records sharing option overrides, in input order."""
+def _option_groups(records: list[dict], ignore: tuple[str, ...] = ()) -> list[list[dict]]:
+    """Records sharing option overrides (but those in `ignore`), in input order."""
     by_options: dict[str, list[dict]] = {}
     for r in records:
-        overrides = {k: v for k, v in r.items() if k not in (*_RECORD_KEYS, "_line")}
+        overrides = {k: v for k, v in r.items() if k not in (*_RECORD_KEYS, "_line", *ignore)}
         by_options.setdefault(json.dumps(overrides, sort_keys=True), []).append(r)
     return list(by_options.values())
 
@@ -198,10 +200,14 @@ def _refilled(lm, group: list[dict], options: dict, chat: bool):
     """(record, result) pairs of one option group in input order, decoded with continuous
     refill (`LanguageModel.generate_each`); None when a record fails before decoding starts
     (the caller then decodes the group in batches, which isolates the bad line)."""
-    overrides = {k: v for k, v in group[0].items() if k not in (*_RECORD_KEYS, "_line")}
+    overrides = {k: v for k, v in group[0].items() if k not in (*_RECORD_KEYS, "_line", *_PER_ROW)}
+    default = options.get("max_new_tokens", lm.config.generate.max_new_tokens)
+    limits = [r.get("max_new_tokens", default) for r in group]
     try:
         prompts = [_prompt(lm, r, chat) for r in group]
-        results = lm.generate_each(prompts, row_ids=[r["id"] for r in group], **(options | overrides))
+        results = lm.generate_each(
+            prompts, row_ids=[r["id"] for r in group], limits=limits, **(options | overrides)
+        )
         first = next(results, None)
     except JaxgenError:
         return None
@@ -220,7 +226,7 @@ def _refilled(lm, group: list[dict], options: dict, chat: bool):
 def _written_chunks(lm, pending, options, opts: GenerateConfig, failures, chat):
     """Lists of (record, result) to write: up to `batch_size` lines of a continuously refilled
     group at a time, in input order, or one static batch of a group that needs batches."""
-    for group in _option_groups(pending):
+    for group in _option_groups(pending, ignore=_PER_ROW):
         stream = _refilled(lm, group, options, chat)
         if stream is None:
             for batch in _groups(group, opts.batch_size):

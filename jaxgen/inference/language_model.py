@@ -175,7 +175,7 @@ class LanguageModel:
                 results[i] = result
         return results
 
-    def generate_each(self, prompts: Sequence[Prompt], *, row_ids=None, **options):
+    def generate_each(self, prompts: Sequence[Prompt], *, row_ids=None, limits=None, **options):
         """Like `generate`, yielding (prompt index, result) as each prompt completes.
 
         Plain greedy or sampled decoding of one sequence per prompt runs with continuous
@@ -183,23 +183,33 @@ class LanguageModel:
         once), so prompts of very different lengths keep the batch full; each result is the
         one `generate` gives. Beams, several sequences, `max_length` and speculative
         decoding run `generate` in batches.
+
+        Args:
+            limits: each prompt's own `max_new_tokens` (default: the option's, for all).
         """
+        if limits is not None:
+            limits = [request.validate(self.config.generate, max_new_tokens=n).max_new_tokens for n in limits]
+            options = options | {"max_new_tokens": max(limits)}  # the buffer every row fits in
         req = self.resolve(**options)
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        limits = [req.max_new_tokens] * len(prompts) if limits is None else limits
         opts = req.options
         plain = req.speculation is None and req.max_length is None and opts.num_return_sequences == 1
         if not plain or isinstance(req.spec.strategy, sampling.BeamSearch):
-            yield from enumerate(self.generate(prompts, row_ids=row_ids, **options))
+            for limit in sorted(set(limits)):  # batches need one length
+                idx = [i for i, n in enumerate(limits) if n == limit]
+                results = self.generate([prompts[i] for i in idx], row_ids=[row_ids[i] for i in idx],
+                                        **options | {"max_new_tokens": limit})  # fmt: skip
+                yield from zip(idx, results, strict=True)
             return
         model = self.config.model
-        new = req.max_new_tokens
         encoded = [
-            request.fit_prompt(model, self.encode_prompt(p, opts, f"prompt {r}"), new, opts, f"prompt {r}")
-            for p, r in zip(prompts, row_ids, strict=True)
+            request.fit_prompt(model, self.encode_prompt(p, opts, f"prompt {r}"), n, opts, f"prompt {r}")
+            for p, r, n in zip(prompts, row_ids, limits, strict=True)
         ]
         rows = refill.refill_ids(
-            model, self.serving_params, encoded, [req.max_new_tokens] * len(encoded), req.spec,
-            batch_size=opts.batch_size, seed=opts.seed, row_ids=[request.row_id(r) for r in row_ids],
+            model, self.serving_params, encoded, limits, req.spec, batch_size=opts.batch_size,
+            seed=opts.seed, row_ids=[request.row_id(r) for r in row_ids],
         )  # fmt: skip
         for i, completion in rows:
             yield i, self._result(encoded[i], [completion], req)

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import LoraConfig, ModelConfig
-from jaxgen.model.kvcache import write_slots
 from jaxgen.model.layers import Einsum, constrain, projection_kwargs, rope
 
 
@@ -59,13 +58,15 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
 def write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array) -> jax.Array:
     """The cache [L, B, K, S, H] with one layer's new keys or values [B, T, K, H] written
     from slot `index` ([] or [B], see jaxgen/model/kvcache.py)."""
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, K, T, H]
+    new = new.astype(cache.dtype)
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
-    # Per-row slots: write into this layer's [B, K, S, H] and put it back; the update of
-    # a static slice is in place.
-    rows = write_slots(jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False), new, index, 0, 2)
-    return jax.lax.dynamic_update_index_in_dim(cache, rows, layer, 0)
+        return jax.lax.dynamic_update_slice(cache, jnp.swapaxes(new, 1, 2)[None], (layer, 0, 0, index, 0))
+    # Per-row slots: one scatter into the whole cache, which XLA updates in place. (Writing
+    # into this layer's slice and putting it back copied the slice: batch-8 steps of the
+    # quickstart model took 6.1 ms instead of 2.6.)
+    rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
+    slots = index[:, None] + jnp.arange(new.shape[1])  # [B, T]
+    return cache.at[layer, rows, :, slots, :].set(new)  # indexed dims first: [B, T, K, H]
 
 
 def _implementation(config: ModelConfig, masked: bool) -> str | None:

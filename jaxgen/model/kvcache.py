@@ -20,8 +20,8 @@ passed separately per row (they start at 0 at each row's first real token).
 counts. A rejected draft token is then rolled back by lowering its row's index; the
 stale entries it leaves lie after the row's last real slot, where the causal mask hides
 them until the row's next tokens overwrite them. Rows then write through a scatter
-(`write_slots`) instead of one dynamic_update_slice, so the shared index stays the
-plain decoding loop's layout.
+instead of one dynamic_update_slice, so the shared index stays the plain decoding loop's
+layout.
 """
 
 from __future__ import annotations
@@ -67,24 +67,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     )
 
 
-def write_slots(buffer: jax.Array, update: jax.Array, index: jax.Array, batch_axis: int, slot_axis: int):
-    """`buffer` with `update` (the same shape but T slots) written from slot `index`.
-
-    Args:
-        buffer: e.g. the cache's [L, B, K, S, H] (batch_axis 1, slot_axis 3) or its
-            segments [B, S] (0, 1).
-        index: [] (every row at the same slot: one dynamic_update_slice) or [B] (a slot
-            per row: one dynamic_update_slice per row, which XLA makes one scatter).
-    """
+def write_slots(buffer: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """`buffer` [B, S] with `update` [B, T] written from slot `index`: [] (every row at the
+    same slot: one dynamic_update_slice) or [B] (a slot per row: one scatter)."""
     if jnp.ndim(index) == 0:
-        start = [0] * buffer.ndim
-        start[slot_axis] = index
-        return jax.lax.dynamic_update_slice(buffer, update, tuple(start))
-    row_slot_axis = slot_axis - (slot_axis > batch_axis)
-
-    def one_row(buf, upd, i):  # buf, upd: one row, the batch axis removed
-        start = [0] * buf.ndim
-        start[row_slot_axis] = i
-        return jax.lax.dynamic_update_slice(buf, upd, tuple(start))
-
-    return jax.vmap(one_row, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(buffer, update, index)
+        return jax.lax.dynamic_update_slice(buffer, update, (0, index))
+    rows = jnp.arange(buffer.shape[0])[:, None]  # [B, 1]
+    return buffer.at[rows, index[:, None] + jnp.arange(update.shape[1])].set(update)

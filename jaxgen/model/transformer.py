@@ -147,7 +147,7 @@ def cache_inputs(cache: KVCache | None, segment_ids: jax.Array | None, tokens: j
         return None, None, None, segment_ids
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens)
-    kv_segment = write_slots(cache.segment, segment_ids.astype(jnp.int32), cache.index, 0, 1)
+    kv_segment = write_slots(cache.segment, segment_ids.astype(jnp.int32), cache.index)
     return (cache.k, cache.v), kv_segment, cache.index, segment_ids
 
 
