@@ -32,6 +32,19 @@ def add_parser(sub) -> None:
         help='also time sampling at the first batch size, e.g. "top_p=0.9" or "temperature=0.7 top_k=50" '
         "(repeatable)",
     )  # fmt: skip
+    q.add_argument("--rounds", type=int, default=3, help="--speculative / --refill: timed rounds")
+    q.add_argument(
+        "--speculative", choices=("prompt_lookup", "draft"),
+        help="time speculative against plain greedy decoding, batch 1, on --prompts (with --run)",
+    )  # fmt: skip
+    q.add_argument("--run", help="a run or HF directory to decode with (default: random weights)")
+    q.add_argument("--prompts", help="JSONL of prompts for --speculative (benchmarks/prompts/grounded.jsonl)")
+    q.add_argument("--draft-run", help="the draft model for --speculative draft")
+    q.add_argument("--num-speculative-tokens", type=int, default=4)
+    q.add_argument("--max-ngram", type=int, default=3)
+    q.add_argument("--refill", action="store_true", help="time continuous refill against static batching")
+    q.add_argument("--count", type=int, default=32, help="--refill: prompts")
+    q.add_argument("--spread", type=int, default=10, help="--refill: longest / shortest requested length")
     q.set_defaults(handler=_cmd_generate)
     q = bench_sub.add_parser("train", help="train step tokens/s, ms/step, MFU, compile s, peak memory")
     add_config_args(q)
@@ -59,6 +72,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not pathlib.Path(path).exists():  # no config, only overrides
         path, overrides = None, [path, *overrides]
+    if args.speculative or args.refill:
+        return _print_lines(_offline_lines(args, path, overrides))
     return _print_lines(
         generate.run(
             load_config(path, overrides), batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len,
@@ -66,6 +81,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             samplers=tuple(generate.parse_sample(spec) for spec in args.sample),
         )
     )  # fmt: skip
+
+
+def _offline_lines(args: argparse.Namespace, path, overrides):
+    import jax
+
+    import jaxgen
+    from jaxgen.bench import offline
+    from jaxgen.config import load_config
+    from jaxgen.errors import JaxgenError
+    from jaxgen.model.transformer import init_params
+
+    if args.speculative:
+        if not (args.run and args.prompts):
+            raise JaxgenError("--speculative: give --run (a trained model) and --prompts (a JSONL file)")
+        lm = jaxgen.load(args.run)
+        yield from offline.speculative_lines(
+            lm, offline.read_prompts(args.prompts), mode=args.speculative, new_tokens=args.new_tokens,
+            num_tokens=args.num_speculative_tokens, max_ngram=args.max_ngram, draft_run=args.draft_run,
+            rounds=args.rounds,
+        )  # fmt: skip
+    if args.refill:
+        config = load_config(path, overrides)
+        params = jax.jit(init_params, static_argnums=0)(config.model, jax.random.key(0))
+        yield from offline.refill_lines(
+            config, params, batch=(args.batch or [8])[0], count=args.count, prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens, spread=args.spread, rounds=args.rounds,
+        )  # fmt: skip
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
