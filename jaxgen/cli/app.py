@@ -31,19 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_library_logs() -> None:
-    """orbax/TFDS log routine notices through absl at WARNING; users only need errors."""
+def _quiet_library_logs(debug: bool) -> None:
+    """orbax/TFDS log routine notices through absl at WARNING, and orbax logs a failed
+    background save (a full disk) at ERROR with its traceback before jaxgen reports it as
+    one line; `--debug` shows them all."""
     import logging
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.WARNING if debug else logging.CRITICAL)
+
+
+def _keep_tpu_runtime_quiet() -> None:
+    """No TPU runtime where no TPU is present or asked for (runtime/platforms.py), decided
+    before any handler starts a JAX backend. Without libtpu JAX starts none, so the check
+    (and importing runtime/, which imports JAX) is skipped and `--help` stays instant."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    from jaxgen.runtime.platforms import keep_tpu_runtime_quiet
+
+    keep_tpu_runtime_quiet()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    _quiet_library_logs()
     # Overrides may follow options too (`train cfg.yaml --run-dir X a.b=1`), which plain
     # argparse rejects for a nargs="*" positional: collect the stragglers here.
     args, extra = parser.parse_known_args(argv)
+    _quiet_library_logs(args.debug)
+    _keep_tpu_runtime_quiet()
     if extra:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

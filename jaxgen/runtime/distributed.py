@@ -18,18 +18,16 @@ Anything else is a single host and nothing happens. `cluster_from_env` is the pu
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
-import pathlib
 import urllib.request
 from collections.abc import Callable, Mapping
 
 import jax
 
 from jaxgen.errors import JaxgenError
+from jaxgen.runtime.platforms import tpu_chips_present
 
 EXPLICIT_VARS = ("JAXGEN_COORDINATOR", "JAXGEN_NUM_PROCESSES", "JAXGEN_PROCESS_ID")
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
 _METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
 
 _initialized = False  # set once this module has joined (or found) a distributed job
@@ -127,14 +125,6 @@ def _slurm_cluster(env: Mapping[str, str]) -> Cluster:
     if count > nodes:
         local = (_int_var(env, "SLURM_LOCALID", 0),)
     return Cluster("slurm", coordinator, count, process_id, local)
-
-
-def tpu_chips_present() -> bool:
-    """Whether this host has TPU chips (a Google PCI device), checked without JAX."""
-    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        if pathlib.Path(path).read_text().strip() == _GOOGLE_PCI_VENDOR:
-            return True
-    return False
 
 
 def tpu_vm_worker_count(timeout: float = 10.0) -> int:
