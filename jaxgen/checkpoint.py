@@ -16,8 +16,13 @@ imported model (params only) is a valid run directory to fine-tune from.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import pathlib
 import shutil
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -41,24 +46,83 @@ TOKENIZER_FILES = (
 )
 
 
+# What a run directory holds besides the tokenizer: `--overwrite` removes exactly these.
+RUN_ENTRIES = (CONFIG_FILE, "checkpoints", "metrics.jsonl", "events", "damaged", "finetune.json")
+# orbax writes this file into a step directory as the last act of a save.
+COMMIT_MARKER = "commit_success.txt"
+
+
+class CheckpointDamaged(JaxgenError):
+    """A checkpoint that cannot be read back (resuming falls back to an older one)."""
+
+
 def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(run_dir).absolute() / "checkpoints"
+
+
+def check_links(run_dir: str | pathlib.Path) -> None:
+    """Refuses a run directory holding a symlink that leads outside it.
+
+    Training appends to metrics.jsonl, copies the tokenizer over tokenizer.model and lets
+    orbax delete old checkpoints; through such a link each would write or delete files
+    elsewhere on the machine. (The run directory itself may be a link.)
+    """
+    root = pathlib.Path(run_dir).resolve()
+    for dirpath, dirnames, filenames in os.walk(root):  # links are listed, never entered
+        for name in (*dirnames, *filenames):
+            path = pathlib.Path(dirpath) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise JaxgenError(
+                    f"{path}: a symlink to {path.resolve()}, outside the run directory; jaxgen reads"
+                    " and writes only inside it"
+                )
 
 
 def write_run_config(run_dir: str | pathlib.Path, config: Config) -> None:
     """Writes config.yaml atomically (temp file + rename)."""
     run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(to_yaml(config))
-    tmp.replace(run_dir / CONFIG_FILE)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        check_links(run_dir)
+        tmp = run_dir / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(to_yaml(config))
+        tmp.replace(run_dir / CONFIG_FILE)
+    except OSError as e:
+        raise JaxgenError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
 
 
 def read_run_config(run_dir: str | pathlib.Path) -> Config:
     path = pathlib.Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise JaxgenError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    check_links(run_dir)
     return load_config(path)
+
+
+def step_dirs(run_dir: str | pathlib.Path) -> dict[int, pathlib.Path]:
+    """{step: directory} of every step directory, committed or not (orbax lists both)."""
+    ckpt = checkpoint_dir(run_dir)
+    found = ckpt.iterdir() if ckpt.is_dir() else ()
+    return {int(p.name): p for p in found if p.name.isdigit() and p.is_dir()}
+
+
+def uncommitted(step_dir: pathlib.Path) -> str | None:
+    """Why `step_dir` is not a finished save, or None when it is."""
+    if (step_dir / COMMIT_MARKER).is_file():
+        return None
+    try:  # checkpoints of orbax versions before the marker record their commit time instead
+        meta = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("commit_timestamp_nsecs"):
+        return None
+    return f"no commit marker ({COMMIT_MARKER}): its save never finished"
+
+
+def stored_shapes(step_dir: pathlib.Path, item: str) -> dict[str, tuple[int, ...]]:
+    """{parameter path: shape} of an array item, read from its metadata (no array data)."""
+    tree = ocp.StandardCheckpointHandler().metadata(step_dir / item).tree
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def copy_tokenizer(source: str | pathlib.Path, run_dir: str | pathlib.Path) -> None:
@@ -93,6 +157,25 @@ def save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], *, force
     return mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
 
+@contextlib.contextmanager
+def writing(run_dir: str | pathlib.Path) -> Iterator[None]:
+    """Turns a failed checkpoint write (a full disk, a lost permission) into one line naming
+    the newest checkpoint left intact: orbax writes into a temporary directory and renames
+    it only once whole, so the steps before stay as they were."""
+    try:
+        yield
+    except OSError as e:
+        intact = [s for s, d in step_dirs(run_dir).items() if uncommitted(d) is None]
+        left = (
+            f"checkpoint {max(intact)} is intact and the run resumes from it"
+            if intact
+            else "no checkpoint yet"
+        )
+        raise JaxgenError(
+            f"{checkpoint_dir(run_dir)}: cannot write a checkpoint ({e.strerror or e}); {left}"
+        ) from None
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -106,13 +189,31 @@ def restore(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> 
             args[name] = ocp.args.JsonRestore()
         else:
             args[name] = ocp.args.StandardRestore(_abstract(*target))
+    where = f"{checkpoint_dir(mngr.directory.parent)}/{step}"
     try:
-        return dict(mngr.restore(step, args=ocp.args.Composite(**args)).items())
-    except (ValueError, KeyError) as e:
-        raise JaxgenError(
-            f"{checkpoint_dir(mngr.directory.parent)}/{step}: checkpoint does not match the model"
-            f" ({str(e).splitlines()[0][:200]})"
-        ) from None
+        with _unraisable_kept():
+            return dict(mngr.restore(step, args=ocp.args.Composite(**args)).items())
+    except Exception as e:  # TensorStore reports unreadable data as a plain Exception
+        text = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if isinstance(e, (ValueError, KeyError)) and any(m in text for m in _MISMATCH):
+            raise JaxgenError(f"{where}: checkpoint does not match the model ({text})") from None
+        raise CheckpointDamaged(f"{where}: checkpoint is damaged ({text})") from None
+
+
+# What orbax says when a checkpoint is whole but of another model (vs. unreadable data).
+_MISMATCH = ("not compatible with the stored shape", "pytree structure", "Requested shape")
+
+
+@contextlib.contextmanager
+def _unraisable_kept() -> Iterator[list]:
+    """Collects the "Exception ignored in coroutine" reports of a failed restore (orbax's
+    reads left pending when one fails) instead of printing them: the error raised says it."""
+    kept: list = []
+    previous, sys.unraisablehook = sys.unraisablehook, kept.append
+    try:
+        yield kept
+    finally:
+        sys.unraisablehook = previous
 
 
 def save_params(

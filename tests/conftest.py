@@ -23,3 +23,12 @@ def tiny_config() -> Config:
 def tiny_llama_config() -> Config:
     """The Llama-family twin: RoPE, RMSNorm, SwiGLU, 2 KV heads for 4 query heads."""
     return load_config(None, ["model.preset=tiny-llama", "model.dtype=float32"])
+
+
+# Reliability totals (hostile inputs, fuzz examples) for the terminal summary.
+from reliability_counts import (  # noqa: E402, F401
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_testnodedown,
+    reliability,
+)

@@ -26,6 +26,11 @@ def add_parser(sub) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         add_config_args(p)
         p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start over in a run directory holding an earlier run (removes its checkpoints, metrics)",
+        )
         p.set_defaults(handler=_cmd_train if name == "train" else _cmd_finetune)
 
 
@@ -36,7 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxgen.config import load_config
     from jaxgen.train.loop import train
 
-    return _report(train(load_config(args.config, args.overrides), args.run_dir))
+    return _report(train(load_config(args.config, args.overrides), args.run_dir, overwrite=args.overwrite))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -48,7 +53,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from jaxgen.config import load_config
     from jaxgen.train.finetune import finetune
 
-    return _report(finetune(load_config(args.config, args.overrides), args.run_dir))
+    return _report(finetune(load_config(args.config, args.overrides), args.run_dir, overwrite=args.overwrite))
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import typing
 import pydantic
 import yaml
 
+from jaxgen.config import safe_yaml
 from jaxgen.config.schema import Config
 from jaxgen.errors import JaxgenError
 
@@ -30,19 +31,25 @@ def read_yaml(path: str | pathlib.Path, _seen: tuple[pathlib.Path, ...] = ()) ->
     if path in _seen:
         raise JaxgenError(f"{path}: circular extends")
     try:
+        if path.stat().st_size > safe_yaml.MAX_BYTES:  # refused before reading it into memory
+            size = path.stat().st_size
+            raise JaxgenError(
+                f"{path}: {size:,} bytes is too large for a config (limit {safe_yaml.MAX_BYTES:,})"
+            )
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise JaxgenError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise JaxgenError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError as e:
+        raise JaxgenError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
+    data = safe_yaml.safe_load(text, str(path)) or {}
     if not isinstance(data, dict):
         raise JaxgenError(f"{path}: a config must be a mapping, got {type(data).__name__}")
     parent = data.pop("extends", None)
     if parent is not None:
+        if not isinstance(parent, str):
+            raise JaxgenError(f"{path}: extends: expected a file name, got {type(parent).__name__}")
         base = read_yaml(path.parent / parent, (*_seen, path))
         data = _deep_merge(base, data)
     return data
@@ -75,7 +82,7 @@ def _parse_value(key: str, raw: str):
         node = yaml.compose(raw, Loader=yaml.SafeLoader)
         if isinstance(node, yaml.SequenceNode) and all(isinstance(n, yaml.ScalarNode) for n in node.value):
             return [n.value for n in node.value]
-    return yaml.safe_load(raw) if raw else ""
+    return safe_yaml.safe_load(raw, f"override {key}", numbered=False) if raw else ""
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -89,6 +96,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             value = _parse_value(key, raw)
         except yaml.YAMLError:
             raise JaxgenError(f"override {key}: cannot parse value {raw!r}") from None
+        except RecursionError:
+            raise JaxgenError(f"override {key}: value nested too deeply") from None
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

@@ -8,15 +8,49 @@ so a typo is an error that names the full dotted key and the closest valid one.
 from __future__ import annotations
 
 import difflib
+import math
+import typing
 from typing import Any, Literal
 
 import pydantic
 
 from jaxgen.config.presets import PRESETS
 
+# The largest integer a setting may hold: what numpy, JAX and TensorStore index with. A
+# larger count is a typo or a hostile file, and would fail later, far from its key.
+INT_LIMIT = 2**63 - 1
+
+
+def _out_of_range(value: Any) -> str | None:
+    """Why a value (or an item of it) is no number a setting can hold, else None."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else None
+    if items is not None:
+        return next(filter(None, map(_out_of_range, items)), None)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        return f"{value} is out of range (at most 2**63 - 1)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    return None
+
+
+def plain_name(value: str) -> str:
+    """`value` when it is one plain path component: names become directories (`runs/<name>`,
+    `<data_dir>/<data.name>`), and a name such as `../../x` or `/etc` would write outside them."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise ValueError(f"{value!r} is a path, not a plain name (it names a directory jaxgen writes)")
+    return value
+
 
 class _Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _bounded(cls, value: Any) -> Any:
+        problem = _out_of_range(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 PositiveInt = pydantic.PositiveInt
@@ -60,6 +94,8 @@ class ModelConfig(_Section):
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
             name = data["preset"]
+            if not isinstance(name, str):
+                raise ValueError(f"preset: expected a preset name, got {type(name).__name__}")
             if name not in PRESETS:
                 raise ValueError(unknown_value("preset", name, PRESETS))
             data = {**PRESETS[name], **data}
@@ -137,7 +173,7 @@ class TokenizerConfig(_Section):
 class DataConfig(_Section):
     """Where text comes from and how it becomes batches."""
 
-    name: str = "default"  # the prepared dataset's name inside data_dir
+    name: typing.Annotated[str, pydantic.AfterValidator(plain_name)] = "default"  # dataset dir in data_dir
     data_dir: str = "data/prepared"
     format: Literal["text", "jsonl", "sft", "preference"] = "text"
     train_files: tuple[str, ...] = ()  # paths or globs; "tfds:NAME/CONFIG" for a catalog set
@@ -201,6 +237,8 @@ class TrainConfig(_Section):
     z_loss: float = pydantic.Field(0.0, ge=0.0)
     loss_chunk: PositiveInt = 256  # sequence positions per chunk of the vocab projection + CE
     nan_policy: Literal["skip", "stop"] = "stop"
+    # a loss above this x the median of the last 100 is logged with its batch (None: off)
+    spike_factor: float | None = pydantic.Field(3.0, gt=1.0)
     log_every: PositiveInt = 10
     eval_every: PositiveInt | None = None  # None: only at the end
     eval_batches: PositiveInt = 20
@@ -327,7 +365,7 @@ class EvalConfig(_Section):
 class Config(_Section):
     """A whole experiment."""
 
-    name: str = "default"
+    name: typing.Annotated[str, pydantic.AfterValidator(plain_name)] = "default"  # runs/<name>
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()

@@ -24,9 +24,19 @@ SUPPORTED = (GPT2, LLAMA)
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
+# config.json, generation_config.json and shard indexes are kilobytes to a few megabytes;
+# a larger one is refused before it is read into memory.
+MAX_JSON_BYTES = 64 << 20
+
+
 def read_json(path: pathlib.Path) -> dict:
     """Reads a JSON object, or raises a one-line error naming the file."""
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise JaxgenError(
+                f"{path}: {size:,} bytes is too large for a settings file (limit {MAX_JSON_BYTES:,})"
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise JaxgenError(f"{path}: not found") from None
@@ -34,6 +44,10 @@ def read_json(path: pathlib.Path) -> dict:
         raise JaxgenError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise JaxgenError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise JaxgenError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a number of > 4,300 digits; nesting past the stack
+        raise JaxgenError(f"{path}: invalid JSON ({str(e).split(';')[0] or 'nested too deeply'})") from None
     if not isinstance(data, dict):
         raise JaxgenError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -153,6 +167,15 @@ def model_fields(hf: dict, where: str) -> dict:
     Args:
         hf: the parsed config.json; where: its path, for error messages.
     """
+    if hf.get("auto_map") is not None:
+        # transformers would import Python files from the model directory for these
+        # classes (trust_remote_code); the math they define is unknown to jaxgen.
+        named = hf["auto_map"]
+        first = next(iter(named.values()), "") if isinstance(named, dict) and named else named
+        raise JaxgenError(
+            f"{where}: auto_map: {first!r} is custom model code; jaxgen never runs model code"
+            " from a model directory (convert it to a supported architecture with transformers)"
+        )
     arch = architecture(hf, where)
     return _gpt2_model(hf, where) if arch == GPT2 else _llama_model(hf, where)
 

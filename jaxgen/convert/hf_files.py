@@ -96,6 +96,11 @@ def _weight_map(hf_dir: pathlib.Path) -> dict[str, str]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise JaxgenError(f"{hf_dir / INDEX}: weight_map: missing or empty")
+        for file in weight_map.values():
+            # A shard is a file of this directory: a path in the index ("../x", "/x") could
+            # make a downloaded model read any file of the machine.
+            if not isinstance(file, str) or pathlib.PurePath(file).name != file or file in (".", ".."):
+                raise JaxgenError(f"{hf_dir / INDEX}: weight_map: {file!r} is not a file name in {hf_dir}")
         for file in sorted(set(weight_map.values())):
             if not (hf_dir / file).is_file():
                 raise JaxgenError(f"{hf_dir / INDEX}: shard {file} not found in {hf_dir}")

@@ -181,6 +181,10 @@ def iter_jsonl(path: pathlib.Path, strict: bool, advance=None) -> Iterator[tuple
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise JaxgenError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except ValueError as e:  # an integer of more than 4,300 digits
+                raise JaxgenError(f"{path}:{lineno}: not valid JSON ({str(e).split(';')[0]})") from None
+            except RecursionError:
+                raise JaxgenError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
             if not isinstance(record, dict):
                 raise JaxgenError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             replaced = line.count("\ufffd") if replaced_left else 0

@@ -25,20 +25,38 @@ from jaxgen.tokenizer.word_cache import flatten
 
 _GPT2_EOT = "<|endoftext|>"
 _ROLES = ("pad", "bos", "eos", "unk")
+# The largest tokenizer file read: published ones are at most tens of megabytes (Gemma's
+# tokenizer.json ~34 MB); a larger file is refused before it is read into memory.
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def check_size(path: pathlib.Path) -> None:
+    """A one-line error when the tokenizer file `path` is larger than MAX_TOKENIZER_BYTES."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # reading it names the problem
+    if size > MAX_TOKENIZER_BYTES:
+        raise JaxgenError(
+            f"{path}: {size:,} bytes is too large for a tokenizer file (limit {MAX_TOKENIZER_BYTES:,})"
+        )
 
 
 def _read(path: pathlib.Path) -> dict:
     if not path.is_file():
         return {}
+    check_size(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JaxgenError(f"{path}: cannot read tokenizer settings ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # JSON, UTF-8, a number of > 4,300 digits
+        raise JaxgenError(f"{path}: cannot read tokenizer settings ({str(e).split(';')[0]})") from None
     return data if isinstance(data, dict) else {}
 
 
 def _gpt2_bpe(vocab: pathlib.Path, merges: pathlib.Path) -> tokenizers.Tokenizer:
     """GPT-2's byte-level BPE, built as transformers' GPT2TokenizerFast builds it."""
+    check_size(vocab)
+    check_size(merges)
     try:
         tok = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
@@ -64,6 +82,7 @@ class HFTokenizer:
         self.directory = pathlib.Path(directory)
         if (self.directory / "tokenizer.json").is_file():
             self.path = self.directory / "tokenizer.json"
+            check_size(self.path)
             try:
                 self._tok = tokenizers.Tokenizer.from_file(str(self.path))
             except Exception as e:

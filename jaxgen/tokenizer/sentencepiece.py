@@ -18,7 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxgen.errors import JaxgenError
-from jaxgen.tokenizer.hf import HFTokenizer
+from jaxgen.tokenizer.hf import HFTokenizer, check_size
 from jaxgen.tokenizer.word_cache import WordCache, flatten
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -36,6 +36,7 @@ class Tokenizer:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        check_size(self.path)
         try:
             proto = self.path.read_bytes()
         except OSError as e:

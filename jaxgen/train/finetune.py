@@ -227,12 +227,17 @@ def resolve(config: Config, run_dir: pathlib.Path, *, start: bool = True) -> tup
 
 
 def finetune(
-    config: Config, run_dir: str | pathlib.Path | None = None, *, console: Console | None = None
+    config: Config,
+    run_dir: str | pathlib.Path | None = None,
+    *,
+    console: Console | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Fine-tunes `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
+    """Fine-tunes `config` in `run_dir` (default `runs/<config.name>`), resuming if possible;
+    `overwrite` starts over instead."""
     started = time.perf_counter()
     leader = jax.process_index() == 0
-    console, run_dir = begin(config, run_dir, console)
+    console, run_dir = begin(config, run_dir, console, overwrite)
     if leader:
         config, record = resolve(config, run_dir)
         tuning = tuning_of(config, record)  # bad patterns fail before data preparation

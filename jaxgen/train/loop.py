@@ -27,6 +27,7 @@ from jaxgen.metrics import MetricsWriter, progress_bar
 from jaxgen.runtime import cpu_malloc
 from jaxgen.runtime.mesh import activate, data_parallel_size, make_mesh
 from jaxgen.tokenizer import load_tokenizer, model_vocab_size
+from jaxgen.train import resume
 from jaxgen.train.hooks import Hooks, StepInfo
 from jaxgen.train.reports import Sampler, StepLogger, Validation
 from jaxgen.train.step import TrainState, TrainStep
@@ -142,26 +143,46 @@ class Run:
             self.validation(info)
 
     def start(self) -> tuple[TrainState, int]:
-        latest = self.mngr.latest_step()
-        if latest is None:
+        """The state to train from: the newest intact checkpoint (train/resume.py), or a
+        fresh init when the run has none."""
+        leader = jax.process_index() == 0
+        if not checkpoint.step_dirs(self.run_dir):
+            resume.check_fresh_start(self.run_dir)
             base = None if self.load_base is None else self.load_base()
             return self.step_fn.init(jax.random.key(self.config.train.seed), base), 0
         if self.load_base is not None and self.step_fn.tuning.has_frozen_base:
             self.step_fn.set_frozen(self.load_base())
         abstract = self.step_fn.abstract_state()
         shard = self.step_fn.state_shardings
-        items = checkpoint.restore(
-            self.mngr,
-            latest,
-            {
-                "params": (abstract.params, shard.params),
-                "opt": (
-                    (abstract.opt_state, abstract.step, abstract.rng),
-                    (shard.opt_state, shard.step, shard.rng),
-                ),
-                "data": None,
-            },
+        targets = {
+            "params": (abstract.params, shard.params),
+            "opt": (
+                (abstract.opt_state, abstract.step, abstract.rng),
+                (shard.opt_state, shard.step, shard.rng),
+            ),
+            "data": None,
+        }
+        shapes = {
+            jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]
+        }
+        warn = self.console.print if leader else (lambda _: None)
+        found = resume.newest_intact(
+            self.run_dir,
+            lambda step: checkpoint.restore(self.mngr, step, targets),
+            tuple(targets),
+            shapes,
+            warn,
         )
+        assert found is not None  # there are step directories
+        latest, items, damaged = found
+        barrier("jaxgen-restored")  # every process has read before the damaged ones move
+        if leader:
+            resume.move_aside(self.run_dir, damaged)
+            resume.trim_metrics(self.run_dir, latest)
+        barrier("jaxgen-moved-aside")
+        if damaged:
+            self.mngr.reload()
         opt_state, step, rng = items["opt"]
         self.batches.set_state(items["data"])
         self.console.print(f"resumed from {self.run_dir}/checkpoints/{latest}")
@@ -174,7 +195,13 @@ class Run:
             "data": self.batches.get_state(),
             "meta": {"step": step, "updates": int(state.step)},
         }
-        checkpoint.save(self.mngr, step, items, force=force)
+        with checkpoint.writing(self.run_dir):
+            checkpoint.save(self.mngr, step, items, force=force)
+
+    def wait(self) -> None:
+        """Waits for a checkpoint save in flight (one line if it failed to write)."""
+        with checkpoint.writing(self.run_dir):
+            self.mngr.wait_until_finished()
 
 
 def barrier(name: str) -> None:
@@ -191,22 +218,34 @@ def prepare_data(config: Config) -> data.DatasetInfo:
     return info if leader else data.prepare(config, progress=False)
 
 
-def begin(config: Config, run_dir, console: Console | None) -> tuple[Console, pathlib.Path]:
-    """The console and run directory of a `train` or `finetune` call (default `runs/<name>`)."""
+def begin(
+    config: Config, run_dir, console: Console | None, overwrite: bool = False
+) -> tuple[Console, pathlib.Path]:
+    """The console and run directory of a `train` or `finetune` call (default `runs/<name>`);
+    `overwrite` clears what an earlier run left there (train/resume.py: `clear`)."""
     # One process speaks for a multi-host job. Lines are not wrapped to the console's width:
     # a log line cut mid-value (the banner's mesh dict, a long run dir) reads as two.
     console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
     check_no_placeholders(config)
-    return console, pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
+    run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
+    if overwrite and jax.process_index() == 0:
+        resume.clear(run_dir)
+    barrier("jaxgen-begin")
+    return console, run_dir
 
 
 def train(
-    config: Config, run_dir: str | pathlib.Path | None = None, *, console: Console | None = None
+    config: Config,
+    run_dir: str | pathlib.Path | None = None,
+    *,
+    console: Console | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Trains `config` in `run_dir` (default `runs/<config.name>`), resuming if possible."""
+    """Trains `config` in `run_dir` (default `runs/<config.name>`), resuming if possible;
+    `overwrite` starts over instead (an existing run never restarts from scratch without it)."""
     started = time.perf_counter()
     leader = jax.process_index() == 0
-    console, run_dir = begin(config, run_dir, console)
+    console, run_dir = begin(config, run_dir, console, overwrite)
     # Process 0 writes shared files (prepared data, run config); the others wait for it
     # and then only read them.
     info = prepare_data(config)
@@ -245,7 +284,7 @@ def run_training(
         except BaseException:
             # Whatever stopped the loop (a data worker, NaNs, Ctrl-C twice), a save in flight
             # completes, so the last checkpoint is whole and the run resumes from it.
-            run.mngr.wait_until_finished()
+            run.wait()
             raise
         finally:
             run.batches.close()  # stops worker processes before grain's exit-time finalizers
@@ -272,10 +311,10 @@ def _loop(run: Run, flag: dict, started: float) -> TrainResult:
         run.console.print(f"{flag['stop']}: saving a checkpoint at step {step} and exiting")
     else:
         final_eval = run.validation(StepInfo(step, state, None, last=True), max_batches=None)
-    run.mngr.wait_until_finished()
+    run.wait()
     if step not in run.mngr.all_steps():
         run.save(state, step, force=True)
-        run.mngr.wait_until_finished()
+        run.wait()
     run.mngr.close()
     run.metrics.close()
     return TrainResult(

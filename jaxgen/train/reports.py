@@ -18,6 +18,7 @@ from jaxgen.model.transformer import model_flops_per_token
 from jaxgen.tokenizer import load_tokenizer
 from jaxgen.train import dpo
 from jaxgen.train.hooks import Hooks, StepInfo
+from jaxgen.train.spikes import SpikeWatch
 from jaxgen.train.step import TrainStep
 
 
@@ -36,6 +37,8 @@ class StepLogger:
         self.pending: list = []
         self.losses: list[float] = []
         self.skipped = 0
+        self.nonfinite = 0  # non-finite steps since this process started (in every train record)
+        self.spikes = SpikeWatch(config.train.spike_factor, config.train.batch_size)
         self.since = time.perf_counter()
         self.paused_since = 0.0
         self.compiled = False
@@ -63,12 +66,26 @@ class StepLogger:
         bad = sum(not bool(m.finite) for m in fetched)
         self.losses += losses
         self.skipped += bad
+        self.nonfinite += bad
+        first = step - len(fetched) + 1  # the pending metrics are of consecutive steps
+        for i, loss in enumerate(losses):
+            self._report_spike(first + i, self.spikes.check(first + i, loss))
         if bad and self.config.train.nan_policy == "stop":
             raise JaxgenError(
                 f"step {step}: loss or gradient is NaN/Inf; stopped (train.nan_policy=stop),"
                 " the last good checkpoint is kept"
             )
         return fetched, seconds, losses, bad
+
+    def _report_spike(self, step: int, spike: dict | None) -> None:
+        if spike is None:
+            return
+        self.metrics.write(step, "spike", spike)
+        loss, factor, median = spike["loss"], spike["factor"], spike["median"]
+        self.console.print(
+            f"loss spike at step {step}: {loss:.4f} > {factor:g} x median {median:.4f}"
+            f" (batch {spike['batch']} of the run's stream, rows {spike['rows'][0]}-{spike['rows'][1] - 1})"
+        )
 
     def _report(self, step: int, fetched: list, seconds: float, losses: list[float], bad: int) -> None:
         last = fetched[-1]
@@ -81,6 +98,7 @@ class StepLogger:
             "tokens_per_second": tps,
             "step_ms": 1000 * seconds / len(fetched),
             "skipped": bad,
+            "nonfinite_total": self.nonfinite,
         }
         util = mfu(tps, self.flops, jax.device_count(), self.peak)
         if util is not None:
