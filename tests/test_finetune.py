@@ -330,7 +330,8 @@ def test_bad_inputs_are_one_line_errors(base_run, tmp_path):
     bad.write_text(
         '{"text": "fine", "attributes": {"case": "lower"}}\n{"text": "x", "attributes": {"case": 3}}\n'
     )
-    fails(rf"{bad}:2: field 'attributes' must map strings to strings", **{"data.train_files": f"[{bad}]"})
+    strict = {"data.train_files": f"[{bad}]", "data.bad_lines": "strict"}  # skipped by default
+    fails(rf"{bad}:2: field 'attributes' must map strings to strings", **strict)
     dropout_ok = _ft_config(base_run, **{"model.dropout": 0.1, "train.steps": 2, "checkpoint.every": 2})
     assert finetune(dropout_ok, tmp_path / "dropout").step == 2  # a shape-free field may change
 
@@ -442,3 +443,20 @@ def test_dpo_resume_is_exact(base_run, tmp_path, method):
     _, a = load_run_params(tmp_path / "resumed")
     _, b = load_run_params(tmp_path / "straight")
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_int8_and_bfloat16_weights_agree_with_float32_on_a_trained_model(base_run):
+    """Issue 20's quality bounds, on the one trained fixture: decoding weights in fewer bytes
+    keep top-1 agreement >= 99% on held-out text (model/quant.py)."""
+    import jaxgen
+
+    text = " ".join(r["text"] for r in _lines(40, seed=7))
+    want_lm = jaxgen.load(base_run)
+    ids = want_lm.tokenizer.encode(text)[: 8 * 48]
+    tokens = np.asarray(ids, np.int32).reshape(8, 48)
+    want = want_lm.logits(tokens)
+    for weights in ("bfloat16", "int8"):
+        got = jaxgen.load(base_run, weights=weights).logits(tokens)
+        # Measured: relative error 0.10% (bfloat16) and 0.13% (int8); top-1 agreement 99.7% and 100%.
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02, weights
+        assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.99, weights

@@ -12,6 +12,11 @@ def add_parser(sub) -> None:
     q = eval_sub.add_parser("perplexity", help="nats/token, perplexity, nats/char, bits/byte")
     q.add_argument("--run", required=True, help="run directory (or Hugging Face model directory)")
     q.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
+    q.add_argument(
+        "--weights",
+        choices=("float32", "bfloat16", "int8"),
+        help="score with weights stored as (quality cost)",
+    )
     source = q.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="a UTF-8 text file")
     source.add_argument("--split", help="a prepared split of the run's dataset, e.g. validation")
@@ -29,7 +34,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     from jaxgen.evaluate import perplexity as evaluate
     from jaxgen.inference.language_model import load
 
-    lm = load(args.run, step=args.checkpoint)
+    lm = load(args.run, step=args.checkpoint, weights=args.weights)
     if args.text:
         result = evaluate.perplexity_of_text(lm, args.text)
         source = pathlib.Path(args.text).stem

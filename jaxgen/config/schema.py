@@ -298,6 +298,9 @@ class GenerateConfig(_Section):
     draft_run: str | None = pydantic.Field(
         None, description="speculative draft: a run or HF directory with the same tokenizer"
     )
+    weights: Literal["float32", "bfloat16", "int8"] | None = pydantic.Field(
+        None, description="decode with weights stored as (default: as loaded)"
+    )
     batch_size: PositiveInt = pydantic.Field(32, description="prompts per batch")
     prompt_buckets: tuple[PositiveInt, ...] = ()  # () : powers of two
     truncate_prompt: bool = False  # True: drop the oldest tokens of an over-long prompt

@@ -26,6 +26,7 @@ from jaxgen.data import chat
 from jaxgen.decode import loop, refill, request, sampling, speculative
 from jaxgen.decode.request import Prompt
 from jaxgen.errors import JaxgenError
+from jaxgen.model import quant
 from jaxgen.model.serving import ServingTransformer, stack_layers, unstack_layers
 from jaxgen.runtime.mesh import make_mesh, mesh_context
 from jaxgen.tokenizer.text import continuation, cut_at_stop, stop_prefix
@@ -71,20 +72,38 @@ class LanguageModel:
         mesh: shard generation batches over its data axes (None: one device).
     """
 
-    def __init__(self, config: Config, params, tokenizer=None, mesh=None, attributes=None):
+    def __init__(self, config: Config, params, tokenizer=None, mesh=None, attributes=None, weights=None):
 
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         # {attribute: values} the model was fine-tuned with (finetune.json); None: unknown.
         self.attributes = attributes
         # The one copy of the weights this object keeps, in the serving layout (one array
-        # per layer, jaxgen/model/serving.py) that decoding needs and scoring accepts.
+        # per layer, jaxgen/model/serving.py) that decoding needs and scoring accepts,
+        # stored as `weights` (model/quant.py; None: as given).
+        self.weights = weights or config.generate.weights
         self.serving_params = unstack_layers(params, config.model)
+        if self.weights is not None:
+            self.serving_params = _convert_weights(self.serving_params, self.weights)
+        self._other_weights: dict[str, object] = {}
+
+    def params_for(self, weights: str | None):
+        """The serving params stored as `weights` (None: as loaded), converted once from the
+        loaded ones (a second copy: for comparing, not for serving two formats)."""
+        if weights is None or weights == (self.weights or "float32"):
+            return self.serving_params
+        if weights not in self._other_weights:
+            self._other_weights[weights] = _convert_weights(self.serving_params, weights)
+        return self._other_weights[weights]
 
     @property
     def params(self):
         """The stacked (checkpoint-layout) param tree, rebuilt from `serving_params` on each
         access (a copy: for export, not for the hot path)."""
 
+        if self.weights == "int8":
+            raise JaxgenError(
+                "params: loaded with int8 weights for decoding; load without weights= to export"
+            )
         return stack_layers(self.serving_params)
 
     # ------------------------------------------------------------------ scoring
@@ -208,7 +227,7 @@ class LanguageModel:
             for p, r, n in zip(prompts, row_ids, limits, strict=True)
         ]
         rows = refill.refill_ids(
-            model, self.serving_params, encoded, limits, req.spec, batch_size=opts.batch_size,
+            model, self.params_for(opts.weights), encoded, limits, req.spec, batch_size=opts.batch_size,
             seed=opts.seed, row_ids=[request.row_id(r) for r in row_ids],
         )  # fmt: skip
         for i, completion in rows:
@@ -219,7 +238,8 @@ class LanguageModel:
         draft = None
         if isinstance(req.speculation, speculative.DraftModel):
             draft = self.draft(req.options.draft_run).serving_params
-        prompts, rows = request.run_batch(model, self.serving_params, prompts, row_ids, req, self.mesh, draft)
+        params = self.params_for(req.options.weights)
+        prompts, rows = request.run_batch(model, params, prompts, row_ids, req, self.mesh, draft)
         return [self._result(p, cs, req) for p, cs in zip(prompts, rows, strict=True)]
 
     def _result(
@@ -258,7 +278,8 @@ class LanguageModel:
         tokens: list[int] = []
         shown = text = ""
         for pieces in loop.stream_ids(
-            self.config.model, self.serving_params, [ids], req.spec, max_new_tokens=new, chunk=chunk,
+            self.config.model, self.params_for(req.options.weights), [ids], req.spec, max_new_tokens=new,
+            chunk=chunk,
             seed=req.options.seed, row_ids=[request.row_id(row_id)], mesh=self.mesh,
             buckets=req.options.prompt_buckets,
         ):  # fmt: skip
@@ -315,7 +336,7 @@ class LanguageModel:
 
 
 def load(
-    path: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None, mesh=None
+    path: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None, mesh=None, weights=None
 ) -> LanguageModel:
     """Loads a run directory (config.yaml + checkpoints) or a Hugging Face model directory.
 
@@ -323,6 +344,8 @@ def load(
         step: checkpoint step (default: the latest).
         dtype: cast params, e.g. "bfloat16" for serving.
         mesh: where to place params and shard batches (default: all devices, data parallel).
+        weights: "float32", "bfloat16" or "int8": how decoding stores the weights
+            (model/quant.py; default: the config's generate.weights, else as stored).
     """
 
     path = pathlib.Path(path)
@@ -331,13 +354,13 @@ def load(
     if (path / "config.json").exists() and not (path / "config.yaml").exists():
         mesh = mesh or default_mesh()
         config, params, tokenizer = load_hf(path, dtype=dtype, mesh=mesh, serving=True)
-        return LanguageModel(config, params, tokenizer, mesh)
+        return LanguageModel(config, params, tokenizer, mesh, weights=weights)
 
     mesh = mesh or make_mesh(MeshConfig())
     # A LoRA run's adapters are folded into its base here, once: decoding then runs at
     # the base model's speed (merged == unmerged within float32 rounding, tested).
     config, params = load_run_params(path, step=step, mesh=mesh, dtype=dtype)
-    return LanguageModel(config, params, find_tokenizer(path), mesh, trained_attributes(path))
+    return LanguageModel(config, params, find_tokenizer(path), mesh, trained_attributes(path), weights)
 
 
 def _check_control(control: dict[str, str], known: dict[str, list[str]] | None) -> None:
@@ -348,6 +371,9 @@ def _check_control(control: dict[str, str], known: dict[str, list[str]] | None) 
         if value not in known.get(key, []):
             listed = ", ".join(f"{k}={v}" for k, values in known.items() for v in values)
             raise JaxgenError(f"control: {key}={value} was never seen in fine-tuning (known: {listed})")
+
+
+_convert_weights = jax.jit(quant.serving_weights, static_argnums=1)
 
 
 def _check_same_tokenizer(ours, theirs, path) -> None:

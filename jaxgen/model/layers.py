@@ -128,6 +128,8 @@ class Einsum(nn.Module):
             "kernel", nn.with_logical_partitioning(init, self.names), tuple(self.shape), self.param_dtype
         )
         y = kernel_einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        if kernel.dtype == jnp.int8:  # int8 weights for decoding (model/quant.py): a scale per output
+            y = y * self.get_variable("params", "scale").astype(self.dtype)
         if self.bias_dims:
             bias_shape = tuple(self.shape[-self.bias_dims :])
             bias_names = self.names[-self.bias_dims :]
