@@ -18,6 +18,7 @@ import numpy as np
 from jaxgen.config import Config, GenerateConfig
 from jaxgen.decode import beam, loop, request, sampling
 from jaxgen.errors import JaxgenError
+from jaxgen.model import quant
 from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
 
@@ -56,6 +57,12 @@ def _decode_line(config, params, batch, prompt_len, new_tokens, strategy) -> dic
         "total_s": whole_s,
         "compile_s": (first_prefill - prefill_s) + (first_whole - whole_s),
     }  # fmt: skip
+
+
+@jax.jit
+def _weight_pass(params):
+    """Reads every weight once (a sum per array, in its stored format)."""
+    return sum(jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(params))
 
 
 def _describe(strategy) -> str:
@@ -136,10 +143,14 @@ def run(
     num_beams=0,
     baseline=True,
     samplers: tuple[sampling.Sample, ...] = (),
+    weights: tuple[str, ...] = (),
 ) -> Iterator[dict]:
     """Yields one dict per setting (the CLI prints each as a JSON line).
 
-    Greedy cached decoding is timed at every batch size; each of `samplers` at the first.
+    Greedy cached decoding is timed at every batch size; each of `samplers` at the first;
+    with `weights` (model/quant.py), greedy batch-1 decoding again for each storage format,
+    beside a bare pass that reads every weight once (jnp.sum of each array in its format:
+    the floor of a batch-1 step), in alternating order.
     """
     cfg = config.model
     loop.check_room(cfg, prompt_len, new_tokens, "bench")
@@ -158,6 +169,15 @@ def run(
         yield common | _decode_line(config, serving, batches[0], prompt_len, new_tokens, strategy)
     if num_beams > 1:
         yield common | _beam_line(config, serving, batches[0], prompt_len, new_tokens, num_beams)
+    for r, name in enumerate(list(weights) + list(reversed(weights))):  # each twice, order alternating
+        converted = jax.jit(quant.serving_weights, static_argnums=1)(serving, name)
+        line = _decode_line(config, converted, batches[0], prompt_len, new_tokens, sampling.Greedy())
+        _, floor_s = _timed(_weight_pass, converted)
+        floor_ms = 1e3 * floor_s
+        yield common | line | {
+            "weights": name, "round": r // len(weights), "weight_mb": quant.weight_bytes(converted) / 1e6,
+            "weight_pass_ms": floor_ms, "vs_weight_pass": line["ms_per_decode_step"] / floor_ms,
+        }  # fmt: skip
     if baseline:
         b = batches[0]
         line = _baseline_line(config, params, b, prompt_len, new_tokens)

@@ -32,6 +32,11 @@ def add_parser(sub) -> None:
         help='also time sampling at the first batch size, e.g. "top_p=0.9" or "temperature=0.7 top_k=50" '
         "(repeatable)",
     )  # fmt: skip
+    q.add_argument(
+        "--weights",
+        default="",
+        help="also time batch-1 greedy decoding with these weight formats, e.g. float32,int8",
+    )
     q.add_argument("--rounds", type=int, default=3, help="--speculative / --refill: timed rounds")
     q.add_argument(
         "--speculative", choices=("prompt_lookup", "draft"),
