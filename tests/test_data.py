@@ -251,7 +251,8 @@ def test_invalid_utf8_is_replaced_and_counted_or_rejected_with_file_line(tmp_pat
 def test_bad_jsonl_names_file_and_line(tmp_path, content, overrides, message):
     path = _write(tmp_path / "data.jsonl", content)
     fmt = [] if overrides else ["data.format=jsonl"]
-    config = _config(tmp_path, [path], *fmt, *overrides, "data.validation_fraction=0")
+    strict = "data.bad_lines=strict"  # skipped and counted by default: tests/test_bad_lines.py
+    config = _config(tmp_path, [path], *fmt, *overrides, "data.validation_fraction=0", strict)
     with pytest.raises(JaxgenError, match=message):
         prepare(config, progress=False)
     assert not (tmp_path / "prepared" / "default" / "jaxgen_tokens").exists()  # nothing half-written

@@ -18,7 +18,9 @@ from jaxgen.data.tokenizer_training import train_tokenizer
 from jaxgen.errors import JaxgenError
 from jaxgen.evaluate import perplexity as evaluate
 from jaxgen.inference import jsonl as generate_jsonl
+from jaxgen.inference import language_model
 from jaxgen.model.transformer import init_params
+from jaxgen.tokenizer.sentencepiece import load_tokenizer
 from jaxgen.tokenizer.text import continuation
 
 TEXT = "the cat sat on the mat. the dog ate the bone. a bird sang in the tree.\n" * 30
@@ -116,7 +118,7 @@ def test_jsonl_resume_after_a_crash_and_a_torn_line(lm, tmp_path):
     options = dict(temperature=0.9, top_k=20, batch_size=4)
     full = generate_jsonl.run(lm, prompts, ref, options, progress=False)
     assert full.written == 14 and len(full.failures) == 2
-    assert full.failures[0].startswith(f"{prompts}:4: invalid JSON")
+    assert full.failures[0].startswith(f"{prompts}:4: not valid JSON")
     assert full.failures[1].startswith(f"{prompts}:7: ") and '"id" and "prompt"' in full.failures[1]
 
     class Crash(Exception):
@@ -341,3 +343,20 @@ def test_generate_each_refills_and_matches_generate(lm, tmp_path):
     _write_prompts(path, 9)
     generate_jsonl.run(lm, path, out, lengths, progress=False)
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(9))
+
+
+def test_speculative_generate_equals_plain_and_checks_the_draft(lm, run_dir, tmp_path):
+    prompts = ["the cat sat on the mat. the cat", "a bird", "the dog ate the bone. the dog ate"]
+    want = lm.generate(prompts, temperature=0.0, max_new_tokens=10)
+    for options in (dict(speculative="prompt_lookup"), dict(speculative="draft", draft_run=str(run_dir))):
+        got = lm.generate(prompts, temperature=0.0, max_new_tokens=10, num_speculative_tokens=3, **options)
+        assert [g.tokens for g in got] == [w.tokens for w in want]
+    # A draft whose tokenizer splits text differently is refused before anything runs.
+    corpus = run_dir.parent / "corpus.txt"
+    overrides = ["model.preset=tiny", f"data.train_files=[{corpus}]", f"data.data_dir={tmp_path}"]
+    config = jaxgen.load_config(None, [*overrides, "tokenizer.vocab_size=60"])
+    other = load_tokenizer(train_tokenizer(config))
+    with pytest.raises(
+        JaxgenError, match=r"^draft_run: d: its tokenizer differs from the model's \(vocab 60 vs 80\)"
+    ):
+        language_model._check_same_tokenizer(lm.tokenizer, other, "d")

@@ -71,6 +71,6 @@ def test_non_finite_steps_are_counted_in_the_metrics(tmp_path):
     losses = [3.0, 2.0, float("nan"), 2.0, float("inf"), float("nan"), 2.0, 2.0]
     records, _ = _log(tmp_path, losses)
     train = [(r["step"], r["skipped"], r["nonfinite_total"]) for r in records if r["kind"] == "train"]
-    # Step 1 is fetched on its own (it includes compilation); steps 2-4 and 5-8 are reported.
+    # Steps 1-4 (step 1's compile time left out of the timing only) and 5-8 are reported.
     assert train == [(4, 1, 1), (8, 2, 3)]
     assert not [r for r in records if r["kind"] == "spike"]  # a NaN is no spike, nor in the median

@@ -264,8 +264,9 @@ def char_tokenizer(tmp_path_factory):
 )
 def test_bad_records_name_file_line_and_field(tmp_path, char_tokenizer, record, message):
     path = _write(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, record])
+    strict = "data.bad_lines=strict"  # skipped and counted by default: tests/test_bad_lines.py
     with pytest.raises(JaxgenError, match=message):
-        prepare(_config(tmp_path, [path], f"tokenizer.path={char_tokenizer}"), progress=False)
+        prepare(_config(tmp_path, [path], f"tokenizer.path={char_tokenizer}", strict), progress=False)
     assert not list((tmp_path / "prepared" / "default" / "jaxgen_tokens").iterdir())  # nothing half-written
 
 
@@ -274,7 +275,7 @@ def test_bad_records_fail_as_clearly_when_the_tokenizer_is_trained_first(tmp_pat
         tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "p"}]
     )
     with pytest.raises(JaxgenError, match=r"pairs.jsonl:2: no field 'chosen'"):
-        prepare(_config(tmp_path, [path]), progress=False)
+        prepare(_config(tmp_path, [path], "data.bad_lines=strict"), progress=False)
 
 
 _TEMPLATE = (

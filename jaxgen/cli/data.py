@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from jaxgen.cli.common import add_config_args
 
@@ -17,6 +18,14 @@ def add_parser(sub) -> None:
         q = data_sub.add_parser(name, help=help_text, description=help_text)
         add_config_args(q)
         q.set_defaults(handler=handler)
+        if name == "prepare":
+            bad = q.add_mutually_exclusive_group()
+            bad.add_argument("--strict", action="store_true", help="stop at the first bad JSONL line")
+            bad.add_argument(
+                "--allow-bad-lines",
+                action="store_true",
+                help="exit 0 even when bad JSONL lines were skipped (they are still listed)",
+            )
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -33,7 +42,16 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from jaxgen.config import load_config
-    from jaxgen.data import prepare
+    from jaxgen.data import bad_lines, prepare
 
-    prepare(load_config(args.config, args.overrides))
+    strict = ["data.bad_lines=strict"] if args.strict else []
+    info = prepare(load_config(args.config, [*args.overrides, *strict]))
+    skipped = bad_lines(info)
+    if skipped and not args.allow_bad_lines:
+        print(
+            f"data prepare: {skipped:,} bad lines skipped (listed above); pass --allow-bad-lines to"
+            " accept them or --strict to stop at the first",
+            file=sys.stderr,
+        )
+        return 1
     return 0

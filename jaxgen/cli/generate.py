@@ -15,6 +15,8 @@ from jaxgen.cli import options
 from jaxgen.cli.completion import complete
 from jaxgen.errors import JaxgenError
 
+_SHOWN = 10  # bad lines printed; all are in the errors file
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or HF model directory")
@@ -37,6 +39,13 @@ def add_parser(sub) -> None:
         " turn_header format) and answered; --input lines with 'messages' are rendered either way",
     )
     p.add_argument("--output", help="output JSONL (with --input); re-running resumes it")
+    bad = p.add_mutually_exclusive_group()
+    bad.add_argument("--strict", action="store_true", help="with --input: stop at the first bad line")
+    bad.add_argument(
+        "--allow-bad-lines",
+        action="store_true",
+        help="with --input: exit 0 even when bad lines were skipped (listed in <output>.errors.jsonl)",
+    )
     options.add_flags(p)
     p.add_argument("--chunk", type=int, default=8, help="decode steps between streamed pieces")
     p.add_argument(
@@ -67,15 +76,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             lm, opts, lines, chat=args.chat, chunk=args.chunk, stream=not args.no_stream,
             echo=not sys.stdin.isatty(),
         )  # fmt: skip
-    from jaxgen.inference.jsonl import run
+    from jaxgen.inference.jsonl import errors_path, run
 
-    summary = run(lm, args.input, args.output, opts, progress=not args.no_progress, chat=args.chat)
+    summary = run(
+        lm, args.input, args.output, opts, progress=not args.no_progress, chat=args.chat, strict=args.strict
+    )
     rate = summary.tokens / summary.seconds if summary.seconds else 0.0
     print(
         f"wrote {summary.written} lines ({summary.skipped} already done, {summary.tokens} tokens, "
         f"{rate:.0f} tokens/s) to {args.output}",
         file=sys.stderr,
     )
-    for failure in summary.failures:
-        print(f"failed: {failure}", file=sys.stderr)
-    return 1 if summary.failures else 0
+    if not summary.failures:
+        return 0
+    for failure in summary.failures[:_SHOWN]:
+        print(f"skipped {failure}", file=sys.stderr)
+    more = len(summary.failures) - _SHOWN
+    print(
+        (f"... and {more} more; " if more > 0 else "")
+        + f"{len(summary.failures)} bad lines skipped, listed in {errors_path(args.output)}",
+        file=sys.stderr,
+    )
+    return 0 if args.allow_bad_lines else 1

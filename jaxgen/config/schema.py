@@ -194,6 +194,9 @@ class DataConfig(_Section):
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     strict_utf8: bool = False  # False: invalid UTF-8 becomes U+FFFD (counted); True: an error
+    # a bad JSONL line (invalid JSON, wrong or missing fields, ...): skip: skipped, counted and
+    # listed by `data prepare` (which then exits non-zero unless --allow-bad-lines); strict: stop
+    bad_lines: Literal["skip", "strict"] = "skip"
     overlong: Literal["truncate", "drop"] = "truncate"  # sft records longer than seq_len + 1
     # tokenizing processes; 0: all cores for inputs over 16 MB (char tokenizers: 1), else 1
     prepare_workers: NonNegInt = 0

@@ -50,8 +50,14 @@ def collect(config) -> dict[str, list[str]]:
         return {}
     found: dict[str, set[str]] = {}
     for path in sources.resolve_files(data.train_files, "data.train_files"):
-        for lineno, record, _ in sources.iter_jsonl(path, data.strict_utf8):
-            for key, value in attributes_of(record, data.attributes_field, path, lineno).items():
+        for lineno, record in sources.good_records(path, data):
+            try:
+                found_here = attributes_of(record, data.attributes_field, path, lineno)
+            except JaxgenError:
+                if data.bad_lines == "strict":
+                    raise
+                continue  # a bad record: `data prepare` skips and counts it
+            for key, value in found_here.items():
                 found.setdefault(key, set()).add(value)
     return {key: sorted(values) for key, values in sorted(found.items())}
 

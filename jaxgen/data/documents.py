@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from jaxgen.data import sources
 from jaxgen.data.catalog import catalog_texts
+from jaxgen.errors import JaxgenError
 
 Segment = tuple[str, bool]
 
@@ -27,7 +28,9 @@ class Counts:
     eos separators / bos+eos); replaced_chars: invalid UTF-8 replaced by U+FFFD; dropped /
     truncated: SFT records longer than seq_len + 1, preference pairs longer than seq_len + 2
     (per `data.overlong`); identical: preference pairs dropped because chosen == rejected;
-    dropped_at: "file:line (why)" of the first few dropped preference pairs.
+    dropped_at: "file:line (why)" of the first few dropped preference pairs. bad_lines:
+    JSONL lines skipped as bad (`data.bad_lines: skip`); bad_at: the first few, each
+    "file:line: why", stored with the split so an up-to-date dataset still reports them.
     """
 
     examples: int = 0
@@ -39,6 +42,21 @@ class Counts:
     truncated: int = 0
     identical: int = 0
     dropped_at: list[str] = dataclasses.field(default_factory=list)
+    bad_lines: int = 0
+    bad_at: list[str] = dataclasses.field(default_factory=list)
+
+
+BAD_LINES_SHOWN = 10  # bad lines listed in a split's statistics (all are counted)
+
+
+def bad_record(error: JaxgenError, data, counts: Counts) -> None:
+    """Handles one bad JSONL record by `data.bad_lines`: raised when strict, else counted
+    (the first `BAD_LINES_SHOWN` kept with their file:line) and skipped by the caller."""
+    if data.bad_lines == "strict":
+        raise error
+    counts.bad_lines += 1
+    if len(counts.bad_at) < BAD_LINES_SHOWN:
+        counts.bad_at.append(str(error))
 
 
 class Splitter:
@@ -123,22 +141,45 @@ def jsonl_records(
     counts: Counts,
     advance: Callable[[int], None],
 ) -> Iterator[tuple[pathlib.Path, int, dict]]:
-    """(path, line, record) for records [lo, hi) of the concatenated JSONL files."""
+    """(path, line, record) for records [lo, hi) of the concatenated JSONL files.
+
+    A bad line counts as a record of the range it falls in (as `sources.scan_file` counts
+    non-blank lines), so each bad line is reported by exactly one split (`bad_record`).
+    """
     index = 0
     for path in files:
-        for lineno, record, replaced in sources.iter_jsonl(path, data.strict_utf8, advance):
+        for line in sources.iter_jsonl(path, data.strict_utf8, advance):
             if index >= hi:
                 return
             if index >= lo:
-                counts.replaced_chars += replaced
-                yield path, lineno, record
+                if line.record is None:
+                    bad_record(line.error(), data, counts)
+                else:
+                    counts.replaced_chars += line.replaced
+                    yield path, line.number, line.record
             index += 1
+
+
+def read_records(
+    records: Iterable[tuple[pathlib.Path, int, dict]], read: Callable, data, counts: Counts
+) -> Iterator:
+    """`read(path, line, record)` of each record; one it refuses (a JaxgenError: a wrong or
+    missing field) is a bad line (`bad_record`). Called as records stream, so bad lines are
+    counted in file order whichever check found them."""
+    for path, lineno, record in records:
+        try:
+            yield read(path, lineno, record)
+        except JaxgenError as e:
+            bad_record(e, data, counts)
 
 
 def jsonl_segments(files, data, lo, hi, counts, advance) -> Iterator[Segment]:
     """Pretraining documents from JSONL: one per record, its `data.text_field`."""
-    for path, lineno, record in jsonl_records(files, data, lo, hi, counts, advance):
-        yield sources.text_field(record, data.text_field, path, lineno), True
+    records = jsonl_records(files, data, lo, hi, counts, advance)
+    for text in read_records(
+        records, lambda p, n, r: sources.text_field(r, data.text_field, p, n), data, counts
+    ):
+        yield text, True
 
 
 def catalog_segments(config, patterns: Sequence[str], default_split: str) -> Iterator[Segment]:

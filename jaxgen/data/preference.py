@@ -184,8 +184,10 @@ def write_preference(config, tokenizer, source, writer, counts: documents.Counts
     template = chat.for_tokenizer(tokenizer)
     style = chat.PlainChat.from_data(data) if template is None else template
     control = config.generate.control_template
-    for chunk in iter(lambda: list(itertools.islice(records, _RECORDS_PER_CALL)), []):
-        pairs = [read_pair(rec, data, path, line, style, control) for path, line, rec in chunk]
+    pairs_read = documents.read_records(
+        records, lambda path, line, rec: read_pair(rec, data, path, line, style, control), data, counts
+    )
+    for pairs in iter(lambda: list(itertools.islice(pairs_read, _RECORDS_PER_CALL)), []):
         ids = iter(tokenizer.encode_batch([text for pair in pairs for text in pair.texts()]))
         for pair in pairs:
             record, outcome = _encode(tokenizer, pair, ids, max_len, data.overlong)

@@ -58,6 +58,9 @@ _PIPELINE_FIELDS = {
     "worker_count",
     "read_threads",
     "prefetch",
+    # Only decides whether a bad line stops prepare: a dataset written under `skip` holds the
+    # same records as one under `strict` would, and its stored counts say what was skipped.
+    "bad_lines",
 }
 
 
@@ -128,8 +131,14 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
     tok_sha = _tokenizer_digest(tok_path)
     fingerprint = _fingerprint(config, scans, tok_sha)
     if old.get("fingerprint") == fingerprint and dataset_dir(config).is_dir():
+        info = _info(config, old, rebuilt=False)
+        for s in info.splits.values():
+            if s.bad_at and data.bad_lines == "strict":  # written under `skip`: stop as strict would have
+                raise JaxgenError(s.bad_at[0])
         say(f"dataset {dataset_dir(config)} is up to date")
-        return _info(config, old, rebuilt=False)
+        for name, s in info.splits.items():
+            _report_bad_lines(name, s, say)
+        return info
 
     say(f"preparing {dataset_dir(config)} ...")
     tokenizer = load_tokenizer(tok_path)
@@ -158,7 +167,23 @@ def prepare(config, *, progress: bool = True) -> DatasetInfo:
     for name, s in stats.items():
         say(f"  {name}: {s.examples:,} examples, {s.tokens:,} tokens, {s.chars:,} chars")
         _report_problems(name, s, say, kind)
+        _report_bad_lines(name, s, say)
     return _info(config, meta, rebuilt=True)
+
+
+def bad_lines(info: DatasetInfo) -> int:
+    """JSONL lines skipped as bad over all splits of a prepared dataset."""
+    return sum(s.bad_lines for s in info.splits.values())
+
+
+def _report_bad_lines(name: str, s: SplitStats, say) -> None:
+    if not s.bad_lines:
+        return
+    say(f"  {name}: {s.bad_lines:,} bad lines skipped (data.bad_lines: skip)")
+    for where in s.bad_at:
+        say(f"  {name}: skipped {where}")
+    if s.bad_lines > len(s.bad_at):
+        say(f"  {name}: ... and {s.bad_lines - len(s.bad_at):,} more")
 
 
 def _report_problems(name: str, s: SplitStats, say, kind: str) -> None:
@@ -186,7 +211,7 @@ def _scan(config, known: dict) -> dict[str, sources.FileScan]:
     out = {}
     for key in ("train_files", "validation_files"):
         for path in sources.resolve_files(getattr(data, key), f"data.{key}"):
-            out[str(path)] = sources.scan_file(path, data.strict_utf8, known.get(str(path)))
+            out[str(path)] = sources.scan_file(path, sources.strict_blocks(data), known.get(str(path)))
     return out
 
 
@@ -297,8 +322,13 @@ def _write_splits(config, tokenizer, scans: dict, tmp: pathlib.Path, kind: str, 
             write = _RECORD_FORMATS.get(kind, _write_pretrain)
             info = write(config, tokenizer, source, writer, counts, advance)
             if counts.tokens == 0 or counts.examples == 0:
+                bad = (
+                    f"; {counts.bad_lines:,} bad lines skipped, the first {counts.bad_at[0]}"
+                    if counts.bad_at
+                    else ""
+                )
                 raise JaxgenError(
-                    f"data: the {source.name} split has no text to train on ({_describe(source)})"
+                    f"data: the {source.name} split has no text to train on ({_describe(source)}{bad})"
                 )
             infos.append(info)
             stats[source.name] = counts

@@ -72,12 +72,12 @@ def write_sft(config, tokenizer, source, writer, counts: documents.Counts, advan
     max_len = config.train.seq_len + 1  # one row holds seq_len inputs and seq_len targets
     records = documents.jsonl_records(source.files, data, source.lo, source.hi, counts, advance)
     template = chat.for_tokenizer(tokenizer)  # renders `messages` records when the tokenizer has one
-    group = iter(lambda: list(itertools.islice(records, _RECORDS_PER_CALL)), [])
-    for chunk in group:
-        parts = [
-            _parts(rec, data, path, line, template, config.generate.control_template)
-            for path, line, rec in chunk
-        ]
+
+    def read(path, line, record):
+        return _parts(record, data, path, line, template, config.generate.control_template)
+
+    records = documents.read_records(records, read, data, counts)
+    for parts in iter(lambda: list(itertools.islice(records, _RECORDS_PER_CALL)), []):
         texts = [text for record_parts in parts for text, _ in record_parts]
         ids = iter(tokenizer.encode_batch(texts))
         for record_parts in parts:

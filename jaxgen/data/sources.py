@@ -2,8 +2,9 @@
 preference records.
 
 Everything streams: text files are read in ~1 MB blocks cut at line breaks, so memory
-stays bounded whatever the file size. Every bad input raises a one-line JaxgenError
-naming the file (and line where there is one).
+stays bounded whatever the file size; JSONL is read a line at a time (data/lines.py).
+Every bad input is a one-line JaxgenError naming the file (and line where there is one);
+a bad JSONL record is skipped and counted or raised by `data.bad_lines`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import pathlib
 from collections.abc import Iterator, Sequence
 
+from jaxgen.data import lines
 from jaxgen.data.catalog import catalog_digest, catalog_texts
 from jaxgen.data.chat import ChatTemplate, PlainChat, check_messages
 from jaxgen.errors import JaxgenError
@@ -68,6 +69,12 @@ def resolve_files(patterns: Sequence[str], key: str) -> list[pathlib.Path]:
     return files
 
 
+def strict_blocks(data) -> bool:
+    """Whether invalid UTF-8 stops a whole-file read: text files under `data.strict_utf8`;
+    never JSONL, where it makes its line bad (`iter_jsonl`), skipped or not by `data.bad_lines`."""
+    return data.strict_utf8 and data.format == "text"
+
+
 @dataclasses.dataclass
 class FileScan:
     """What one pass over a file learns: identity, content hash, sizes in chars and records."""
@@ -101,7 +108,7 @@ def file_digests(config, patterns: Sequence[str]) -> dict[str, str]:
         if is_tfds(pattern):
             out[pattern] = catalog_digest(config, pattern)
     for path in resolve_files(patterns, "data.train_files"):
-        out[str(path)] = scan_file(path, config.data.strict_utf8).sha256
+        out[str(path)] = scan_file(path, strict_blocks(config.data)).sha256
     return out
 
 
@@ -164,32 +171,24 @@ def decode(raw: bytes, path: pathlib.Path, line: int, strict: bool) -> Block:
 # ----------------------------------------------------------------------------- JSONL
 
 
-def iter_jsonl(path: pathlib.Path, strict: bool, advance=None) -> Iterator[tuple[int, dict, int]]:
-    """Yields (line number, record, replaced chars) for each non-empty line of a JSONL file.
+def iter_jsonl(path: pathlib.Path, strict: bool, advance=None) -> Iterator[lines.Line]:
+    """Every non-blank line of a JSONL file as a record or a bad line (`lines.read_jsonl`).
 
-    `advance(nbytes)`, when given, is called as each block of the file is read (progress).
+    Invalid UTF-8 is replaced by U+FFFD (counted) unless `strict` (data.strict_utf8), when
+    it makes the line bad. `advance(nbytes)`, when given, is called as each block is read.
     """
-    for block in read_blocks(path, strict):
-        if advance is not None:
-            advance(block.nbytes)
-        replaced_left = block.replaced
-        for i, line in enumerate(block.text.split("\n")):
-            if not line.strip():
-                continue
-            lineno = block.line + i
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxgenError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except ValueError as e:  # an integer of more than 4,300 digits
-                raise JaxgenError(f"{path}:{lineno}: not valid JSON ({str(e).split(';')[0]})") from None
-            except RecursionError:
-                raise JaxgenError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
-            if not isinstance(record, dict):
-                raise JaxgenError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            replaced = line.count("\ufffd") if replaced_left else 0
-            replaced_left -= replaced
-            yield lineno, record, replaced
+    hint = "; set data.strict_utf8: false to replace it with U+FFFD"
+    return lines.read_jsonl(path, replace_invalid_utf8=not strict, utf8_hint=hint, advance=advance)
+
+
+def good_records(path: pathlib.Path, data) -> Iterator[tuple[int, dict]]:
+    """(line, record) of the good lines; a bad line raises under `data.bad_lines: strict`,
+    else is passed over (`data prepare` counts it where it writes the split)."""
+    for line in iter_jsonl(path, data.strict_utf8):
+        if line.record is not None:
+            yield line.number, line.record
+        elif data.bad_lines == "strict":
+            raise line.error()
 
 
 def text_field(record: dict, field: str, path: pathlib.Path, lineno: int) -> str:
@@ -305,16 +304,27 @@ def sentence_iterator(config) -> Iterator[str]:
             for block in read_blocks(path, data.strict_utf8):
                 yield from _lines(block.text)
             continue
-        for lineno, record, _ in iter_jsonl(path, data.strict_utf8):
-            if data.format == "jsonl":
-                yield from _lines(text_field(record, data.text_field, path, lineno))
-            elif data.format == "preference":
-                for turn in preference_fields(record, data, path, lineno):
-                    for text, _ in [(turn, True)] if isinstance(turn, str) else plain.parts(turn):
-                        yield from _lines(text)
-            else:
-                for text, _ in sft_parts(record, data, path, lineno):
-                    yield from _lines(text)
+        for lineno, record in good_records(path, data):
+            try:
+                texts = _record_texts(record, data, plain, path, lineno)
+            except JaxgenError:
+                if data.bad_lines == "strict":
+                    raise
+                continue  # skipped here as `data prepare` skips (and counts) it
+            for text in texts:
+                yield from _lines(text)
+
+
+def _record_texts(record: dict, data, plain: PlainChat, path: pathlib.Path, lineno: int) -> list[str]:
+    """The texts of one JSONL record in the configured format (a bad record raises)."""
+    if data.format == "jsonl":
+        return [text_field(record, data.text_field, path, lineno)]
+    if data.format == "preference":
+        texts = []
+        for turn in preference_fields(record, data, path, lineno):
+            texts += [turn] if isinstance(turn, str) else [text for text, _ in plain.parts(turn)]
+        return texts
+    return [text for text, _ in sft_parts(record, data, path, lineno)]
 
 
 def _lines(text: str) -> Iterator[str]:

@@ -10,6 +10,15 @@ min_length, banned_words, deduplicate from the `generate` config) and `finish_re
 the completions kept; `finish_reason` is the first (best) returned sequence's, `tokens`
 counts generated tokens of all returned sequences.
 
+Bad lines: the input is read a line at a time as bytes (data/lines.py), and each line is
+checked before any decoding: invalid UTF-8 or JSON, a NUL byte, a line over 8 MiB, wrong
+types, a missing field, a duplicate id, an unknown or invalid option, an empty prompt, a
+prompt that does not fit `max_len` (unless `truncate_prompt`). A bad line, or one whose
+generation fails, is reported as `file:line: why` and skipped (listed in the summary and in
+`<output>.errors.jsonl` as {"line", "id", "error"}), or stops the run with `strict`. So
+every non-blank input line ends as one output line or one errors-file entry; the errors
+file is rewritten by each run, as the bad lines are found again.
+
 Resuming: ids already in the output are skipped. Each batch is appended, flushed and
 fsynced, so a kill loses at most the batch in flight; a torn last line (killed while
 writing) is cut off on restart. Sampling keys come from (seed, line id, sample index), so
@@ -29,11 +38,14 @@ from collections.abc import Callable
 from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from jaxgen.config import GenerateConfig
+from jaxgen.data import lines
 from jaxgen.data.chat import check_messages
+from jaxgen.decode import request
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import progress_bar
 
 _RECORD_KEYS = ("id", "prompt", "messages")  # every other key is a generate option
+_LOCATION = ("_line", "_number")  # where a record came from ("file:line", line number)
 # Options each row of a continuously refilled batch may set for itself.
 _PER_ROW = ("max_new_tokens",)
 
@@ -44,39 +56,76 @@ class Summary:
     skipped: int = 0  # already in the output
     tokens: int = 0
     seconds: float = 0.0
-    failures: list[str] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)  # "file:line: why" of each bad line
 
 
-def read_prompts(path: pathlib.Path, failures: list[str]) -> list[dict]:
-    """Valid records of `path`; a malformed line is reported in `failures` and skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise JaxgenError(f"{path}: cannot read prompts ({getattr(e, 'strerror', None) or e})") from None
+def errors_path(output_path) -> pathlib.Path:
+    """Where a run lists the input lines it skipped: `<output>.errors.jsonl`."""
+    output_path = pathlib.Path(output_path)
+    return output_path.with_name(output_path.name + ".errors.jsonl")
+
+
+class BadLines:
+    """Where bad lines go: raised (strict), or kept in `failures` and the errors file."""
+
+    def __init__(self, path: pathlib.Path, failures: list[str], strict: bool):
+        self._path, self._failures, self._strict = path, failures, strict
+        self._file = None
+        path.unlink(missing_ok=True)  # a run finds the input's bad lines again: list them afresh
+
+    def add(self, where: str, number: int, record_id, problem: str) -> None:
+        if self._strict:
+            raise JaxgenError(f"{where}: {problem}")
+        self._failures.append(f"{where}: {problem}")
+        if self._file is None:
+            self._file = open(self._path, "w", encoding="utf-8")  # noqa: SIM115 (closed by `close`)
+        entry = {"line": number, "id": record_id, "error": problem}
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def record(self, record: dict, problem: str) -> None:
+        self.add(record["_line"], record["_number"], record["id"], problem)
+
+    def close(self) -> None:
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+def read_prompts(
+    path: pathlib.Path, bad: BadLines, check: Callable[[dict], str | None] | None = None
+) -> list[dict]:
+    """Valid records of `path` (with their location); a bad line goes to `bad`.
+
+    `check(record)`, when given, says why an otherwise valid record is bad (or None), so
+    bad lines are reported in file order whatever found them.
+    """
+    if not path.is_file():
+        raise JaxgenError(f"{path}: cannot read prompts (no such file)")
     records, seen = [], set()
     options = set(GenerateConfig.model_fields)
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            failures.append(f"{where}: invalid JSON ({e.msg})")
-            continue
-        problem = _check_record(record, seen, options)
+    for line in lines.read_jsonl(path):
+        record = line.record
+        problem = line.problem or _check_record(record, seen, options)
+        if not problem and check is not None:
+            problem = check(record)
         if problem:
-            failures.append(f"{where}: {problem}")
+            record_id = record.get("id") if isinstance(record, dict) else None
+            bad.add(line.where, line.number, record_id if _valid_id(record_id) else None, problem)
             continue
         seen.add(_key(record["id"]))
-        records.append(record | {"_line": where})
+        records.append(record | {"_line": line.where, "_number": line.number})
     return records
+
+
+def _valid_id(record_id) -> bool:
+    return isinstance(record_id, str | int) and not isinstance(record_id, bool)
 
 
 def _check_record(record, seen: set, options: set) -> str | None:
     if not isinstance(record, dict) or "id" not in record or ("prompt" in record) == ("messages" in record):
         return 'expected an object with "id" and "prompt" (or "messages", not both)'
-    if not isinstance(record["id"], str | int) or isinstance(record["id"], bool):
+    if not _valid_id(record["id"]):
         return "id must be a string or an integer"
     if _key(record["id"]) in seen:
         return f"duplicate id {record['id']!r}"
@@ -90,10 +139,39 @@ def _check_record(record, seen: set, options: set) -> str | None:
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         return "prompt must be a string or a list of token ids"
+    if "prompt" in record and not prompt:
+        return "empty prompt"
     unknown = set(record) - set(_RECORD_KEYS) - options
     if unknown:
         return f"unknown option {sorted(unknown)[0]!r}"
     return None
+
+
+def _check_prompt(lm, record: dict, options: dict, chat: bool, requests: dict) -> str | None:
+    """Why the record cannot be generated (an invalid option, a prompt that does not fit), or
+    None: checked before decoding, so only good lines reach a continuously refilled group."""
+    overrides = _overrides(record)
+    key = json.dumps(overrides, sort_keys=True)
+    if key not in requests:  # resolved once per distinct set of per-line options
+        try:
+            requests[key] = lm.resolve(**(options | overrides))
+        except JaxgenError as e:
+            requests[key] = e
+    req = requests[key]
+    if isinstance(req, JaxgenError):
+        return str(req)
+    try:
+        ids = lm.encode_prompt(_prompt(lm, record, chat), req.options, "prompt")
+        new = request.new_tokens(req, [ids])
+        request.fit_prompt(lm.config.model, ids, new, req.options, "prompt")
+    except JaxgenError as e:
+        return str(e)
+    return None
+
+
+def _overrides(record: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """The record's per-line generate options (but those in `ignore`)."""
+    return {k: v for k, v in record.items() if k not in (*_RECORD_KEYS, *_LOCATION, *ignore)}
 
 
 def _key(record_id) -> str:
@@ -151,7 +229,7 @@ def _option_groups(records: list[dict], ignore: tuple[str, ...] = ()) -> list[li
     """Records sharing option overrides (but those in `ignore`), in input order."""
     by_options: dict[str, list[dict]] = {}
     for r in records:
-        overrides = {k: v for k, v in r.items() if k not in (*_RECORD_KEYS, "_line", *ignore)}
+        overrides = _overrides(r, ignore)
         by_options.setdefault(json.dumps(overrides, sort_keys=True), []).append(r)
     return list(by_options.values())
 
@@ -181,26 +259,25 @@ def _prompt(lm, record: dict, chat: bool):
     return record["prompt"]
 
 
-def _generate(lm, batch: list[dict], options: dict, failures: list[str], chat: bool = False):
+def _generate(lm, batch: list[dict], options: dict, bad: BadLines, chat: bool = False):
     """(record, result) pairs; a batch failing on user input is retried line by line."""
-    overrides = {k: v for k, v in batch[0].items() if k not in (*_RECORD_KEYS, "_line")}
-    kw = options | overrides
+    kw = options | _overrides(batch[0])
     try:
         prompts = [_prompt(lm, r, chat) for r in batch]
         results = lm.generate(prompts, row_ids=[r["id"] for r in batch], **kw)
         return list(zip(batch, results, strict=True))
     except JaxgenError as e:
         if len(batch) == 1:
-            failures.append(f"{batch[0]['_line']}: {e}")
+            bad.record(batch[0], str(e))
             return []
-    return [pair for r in batch for pair in _generate(lm, [r], options, failures, chat)]
+    return [pair for r in batch for pair in _generate(lm, [r], options, bad, chat)]
 
 
 def _refilled(lm, group: list[dict], options: dict, chat: bool):
     """(record, result) pairs of one option group in input order, decoded with continuous
     refill (`LanguageModel.generate_each`); None when a record fails before decoding starts
     (the caller then decodes the group in batches, which isolates the bad line)."""
-    overrides = {k: v for k, v in group[0].items() if k not in (*_RECORD_KEYS, "_line", *_PER_ROW)}
+    overrides = _overrides(group[0], _PER_ROW)
     default = options.get("max_new_tokens", lm.config.generate.max_new_tokens)
     limits = [r.get("max_new_tokens", default) for r in group]
     try:
@@ -223,14 +300,14 @@ def _refilled(lm, group: list[dict], options: dict, chat: bool):
     return in_order()
 
 
-def _written_chunks(lm, pending, options, opts: GenerateConfig, failures, chat):
+def _written_chunks(lm, pending, options, opts: GenerateConfig, bad: BadLines, chat):
     """Lists of (record, result) to write: up to `batch_size` lines of a continuously refilled
     group at a time, in input order, or one static batch of a group that needs batches."""
     for group in _option_groups(pending, ignore=_PER_ROW):
         stream = _refilled(lm, group, options, chat)
         if stream is None:
             for batch in _groups(group, opts.batch_size):
-                yield _generate(lm, batch, options, failures, chat)
+                yield _generate(lm, batch, options, bad, chat)
             continue
         chunk = []
         for pair in stream:
@@ -260,7 +337,8 @@ def _line(record: dict, result, opts: GenerateConfig) -> str:
 
 
 def run(lm, input_path, output_path, options: dict | None = None, *, progress: bool = True,
-        on_batch: Callable[[int], None] | None = None, chat: bool = False) -> Summary:  # fmt: skip
+        on_batch: Callable[[int], None] | None = None, chat: bool = False,
+        strict: bool = False) -> Summary:  # fmt: skip
     """Generates for every not-yet-written line of `input_path` into `output_path`.
 
     Args:
@@ -268,23 +346,46 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
         options: generate options over the run config's defaults (per-line keys win).
         chat: a text "prompt" is one user message, rendered as "messages" lines are.
         on_batch: called with the number of batches written so far (progress hooks, tests).
+        strict: a bad line stops the run (JaxgenError naming file:line) instead of being
+            skipped into `Summary.failures` and `errors_path(output_path)`.
     """
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     summary = Summary()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     opts = lm.resolve(**options).options  # validates the shared options before any work
-    records = read_prompts(input_path, summary.failures)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    bad = BadLines(errors_path(output_path), summary.failures, strict)
+    try:
+        pending = _pending(lm, input_path, output_path, options, chat, bad, summary)
+        _write(lm, pending, output_path, options, opts, bad, summary, progress, on_batch, chat)
+    finally:
+        bad.close()
+    return summary
+
+
+def _pending(lm, input_path, output_path, options: dict, chat: bool, bad: BadLines, summary) -> list[dict]:
+    """The input's good records not yet in the output; the bad ones go to `bad`."""
     done = done_ids(output_path)
+    requests: dict = {}
+
+    def check(record: dict) -> str | None:  # lines already written were good
+        return None if _key(record["id"]) in done else _check_prompt(lm, record, options, chat, requests)
+
+    records = read_prompts(input_path, bad, check)
     pending = [r for r in records if _key(r["id"]) not in done]
     summary.skipped = len(records) - len(pending)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    return pending
+
+
+def _write(lm, pending, output_path, options, opts, bad, summary, progress, on_batch, chat) -> None:
+    """Generates `pending` into the output, a flushed and fsynced chunk of lines at a time."""
     start = time.perf_counter()
     figures = (MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     bar = progress_bar("generate", *figures, enabled=progress)
     task = bar.add_task("generate", total=len(pending), rate="")
     failed_before = len(summary.failures)
     with open(output_path, "a", encoding="utf-8") as out, bar:
-        for n, pairs in enumerate(_written_chunks(lm, pending, options, opts, summary.failures, chat), 1):
+        for n, pairs in enumerate(_written_chunks(lm, pending, options, opts, bad, chat), 1):
             out.write("".join(_line(r, res, opts) for r, res in pairs))
             out.flush()
             os.fsync(out.fileno())  # a line counts as done only once it is on disk
@@ -296,4 +397,3 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
             if on_batch is not None:
                 on_batch(n)
     summary.seconds = time.perf_counter() - start
-    return summary

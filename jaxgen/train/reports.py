@@ -26,8 +26,11 @@ class StepLogger:
     """Collects each step's metrics on the device and fetches them only when reporting (the
     one host sync), so the host never waits on the device between logging steps.
 
-    The first step is reported on its own (it includes compilation), keeping compile time
-    out of the first interval's tokens/s; hooks that pause training are left out too.
+    The first step after a start includes compilation: its time (not its loss) is left out
+    of its interval's tokens/s and ms/step, and so is the time of hooks that pause training.
+    Its loss stays in the interval's record, so every step is in exactly one train record
+    and a resumed run logs the same records as an uninterrupted one (checkpoints fall on
+    logging steps).
     """
 
     def __init__(self, config: Config, metrics: MetricsWriter, console: Console, hooks: Hooks):
@@ -42,25 +45,31 @@ class StepLogger:
         self.since = time.perf_counter()
         self.paused_since = 0.0
         self.compiled = False
+        self.compile_seconds: float | None = None  # the first step's, until its interval is fetched
 
     def collect(self, info: StepInfo) -> None:
         self.pending.append(info.metrics)
         if not self.compiled:
             jax.block_until_ready(info.metrics)
             self.compiled = True
-            self.console.print(f"compiled and ran the first step in {time.perf_counter() - self.since:.1f} s")
-            self._fetch(info.step)
+            self.compile_seconds = time.perf_counter() - self.since
+            self.console.print(f"compiled and ran the first step in {self.compile_seconds:.1f} s")
 
     def report(self, info: StepInfo) -> None:
         if self.pending:
             self._report(info.step, *self._fetch(info.step))
 
-    def _fetch(self, step: int) -> tuple[list, float, list[float], int]:
-        """The pending metrics on the host, the seconds they took (pauses left out), their
-        losses and how many steps were skipped; applies the NaN policy."""
+    def _fetch(self, step: int) -> tuple[list, float, int, list[float], int]:
+        """The pending metrics on the host, the seconds they took and how many steps those
+        seconds cover (pauses and the compiling first step left out), their losses and how
+        many steps were skipped; applies the NaN policy."""
         fetched = jax.device_get(self.pending)
         now = time.perf_counter()
         seconds = now - self.since - (self.hooks.paused - self.paused_since)
+        timed = len(fetched)
+        if self.compile_seconds is not None and timed > 1:  # alone, the first step is timed with compilation
+            seconds, timed = seconds - self.compile_seconds, timed - 1
+        self.compile_seconds = None
         self.since, self.paused_since, self.pending = now, self.hooks.paused, []
         losses = [float(m.loss) for m in fetched]
         bad = sum(not bool(m.finite) for m in fetched)
@@ -75,7 +84,7 @@ class StepLogger:
                 f"step {step}: loss or gradient is NaN/Inf; stopped (train.nan_policy=stop),"
                 " the last good checkpoint is kept"
             )
-        return fetched, seconds, losses, bad
+        return fetched, seconds, timed, losses, bad
 
     def _report_spike(self, step: int, spike: dict | None) -> None:
         if spike is None:
@@ -87,16 +96,18 @@ class StepLogger:
             f" (batch {spike['batch']} of the run's stream, rows {spike['rows'][0]}-{spike['rows'][1] - 1})"
         )
 
-    def _report(self, step: int, fetched: list, seconds: float, losses: list[float], bad: int) -> None:
+    def _report(
+        self, step: int, fetched: list, seconds: float, timed: int, losses: list[float], bad: int
+    ) -> None:
         last = fetched[-1]
-        tokens = self.config.train.batch_size * self.config.train.seq_len * len(fetched)
+        tokens = self.config.train.batch_size * self.config.train.seq_len * timed
         tps = tokens / seconds
         values = {
             "loss": float(np.mean(losses)),
             "grad_norm": float(last.grad_norm),
             "learning_rate": float(last.learning_rate),
             "tokens_per_second": tps,
-            "step_ms": 1000 * seconds / len(fetched),
+            "step_ms": 1000 * seconds / timed,
             "skipped": bad,
             "nonfinite_total": self.nonfinite,
         }
