@@ -6,11 +6,11 @@ prepare`) is reported as file:line, skipped and counted (non-zero exit unless
 import json
 
 import pytest
+from data_configs import char_data_config
 from test_language_model import run_dir  # noqa: F401  (the shared tiny run directory fixture)
 
 import jaxgen
 from jaxgen import cli
-from jaxgen.config import load_config
 from jaxgen.data import prepare
 from jaxgen.data.lines import MAX_LINE_BYTES
 from jaxgen.errors import JaxgenError
@@ -151,19 +151,6 @@ def test_generate_cli_exit_codes_and_summary(run_dir, lm, tmp_path, capsys):  # 
 # ----------------------------------------------------------------------------- data prepare
 
 
-def _data_config(tmp_path, files, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.train_files={json.dumps([str(f) for f in files])}",
-            f"data.data_dir={tmp_path / 'prepared'}",
-            "tokenizer.kind=char",
-            "tokenizer.vocab_size=256",
-            *overrides,
-        ],
-    )
-
-
 # (line, why it is bad or None) for each format; `why` without the "file:line: " prefix.
 _SFT = [
     (b'{"prompt": "hi", "response": "there"}', None),
@@ -204,7 +191,7 @@ def test_prepare_skips_and_counts_bad_lines_or_stops_when_strict(tmp_path, relia
     bad = [f"{path}:{n}: {why}" for n, (_, why) in enumerate(lines, 1) if why is not None]
     good = sum(1 for line, why in lines if why is None and line)
     reliability["bad input lines tried"] += len(bad)
-    config = _data_config(
+    config = char_data_config(
         tmp_path, [path], f"data.format={fmt}", "data.validation_fraction=0", "data.strict_utf8=true"
     )
     info = prepare(config, progress=False)
@@ -212,13 +199,13 @@ def test_prepare_skips_and_counts_bad_lines_or_stops_when_strict(tmp_path, relia
     assert (train.examples, train.bad_lines, train.bad_at) == (good, len(bad), bad[:10])
     assert jaxgen.data.bad_lines(info) == len(bad)
 
-    strict = _data_config(tmp_path, [path], f"data.format={fmt}", "data.validation_fraction=0",
+    strict = char_data_config(tmp_path, [path], f"data.format={fmt}", "data.validation_fraction=0",
                           "data.strict_utf8=true", "data.bad_lines=strict")  # fmt: skip
     with pytest.raises(JaxgenError) as e:  # up to date, but its stored counts say a line was bad
         prepare(strict, progress=False)
     assert str(e.value) == bad[0]
     with pytest.raises(JaxgenError) as e:  # rebuilt from scratch: the same first bad line
-        prepare(_data_config(tmp_path / "fresh", [path], *strict_overrides(fmt)), progress=False)
+        prepare(char_data_config(tmp_path / "fresh", [path], *strict_overrides(fmt)), progress=False)
     assert str(e.value) == bad[0]
 
 
@@ -236,7 +223,8 @@ def test_each_bad_line_is_counted_by_exactly_one_split(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     info = prepare(
-        _data_config(tmp_path, [path], "data.format=jsonl", "data.validation_fraction=0.3"), progress=False
+        char_data_config(tmp_path, [path], "data.format=jsonl", "data.validation_fraction=0.3"),
+        progress=False,
     )
     train, val = info.splits["train"], info.splits["validation"]
     assert (train.bad_lines, val.bad_lines) == (7, 3)  # lines 1, 4, ..., 19 | 22, 25, 28 (0-based 0..27)

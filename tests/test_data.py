@@ -6,8 +6,8 @@ import pathlib
 
 import numpy as np
 import pytest
+from data_configs import char_data_config
 
-from jaxgen.config import load_config
 from jaxgen.data import builder, prepare, split_stats
 from jaxgen.errors import JaxgenError
 from jaxgen.tokenizer import load_tokenizer
@@ -18,19 +18,6 @@ PARAGRAPHS = [
     "Pack my box\nwith five dozen jugs.",
     "Sphinx of black quartz.",
 ]
-
-
-def _config(tmp_path, files, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.train_files={json.dumps([str(f) for f in files])}",
-            f"data.data_dir={tmp_path / 'prepared'}",
-            "tokenizer.kind=char",
-            "tokenizer.vocab_size=256",
-            *overrides,
-        ],
-    )
 
 
 def _write(path: pathlib.Path, content: str | bytes) -> pathlib.Path:
@@ -58,7 +45,7 @@ def _documents(config, info, split: str) -> list[str]:
 
 def test_tinyshakespeare_validation_is_the_last_ten_percent_of_characters(tmp_path):
     text = SHAKESPEARE.read_text(encoding="utf-8")
-    config = _config(
+    config = char_data_config(
         tmp_path,
         [SHAKESPEARE],
         "data.documents=file",
@@ -82,16 +69,18 @@ def test_documents_modes_and_globs(tmp_path):
         _write(tmp_path / "docs" / f"{i}.txt", para + "\n")
     joined = _write(tmp_path / "joined.txt", "\n\n  \n".join(PARAGRAPHS) + "\n")
 
-    per_file = _config(tmp_path / "a", [tmp_path / "docs" / "*.txt"], "data.validation_fraction=0")
+    per_file = char_data_config(tmp_path / "a", [tmp_path / "docs" / "*.txt"], "data.validation_fraction=0")
     assert _documents(per_file, prepare(per_file, progress=False), "train") == [p + "\n" for p in PARAGRAPHS]
 
-    blank = _config(tmp_path / "b", [joined], "data.documents=blank_lines", "data.validation_fraction=0")
+    blank = char_data_config(
+        tmp_path / "b", [joined], "data.documents=blank_lines", "data.validation_fraction=0"
+    )
     info = prepare(blank, progress=False)
     assert _documents(blank, info, "train") == PARAGRAPHS
     assert info.splits["train"].examples == 3
     assert info.splits["train"].chars == sum(map(len, PARAGRAPHS))
 
-    lines = _config(tmp_path / "c", [joined], "data.documents=line", "data.validation_fraction=0")
+    lines = char_data_config(tmp_path / "c", [joined], "data.documents=line", "data.validation_fraction=0")
     expected = [line for p in PARAGRAPHS for line in p.split("\n")]
     assert _documents(lines, prepare(lines, progress=False), "train") == expected
 
@@ -99,7 +88,7 @@ def test_documents_modes_and_globs(tmp_path):
 def test_jsonl_text_field_and_explicit_validation_files(tmp_path):
     train = _write(tmp_path / "train.jsonl", "".join(json.dumps({"body": p}) + "\n" for p in PARAGRAPHS))
     val = _write(tmp_path / "val.jsonl", json.dumps({"body": "held out"}) + "\n\n")
-    config = _config(
+    config = char_data_config(
         tmp_path, [train], "data.format=jsonl", "data.text_field=body", f"data.validation_files=[{val}]"
     )
     info = prepare(config, progress=False)
@@ -121,10 +110,10 @@ def test_catalog_dataset_from_data_dir(tmp_path):
     tfds.folder_dataset.write_metadata(
         data_dir=root, features=spec, split_infos=[writer.finish()], filename_template=names, check_data=False
     )
-    config = _config(tmp_path, ["tfds:toy_catalog/plain"], "data.validation_fraction=0")
+    config = char_data_config(tmp_path, ["tfds:toy_catalog/plain"], "data.validation_fraction=0")
     assert _documents(config, prepare(config, progress=False), "train") == PARAGRAPHS
 
-    missing = _config(tmp_path, ["tfds:wikitext/wikitext-103-raw-v1"])
+    missing = char_data_config(tmp_path, ["tfds:wikitext/wikitext-103-raw-v1"])
     with pytest.raises(
         JaxgenError, match=r"tfds:wikitext/wikitext-103-raw-v1: not prepared in .*never downloads"
     ):
@@ -140,7 +129,7 @@ def _snapshot(directory: pathlib.Path) -> dict:
 
 def test_prepare_twice_is_a_no_op_and_changes_rebuild(tmp_path, capsys):
     corpus = _write(tmp_path / "corpus.txt", "\n".join(PARAGRAPHS) * 20)
-    config = _config(tmp_path, [corpus])
+    config = char_data_config(tmp_path, [corpus])
     first = prepare(config)
     assert first.rebuilt and "preparing" in capsys.readouterr().out
     before = _snapshot(tmp_path / "prepared")
@@ -151,7 +140,7 @@ def test_prepare_twice_is_a_no_op_and_changes_rebuild(tmp_path, capsys):
     assert _snapshot(tmp_path / "prepared") == before  # nothing rewritten
 
     # pipeline-only settings do not invalidate the dataset
-    assert not prepare(_config(tmp_path, [corpus], "data.shuffle_seed=7"), progress=False).rebuilt
+    assert not prepare(char_data_config(tmp_path, [corpus], "data.shuffle_seed=7"), progress=False).rebuilt
 
     # new content (same size, so only the hash can tell) rebuilds tokenizer and data
     corpus.write_text(("\n".join(PARAGRAPHS) * 20).replace("fox", "cat"))
@@ -163,7 +152,9 @@ def test_prepare_twice_is_a_no_op_and_changes_rebuild(tmp_path, capsys):
     assert tok.stat().st_mtime_ns != before[str(tok)]
 
     # a changed config field that shapes the records rebuilds too
-    assert prepare(_config(tmp_path, [corpus], "data.validation_fraction=0.5"), progress=False).rebuilt
+    assert prepare(
+        char_data_config(tmp_path, [corpus], "data.validation_fraction=0.5"), progress=False
+    ).rebuilt
     leftovers = [p.name for p in (tmp_path / "prepared" / "default" / "jaxgen_tokens").iterdir()]
     assert leftovers == ["1.0.0"]  # no temp or old directories left behind
 
@@ -188,7 +179,9 @@ def _sft_records():
 
 def test_sft_records_keep_the_loss_on_responses_and_report_overlong(tmp_path, capsys):
     path = _write(tmp_path / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in _sft_records()))
-    config = _config(tmp_path, [path], "data.format=sft", "data.validation_fraction=0", "train.seq_len=64")
+    config = char_data_config(
+        tmp_path, [path], "data.format=sft", "data.validation_fraction=0", "train.seq_len=64"
+    )
     info = prepare(config)
     assert "1 records longer than seq_len + 1 tokens truncated" in capsys.readouterr().out
     stats = info.splits["train"]
@@ -203,7 +196,7 @@ def test_sft_records_keep_the_loss_on_responses_and_report_overlong(tmp_path, ca
     assert tok.decode(first["tokens"][first["loss_mask"] == 0]) == "Q: two plus two?\nA: "
     assert len(source[2]["tokens"]) == 65
 
-    drop = _config(
+    drop = char_data_config(
         tmp_path / "d",
         [path],
         "data.format=sft",
@@ -220,10 +213,10 @@ def test_sft_records_keep_the_loss_on_responses_and_report_overlong(tmp_path, ca
 
 def test_invalid_utf8_is_replaced_and_counted_or_rejected_with_file_line(tmp_path):
     corpus = _write(tmp_path / "bad.txt", b"good line\nbad \xff\xfe here\nfine \xef\xbf\xbd kept\n" * 3)
-    info = prepare(_config(tmp_path, [corpus], "data.validation_fraction=0"), progress=False)
+    info = prepare(char_data_config(tmp_path, [corpus], "data.validation_fraction=0"), progress=False)
     # 0xff and 0xfe are each replaced (2 per copy, 3 copies); the U+FFFD already in the file is not counted
     assert info.splits["train"].replaced_chars == 6
-    strict = _config(tmp_path / "s", [corpus], "data.strict_utf8=true")
+    strict = char_data_config(tmp_path / "s", [corpus], "data.strict_utf8=true")
     with pytest.raises(JaxgenError, match=r"bad.txt:2: invalid UTF-8 \(byte 0xff\)"):
         prepare(strict, progress=False)
 
@@ -252,7 +245,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, overrides, message):
     path = _write(tmp_path / "data.jsonl", content)
     fmt = [] if overrides else ["data.format=jsonl"]
     strict = "data.bad_lines=strict"  # skipped and counted by default: tests/test_bad_lines.py
-    config = _config(tmp_path, [path], *fmt, *overrides, "data.validation_fraction=0", strict)
+    config = char_data_config(tmp_path, [path], *fmt, *overrides, "data.validation_fraction=0", strict)
     with pytest.raises(JaxgenError, match=message):
         prepare(config, progress=False)
     assert not (tmp_path / "prepared" / "default" / "jaxgen_tokens").exists()  # nothing half-written
@@ -260,22 +253,22 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, overrides, message):
 
 def test_missing_empty_and_unmatched_sources(tmp_path):
     with pytest.raises(JaxgenError, match=r"nope.txt: file not found \(listed in data.train_files\)"):
-        prepare(_config(tmp_path, [tmp_path / "nope.txt"]), progress=False)
+        prepare(char_data_config(tmp_path, [tmp_path / "nope.txt"]), progress=False)
     empty = _write(tmp_path / "empty.txt", "")
     with pytest.raises(JaxgenError, match=r"empty.txt: file is empty"):
-        prepare(_config(tmp_path, [empty]), progress=False)
+        prepare(char_data_config(tmp_path, [empty]), progress=False)
     with pytest.raises(JaxgenError, match=r"data.train_files: '.*\*.md' matches no files"):
-        prepare(_config(tmp_path, [tmp_path / "*.md"]), progress=False)
+        prepare(char_data_config(tmp_path, [tmp_path / "*.md"]), progress=False)
     with pytest.raises(JaxgenError, match=r"data.train_files: no training files"):
-        prepare(_config(tmp_path, []), progress=False)
+        prepare(char_data_config(tmp_path, []), progress=False)
     blank = _write(tmp_path / "blank.txt", "\n\n\n")
     with pytest.raises(JaxgenError, match=r"contain no text"):
-        prepare(_config(tmp_path, [blank]), progress=False)
+        prepare(char_data_config(tmp_path, [blank]), progress=False)
 
 
 def test_vocab_too_small_for_byte_fallback_through_prepare(tmp_path):
     corpus = _write(tmp_path / "c.txt", "".join(chr(c) for c in range(0x400, 0x480)) * 3)
-    config = _config(
+    config = char_data_config(
         tmp_path, [corpus], "tokenizer.kind=bpe", "tokenizer.byte_fallback=true", "tokenizer.vocab_size=300"
     )
     with pytest.raises(JaxgenError, match=r"^tokenizer.vocab_size: 300 is too small .*needs at least \d+"):
@@ -284,8 +277,8 @@ def test_vocab_too_small_for_byte_fallback_through_prepare(tmp_path):
 
 def test_worker_processes_write_the_same_dataset(tmp_path):
     corpus = _write(tmp_path / "corpus.txt", "\n\n".join(PARAGRAPHS * 400))
-    one = _config(tmp_path / "one", [corpus], "data.documents=blank_lines", "data.prepare_workers=1")
-    two = _config(tmp_path / "two", [corpus], "data.documents=blank_lines", "data.prepare_workers=2")
+    one = char_data_config(tmp_path / "one", [corpus], "data.documents=blank_lines", "data.prepare_workers=1")
+    two = char_data_config(tmp_path / "two", [corpus], "data.documents=blank_lines", "data.prepare_workers=2")
     a, b = prepare(one, progress=False), prepare(two, progress=False)
     assert a.splits == b.splits and a.splits["train"].examples > 1000
     for split in ("train", "validation"):
@@ -314,12 +307,12 @@ def test_block_boundaries_do_not_change_the_dataset(tmp_path, monkeypatch):
 
     text = ("Ünïcödé line one\n\nsecond — paragraph with a long line " + "x" * 40 + "\n") * 30
     corpus = _write(tmp_path / "c.txt", text)
-    whole = _config(tmp_path / "whole", [corpus], "data.documents=blank_lines")
+    whole = char_data_config(tmp_path / "whole", [corpus], "data.documents=blank_lines")
     reference = prepare(whole, progress=False)
     # Tiny blocks, and lines longer than the line limit cut mid-line at character boundaries.
     monkeypatch.setattr(sources, "BLOCK_BYTES", 7)
     monkeypatch.setattr(sources, "_MAX_LINE_BYTES", 23)
-    tiny = _config(tmp_path / "tiny", [corpus], "data.documents=blank_lines")
+    tiny = char_data_config(tmp_path / "tiny", [corpus], "data.documents=blank_lines")
     tiny_tok = tmp_path / "tiny" / "prepared" / "default"
     tiny_tok.mkdir(parents=True)
     (tiny_tok / "tokenizer.model").write_bytes(reference.tokenizer_path.read_bytes())

@@ -15,6 +15,22 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
 
 
+def add_bad_line_flags(p: argparse.ArgumentParser, scope: str, listed: str) -> None:
+    """--strict / --allow-bad-lines for a command that skips bad input lines (docs/RELIABILITY.md).
+
+    Args:
+        scope: what the flags apply to, e.g. "with --input: " ("" for the whole command).
+        listed: where the skipped lines are listed, e.g. "in <output>.errors.jsonl".
+    """
+    bad = p.add_mutually_exclusive_group()
+    bad.add_argument("--strict", action="store_true", help=f"{scope}stop at the first bad line")
+    bad.add_argument(
+        "--allow-bad-lines",
+        action="store_true",
+        help=f"{scope}exit 0 even when bad lines were skipped (listed {listed})",
+    )
+
+
 def not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         print(f"jaxgen {name}: not implemented yet", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgen.cli.common import add_config_args
+from jaxgen.cli.common import add_bad_line_flags, add_config_args
 
 
 def add_parser(sub) -> None:
@@ -19,13 +19,7 @@ def add_parser(sub) -> None:
         add_config_args(q)
         q.set_defaults(handler=handler)
         if name == "prepare":
-            bad = q.add_mutually_exclusive_group()
-            bad.add_argument("--strict", action="store_true", help="stop at the first bad JSONL line")
-            bad.add_argument(
-                "--allow-bad-lines",
-                action="store_true",
-                help="exit 0 even when bad JSONL lines were skipped (they are still listed)",
-            )
+            add_bad_line_flags(q, "", "on the console and in the split statistics")
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from jaxgen.cli import options
+from jaxgen.cli.common import add_bad_line_flags
 from jaxgen.cli.completion import complete
 from jaxgen.errors import JaxgenError
 
@@ -39,13 +40,7 @@ def add_parser(sub) -> None:
         " turn_header format) and answered; --input lines with 'messages' are rendered either way",
     )
     p.add_argument("--output", help="output JSONL (with --input); re-running resumes it")
-    bad = p.add_mutually_exclusive_group()
-    bad.add_argument("--strict", action="store_true", help="with --input: stop at the first bad line")
-    bad.add_argument(
-        "--allow-bad-lines",
-        action="store_true",
-        help="with --input: exit 0 even when bad lines were skipped (listed in <output>.errors.jsonl)",
-    )
+    add_bad_line_flags(p, "with --input: ", "in <output>.errors.jsonl")
     options.add_flags(p)
     p.add_argument("--chunk", type=int, default=8, help="decode steps between streamed pieces")
     p.add_argument(

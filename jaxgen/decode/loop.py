@@ -179,6 +179,19 @@ def next_token(state: SamplingState, logits: jax.Array, spec: DecodeSpec) -> tup
     return sampling.choose(scores, spec.strategy, state.knobs, state.keys, state.step)
 
 
+def fresh_rows(batch: int, row_ids, seed, limit, knobs, spec: DecodeSpec) -> dict:
+    """The per-row fields every decoding state starts with: nothing generated yet."""
+    return dict(
+        done=jnp.zeros((batch,), bool),
+        finish=jnp.zeros((batch,), jnp.int32),
+        num_tokens=jnp.zeros((batch,), jnp.int32),
+        logprob=jnp.zeros((batch,), jnp.float32),
+        keys=sampling.row_keys(seed, row_ids),
+        knobs=knobs,
+        limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
+    )
+
+
 def start(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec: DecodeSpec) -> SamplingState:
     """Prefill and pick the first new token: the loop's initial state."""
     b, p = prompt.shape
@@ -193,13 +206,7 @@ def start(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec: Dec
         cache=cache,
         step=jnp.zeros((), jnp.int32),
         prompt_lengths=lengths,
-        done=jnp.zeros((b,), bool),
-        finish=jnp.zeros((b,), jnp.int32),
-        num_tokens=jnp.zeros((b,), jnp.int32),
-        logprob=jnp.zeros((b,), jnp.float32),
-        keys=sampling.row_keys(seed, row_ids),
-        knobs=knobs,
-        limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
+        **fresh_rows(b, row_ids, seed, limit, knobs, spec),
         prompt_len=p,
     )
     return append(state, *next_token(state, logits, spec), spec.stopping)

@@ -100,13 +100,7 @@ def start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec
         cache=cache,
         step=jnp.zeros((b,), jnp.int32),
         prompt_lengths=lengths,
-        done=jnp.zeros((b,), bool),
-        finish=jnp.zeros((b,), jnp.int32),
-        num_tokens=jnp.zeros((b,), jnp.int32),
-        logprob=jnp.zeros((b,), jnp.float32),
-        keys=sampling.row_keys(seed, row_ids),
-        knobs=knobs,
-        limit=jnp.minimum(limit, spec.buffer).astype(jnp.int32),
+        **loop.fresh_rows(b, row_ids, seed, limit, knobs, spec),
     )
     return loop.append(state, *loop.next_token(state, logits, spec), spec.stopping)
 
