@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options too (`train cfg.yaml --run-dir X a.b=1`), which plain
     # argparse rejects for a nargs="*" positional: collect the stragglers here.
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a supervised child re-runs it
     _quiet_library_logs(args.debug)
     _keep_tpu_runtime_quiet()
     if extra:

@@ -34,26 +34,43 @@ def add_parser(sub) -> None:
         p.set_defaults(handler=_cmd_train if name == "train" else _cmd_finetune)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from jaxgen.runtime.distributed import initialize_from_env
-
-    initialize_from_env()  # a no-op on one host; must run before JAX touches a device
+def _run_job(args: argparse.Namespace, job) -> int:
+    """Loads the config and runs `job(config)` (train or finetune) in this process's part of
+    the job: one process runs it directly; one of several joins the JAX job first (before
+    JAX touches a device), under a supervising parent that ends a failed job in one line
+    (cli/supervise.py)."""
+    from jaxgen.cli import supervise
     from jaxgen.config import load_config
-    from jaxgen.train.loop import train
+    from jaxgen.runtime.distributed import initialize_from_env, peer_hosts
 
-    return _report(train(load_config(args.config, args.overrides), args.run_dir, overwrite=args.overwrite))
+    config = load_config(args.config, args.overrides)
+    cluster = supervise.wanted()
+    if cluster is not None:
+        return supervise.run(args.argv, config, args.run_dir, cluster, args.debug)
+    if initialize_from_env(settings=config.distributed):
+        supervise.announce_hosts(peer_hosts(config.distributed.initialization_timeout))
+    return _report(job(config))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    def job(config):
+        from jaxgen.train.loop import train
+
+        return train(config, args.run_dir, overwrite=args.overwrite)
+
+    return _run_job(args, job)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.config == "merge":
         return _cmd_merge(args)
-    from jaxgen.runtime.distributed import initialize_from_env
 
-    initialize_from_env()
-    from jaxgen.config import load_config
-    from jaxgen.train.finetune import finetune
+    def job(config):
+        from jaxgen.train.finetune import finetune
 
-    return _report(finetune(load_config(args.config, args.overrides), args.run_dir, overwrite=args.overwrite))
+        return finetune(config, args.run_dir, overwrite=args.overwrite)
+
+    return _run_job(args, job)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

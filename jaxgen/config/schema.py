@@ -363,6 +363,20 @@ class FinetuneConfig(_Section):
     dpo: DpoConfig = DpoConfig()
 
 
+class DistributedConfig(_Section):
+    """How a multi-process job forms and how fast it gives up on a lost process.
+
+    Both map onto `jax.distributed.initialize`: JAX's runtime stops every survivor once
+    a process has missed heartbeats for `heartbeat_timeout` seconds (JAX's own default,
+    100 s, left a CPU job waiting for minutes), and a process that cannot reach the
+    coordinator, or a coordinator whose peers do not all join, stops after
+    `initialization_timeout` seconds. Ignored by single-process runs.
+    """
+
+    heartbeat_timeout: PositiveInt = 30
+    initialization_timeout: PositiveInt = 300
+
+
 class EvalConfig(_Section):
     batch_size: PositiveInt = 8
     max_batches: PositiveInt | None = None
@@ -383,6 +397,7 @@ class Config(_Section):
     generate: GenerateConfig = GenerateConfig()
     eval: EvalConfig = EvalConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 def unknown_value(key: str, value: Any, valid: Any) -> str:

@@ -13,17 +13,29 @@ process is one of several, joins them into one JAX job. Sources, first match win
 
 Anything else is a single host and nothing happens. `cluster_from_env` is the pure part
 (environment -> what to call) so it can be tested without a cluster.
+
+How long a job waits comes from the config's `distributed` section: `heartbeat_timeout`
+(a process silent that long is lost, and JAX's runtime stops every survivor) and
+`initialization_timeout` (for the coordinator to answer, and for every process to join).
+JAX's runtime ends a process it stops with a C++ stack trace; `jaxgen/cli/supervise.py`
+turns that into one line (`runtime/faults.py` reads the runtime's message).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
+import socket
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
+from jax._src import distributed as jax_distributed
+from jax._src.lib import _jax as jaxlib_runtime
 
+from jaxgen.config import DistributedConfig
 from jaxgen.errors import JaxgenError
 from jaxgen.runtime.platforms import tpu_chips_present
 
@@ -180,7 +192,37 @@ def cluster_from_env(
     return None if cluster.num_processes == 1 else cluster
 
 
-def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
+def timeouts(settings: DistributedConfig) -> dict[str, int]:
+    """The `jax.distributed.initialize` arguments of the config's `distributed` section."""
+    return {
+        "heartbeat_timeout_seconds": settings.heartbeat_timeout,
+        "initialization_timeout": settings.initialization_timeout,
+    }
+
+
+@contextlib.contextmanager
+def _registration_deadline(seconds: int) -> Iterator[None]:
+    """Gives the coordination service a deadline for every process to join.
+
+    Without one (`jax.distributed.initialize` sets none) only each client's own connect
+    deadline fires, and its message says "Deadline Exceeded" without naming who is
+    missing; the service's registration barrier names the processes that never joined.
+    The factory is swapped only for the one `initialize` call that creates the service.
+    """
+    make = getattr(jaxlib_runtime, "get_distributed_runtime_service", None)
+    if make is None:  # another jaxlib layout: keep JAX's behaviour
+        yield
+        return
+    jaxlib_runtime.get_distributed_runtime_service = functools.partial(make, cluster_register_timeout=seconds)
+    try:
+        yield
+    finally:
+        jaxlib_runtime.get_distributed_runtime_service = make
+
+
+def initialize_from_env(
+    env: Mapping[str, str] | None = None, settings: DistributedConfig | None = None
+) -> bool:
     """Joins the multi-process JAX job this process belongs to, once; no-op on one host.
 
     Must run before anything touches a JAX device. Calling it again (or after someone
@@ -188,6 +230,7 @@ def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
 
     Args:
         env: environment to read (default `os.environ`).
+        settings: the config's `distributed` section (default: its defaults).
 
     Returns:
         True if this process is part of a multi-process job (now or already initialized).
@@ -202,21 +245,39 @@ def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
     cluster = cluster_from_env(os.environ if env is None else env)
     if cluster is None:
         return False
+    limits = timeouts(settings or DistributedConfig())
     try:
-        jax.distributed.initialize(
-            coordinator_address=cluster.coordinator,
-            num_processes=cluster.num_processes,
-            process_id=cluster.process_id,
-            local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None,
-            # Explicit clusters must not be second-guessed: JAX's SLURM detection would
-            # otherwise restrict a one-task-per-node process to a single GPU.
-            cluster_detection_method=None if cluster.coordinator is None else "deactivate",
-        )
+        with _registration_deadline(limits["initialization_timeout"]):
+            jax.distributed.initialize(
+                coordinator_address=cluster.coordinator,
+                num_processes=cluster.num_processes,
+                process_id=cluster.process_id,
+                local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None,
+                # Explicit clusters must not be second-guessed: JAX's SLURM detection would
+                # otherwise restrict a one-task-per-node process to a single GPU.
+                cluster_detection_method=None if cluster.coordinator is None else "deactivate",
+                **limits,
+            )
     except (RuntimeError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise JaxgenError(f"jax.distributed.initialize ({cluster.describe()}) failed: {first_line}") from e
     _initialized = True
     return True
+
+
+def peer_hosts(timeout_seconds: int = 60) -> dict[int, str]:
+    """{process index: hostname} of every process of the job, exchanged through the
+    coordination service's key-value store; {0: this host} on a single host.
+
+    A collective call: every process must make it. A survivor names a lost peer by host
+    with it, which JAX's own messages (task numbers only) do not.
+    """
+    client = jax_distributed.global_state.client
+    if client is None:
+        return {0: socket.gethostname()}
+    client.key_value_set(f"jaxgen/host/{jax.process_index()}", socket.gethostname())
+    client.wait_at_barrier("jaxgen-hosts", timeout_seconds * 1000, None)
+    return {int(key.rsplit("/", 1)[1]): host for key, host in client.key_value_dir_get("jaxgen/host/")}
 
 
 def process_info() -> tuple[int, int]:
