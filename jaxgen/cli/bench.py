@@ -84,6 +84,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             load_config(path, overrides), batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len,
             new_tokens=args.new_tokens, num_beams=args.num_beams, baseline=not args.no_baseline,
             samplers=tuple(generate.parse_sample(spec) for spec in args.sample),
+            weights=tuple(w for w in args.weights.split(",") if w),
         )
     )  # fmt: skip
 
