@@ -182,7 +182,9 @@ class JaxgenSide:
 
         self.args, self.jax_version = args, jax.__version__
         self.prompt = prompt_ids(args.prompt_len, SHAPES[args.shape][3])
-        self.lm = jaxgen.load(model_dir(args.shape), dtype="float32")
+        # --weights: jaxgen decodes with its weights stored as bfloat16 or int8 (model/quant.py);
+        # transformers stays float32, the peer the issue names.
+        self.lm = jaxgen.load(model_dir(args.shape), dtype="float32", weights=args.weights)
         _, self.first_call_wall, _ = timed(self.greedy)  # compilation + the first run
 
     def greedy(self) -> list[int]:
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--beam-check", action="store_true", help="also compare beam search (not timed)")
+    parser.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32",
+                        help="jaxgen's weight storage (transformers stays float32)")  # fmt: skip
     parser.add_argument("--hf-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_side:
@@ -254,6 +258,7 @@ def main() -> None:
                 "benchmark": "hf_generate_cpu",
                 "model": f"gpt2-style {args.shape}: {layers} x {d_model}, {heads} heads, vocab {vocab}",
                 "dtype": "float32",
+                "jaxgen_weights": args.weights,
                 "batch": 1,
                 "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens,
