@@ -135,11 +135,19 @@ class ModelConfig(_Section):
 
 
 class MeshConfig(_Section):
-    """Device mesh sizes; -1 takes the remaining devices (at most one axis)."""
+    """Device mesh sizes within a slice; -1 takes the remaining devices (at most one axis).
+
+    `dcn_data` / `dcn_fsdp` > 1 spread the job over that many TPU slices joined by the data
+    center network: the mesh's data (fsdp) axis is then dcn_data x data (dcn_fsdp x fsdp)
+    long, each slice holding a contiguous block of it, so only the gradient reduction
+    (and fsdp's gathers) cross slices (runtime/mesh.py).
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: PositiveInt = 1
+    dcn_fsdp: PositiveInt = 1
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> MeshConfig:

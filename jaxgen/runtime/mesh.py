@@ -7,6 +7,9 @@ axes. The mesh has three axes:
 - `fsdp`:   batch split *and* params/optimizer state split along `embed` (ZeRO-3 style):
             all-gathered per layer in the forward pass, reduce-scattered in the backward.
 - `tensor`: Megatron-style model parallelism over heads / mlp / vocab.
+
+Across TPU slices (`mesh.dcn_data`, `mesh.dcn_fsdp`), the data or fsdp axis also spans the
+slices, each slice a contiguous block of it, so the logical rules do not change.
 """
 
 from __future__ import annotations
@@ -51,8 +54,22 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def slices(config: MeshConfig) -> int:
+    """How many slices (granules joined by the data center network) the mesh spans."""
+    return config.dcn_data * config.dcn_fsdp
+
+
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """Resolves -1 and checks that the mesh uses exactly `num_devices` devices."""
+    """Resolves -1 and checks that the mesh uses exactly `num_devices` devices.
+
+    With several slices, the sizes are per slice and `num_devices` counts all of them;
+    the result is the per-slice shape.
+    """
+    if num_devices % slices(config):
+        raise JaxgenError(
+            f"mesh: {num_devices} devices cannot form dcn_data*dcn_fsdp = {slices(config)} equal slices"
+        )
+    num_devices //= slices(config)
     sizes = [config.data, config.fsdp, config.tensor]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
@@ -79,12 +96,40 @@ def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> 
     config = config or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(config, len(devices))
+    if slices(config) > 1:
+        grid = _hybrid_grid(shape, (config.dcn_data, config.dcn_fsdp, 1), devices)
+    else:
+        grid = _grid(shape, devices)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _grid(shape, devices) -> np.ndarray:
     try:
-        grid = mesh_utils.create_device_mesh(shape, devices)
+        return mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, AssertionError, NotImplementedError):
         # Topology-aware placement is an optimisation; plain order is always valid.
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def _hybrid_grid(ici_shape, dcn_shape, devices) -> np.ndarray:
+    """The devices of each slice as one contiguous block of the mesh (dcn x ici per axis).
+
+    TPU devices carry `slice_index`, and `create_hybrid_device_mesh` groups them by it. A
+    multi-process job without slices (GPU nodes) groups by process; on one process (CPU
+    tests, one multi-GPU host) consecutive runs of devices stand in for the slices.
+    """
+    if hasattr(devices[0], "slice_index"):
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+    if len({d.process_index for d in devices}) > 1:
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, process_is_granule=True)
+    per = math.prod(ici_shape)
+    granules = [_grid(ici_shape, devices[i : i + per]) for i in range(0, len(devices), per)]
+    # Slice (a, b, c) of the dcn shape goes to block (a, b, c): the same layout as
+    # create_hybrid_device_mesh's np.block over its granules.
+    blocks = np.empty(dcn_shape, dtype=object)
+    for index, granule in zip(np.ndindex(*dcn_shape), granules, strict=True):
+        blocks[index] = granule
+    return np.block(blocks.tolist())
 
 
 def logical_to_spec(names: tuple[str | None, ...]) -> PartitionSpec:
