@@ -74,7 +74,8 @@ def test_manifest_hosts_chips_and_topology_agree(topology, slices, label, hosts,
     assert resources["requests"] == resources["limits"] == {"google.com/tpu": chips}
     dims = [int(d) for d in shape.split("x")]
     assert hosts * chips == math.prod(dims)
-    assert container["command"] == ["jaxgen", "train", "configs/gpt2_124m.yaml", "train.steps=10"]
+    dcn = [] if slices == 1 else [f"mesh.dcn_data={slices}"]  # the mesh spans the slices
+    assert container["command"] == ["jaxgen", "train", "configs/gpt2_124m.yaml", "train.steps=10", *dcn]
     env = {e["name"]: e for e in container["env"]}
     if slices == 1:
         assert env == {}

@@ -89,6 +89,10 @@ def render(
     if run_dir:
         command += ["--run-dir", run_dir]
     command += list(overrides)
+    if slices > 1 and not any(o.startswith(("mesh.dcn_data=", "mesh.dcn_fsdp=")) for o in overrides):
+        # The mesh spans the slices on its data axis (jaxgen/runtime/mesh.py): only the
+        # gradient reduction crosses the data center network.
+        command.append(f"mesh.dcn_data={slices}")
     tpus = {"google.com/tpu": per_host}
     pod = {
         "restartPolicy": "Never",
