@@ -19,6 +19,12 @@ generation fails, is reported as `file:line: why` and skipped (listed in the sum
 every non-blank input line ends as one output line or one errors-file entry; the errors
 file is rewritten by each run, as the bad lines are found again.
 
+Memory: the input is read in windows of `window_records` records (at least 4 batches);
+each window is grouped, decoded and written before the next is read, so peak memory does
+not grow with the file: what does is 8 bytes per id (line_ids.py) and the "file:line: why"
+of each bad line. Output follows the input window by window (in a window, lines of one
+option group together, in input order).
+
 Resuming: ids already in the output are skipped. Each batch is appended, flushed and
 fsynced, so a kill loses at most the batch in flight; a torn last line (killed while
 writing) is cut off on restart. Sampling keys come from (seed, line id, sample index), so
@@ -33,7 +39,7 @@ import json
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -42,12 +48,17 @@ from jaxgen.data import lines
 from jaxgen.data.chat import check_messages
 from jaxgen.decode import request
 from jaxgen.errors import JaxgenError
+from jaxgen.inference.line_ids import IdSet, done_ids, key
 from jaxgen.metrics import progress_bar
 
 _RECORD_KEYS = ("id", "prompt", "messages")  # every other key is a generate option
 _LOCATION = ("_line", "_number")  # where a record came from ("file:line", line number)
 # Options each row of a continuously refilled batch may set for itself.
 _PER_ROW = ("max_new_tokens",)
+# Records read, grouped and decoded at a time: enough rows to keep continuous refill busy
+# (a window ends with its batch draining), few enough that memory is a window's, not a file's.
+WINDOW_RECORDS = 4096
+_RESOLVED = 1024  # distinct per-line option sets resolved before the cache starts afresh
 
 
 @dataclasses.dataclass
@@ -94,15 +105,20 @@ class BadLines:
 
 def read_prompts(
     path: pathlib.Path, bad: BadLines, check: Callable[[dict], str | None] | None = None
-) -> list[dict]:
-    """Valid records of `path` (with their location); a bad line goes to `bad`.
+) -> Iterator[dict]:
+    """Valid records of `path` (with their location), read as they are asked for; a bad
+    line goes to `bad`.
 
     `check(record)`, when given, says why an otherwise valid record is bad (or None), so
     bad lines are reported in file order whatever found them.
     """
-    if not path.is_file():
+    if not path.is_file():  # here, not at the first record: before any output is opened
         raise JaxgenError(f"{path}: cannot read prompts (no such file)")
-    records, seen = [], set()
+    return _records(path, bad, check)
+
+
+def _records(path: pathlib.Path, bad: BadLines, check) -> Iterator[dict]:
+    seen = IdSet()
     options = set(GenerateConfig.model_fields)
     for line in lines.read_jsonl(path):
         record = line.record
@@ -113,21 +129,20 @@ def read_prompts(
             record_id = record.get("id") if isinstance(record, dict) else None
             bad.add(line.where, line.number, record_id if _valid_id(record_id) else None, problem)
             continue
-        seen.add(_key(record["id"]))
-        records.append(record | {"_line": line.where, "_number": line.number})
-    return records
+        seen.add(key(record["id"]))
+        yield record | {"_line": line.where, "_number": line.number}
 
 
 def _valid_id(record_id) -> bool:
     return isinstance(record_id, str | int) and not isinstance(record_id, bool)
 
 
-def _check_record(record, seen: set, options: set) -> str | None:
+def _check_record(record, seen: IdSet, options: set) -> str | None:
     if not isinstance(record, dict) or "id" not in record or ("prompt" in record) == ("messages" in record):
         return 'expected an object with "id" and "prompt" (or "messages", not both)'
     if not _valid_id(record["id"]):
         return "id must be a string or an integer"
-    if _key(record["id"]) in seen:
+    if key(record["id"]) in seen:
         return f"duplicate id {record['id']!r}"
     if "messages" in record:
         try:
@@ -151,13 +166,15 @@ def _check_prompt(lm, record: dict, options: dict, chat: bool, requests: dict) -
     """Why the record cannot be generated (an invalid option, a prompt that does not fit), or
     None: checked before decoding, so only good lines reach a continuously refilled group."""
     overrides = _overrides(record)
-    key = json.dumps(overrides, sort_keys=True)
-    if key not in requests:  # resolved once per distinct set of per-line options
+    options_key = json.dumps(overrides, sort_keys=True)
+    if options_key not in requests:  # resolved once per distinct set of per-line options
+        if len(requests) >= _RESOLVED:  # lines that each set a seed must not grow it per line
+            requests.clear()
         try:
-            requests[key] = lm.resolve(**(options | overrides))
+            requests[options_key] = lm.resolve(**(options | overrides))
         except JaxgenError as e:
-            requests[key] = e
-    req = requests[key]
+            requests[options_key] = e
+    req = requests[options_key]
     if isinstance(req, JaxgenError):
         return str(req)
     try:
@@ -172,35 +189,6 @@ def _check_prompt(lm, record: dict, options: dict, chat: bool, requests: dict) -
 def _overrides(record: dict, ignore: tuple[str, ...] = ()) -> dict:
     """The record's per-line generate options (but those in `ignore`)."""
     return {k: v for k, v in record.items() if k not in (*_RECORD_KEYS, *_LOCATION, *ignore)}
-
-
-def _key(record_id) -> str:
-    return json.dumps(record_id)
-
-
-def done_ids(path: pathlib.Path) -> set[str]:
-    """Ids already written to `path`; a torn (unterminated or unparsable) last line is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    good = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    lines = data[:good].splitlines()
-    while lines:  # the last complete line can only be torn if the newline came from an older run
-        try:
-            json.loads(lines[-1])
-            break
-        except json.JSONDecodeError:
-            good -= len(lines.pop()) + 1
-    if good != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    ids = set()
-    for number, line in enumerate(lines, 1):
-        try:
-            ids.add(_key(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise JaxgenError(f"{path}:{number}: not an output line of jaxgen generate") from None
-    return ids
 
 
 def postprocess(texts: list, opts: GenerateConfig) -> list:
@@ -338,7 +326,7 @@ def _line(record: dict, result, opts: GenerateConfig) -> str:
 
 def run(lm, input_path, output_path, options: dict | None = None, *, progress: bool = True,
         on_batch: Callable[[int], None] | None = None, chat: bool = False,
-        strict: bool = False) -> Summary:  # fmt: skip
+        strict: bool = False, window: int = WINDOW_RECORDS) -> Summary:  # fmt: skip
     """Generates for every not-yet-written line of `input_path` into `output_path`.
 
     Args:
@@ -348,6 +336,8 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
         on_batch: called with the number of batches written so far (progress hooks, tests).
         strict: a bad line stops the run (JaxgenError naming file:line) instead of being
             skipped into `Summary.failures` and `errors_path(output_path)`.
+        window: records read and decoded at a time (at least 4 batches): memory holds this
+            many records whatever the input's size.
     """
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     summary = Summary()
@@ -356,36 +346,68 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
     output_path.parent.mkdir(parents=True, exist_ok=True)
     bad = BadLines(errors_path(output_path), summary.failures, strict)
     try:
-        pending = _pending(lm, input_path, output_path, options, chat, bad, summary)
-        _write(lm, pending, output_path, options, opts, bad, summary, progress, on_batch, chat)
+        windows = _pending(
+            lm, input_path, output_path, options, chat, bad, summary, max(window, 4 * opts.batch_size)
+        )
+        chunks = (
+            chunk for records in windows for chunk in _written_chunks(lm, records, options, opts, bad, chat)
+        )
+        total = _count_lines(input_path) if progress else None
+        _write(chunks, output_path, opts, summary, progress, on_batch, total)
     finally:
         bad.close()
     return summary
 
 
-def _pending(lm, input_path, output_path, options: dict, chat: bool, bad: BadLines, summary) -> list[dict]:
-    """The input's good records not yet in the output; the bad ones go to `bad`."""
+def _pending(lm, input_path, output_path, options: dict, chat: bool, bad: BadLines, summary,
+             size: int) -> Iterator[list[dict]]:  # fmt: skip
+    """Windows of the input's good records not yet in the output, each read when asked for
+    (those already written counted in `summary.skipped`); the bad ones go to `bad`.
+
+    Windows are cut and grouped over all good records, written or not, so a resumed run
+    groups the rest of a window as the uninterrupted run did and writes the same file.
+    """
     done = done_ids(output_path)
     requests: dict = {}
 
     def check(record: dict) -> str | None:  # lines already written were good
-        return None if _key(record["id"]) in done else _check_prompt(lm, record, options, chat, requests)
+        return None if key(record["id"]) in done else _check_prompt(lm, record, options, chat, requests)
 
-    records = read_prompts(input_path, bad, check)
-    pending = [r for r in records if _key(r["id"]) not in done]
-    summary.skipped = len(records) - len(pending)
-    return pending
+    records = read_prompts(input_path, bad, check)  # a missing input stops here, before any output
+    return _not_done(records, done, size, summary)
 
 
-def _write(lm, pending, output_path, options, opts, bad, summary, progress, on_batch, chat) -> None:
-    """Generates `pending` into the output, a flushed and fsynced chunk of lines at a time."""
+def _not_done(records: Iterator[dict], done: IdSet, size: int, summary: Summary) -> Iterator[list[dict]]:
+    for window in _windows(records, size):
+        # Group order comes from the whole window, so a group whose lines are all written
+        # does not let a later group overtake the rest of an earlier one.
+        grouped = (r for group in _option_groups(window, ignore=_PER_ROW) for r in group)
+        pending = [r for r in grouped if key(r["id"]) not in done]
+        summary.skipped += len(window) - len(pending)
+        if pending:
+            yield pending
+
+
+def _windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of `size` records (the last shorter), each read only when asked for."""
+    records = iter(records)
+    while window := list(itertools.islice(records, size)):
+        yield window
+
+
+def _count_lines(path: pathlib.Path) -> int:
+    """Non-blank lines of `path` (each ends as an output line or a bad line): the bar's total."""
+    return sum(1 for _, raw in lines.raw_lines(path) if raw is None or raw.strip())
+
+
+def _write(chunks, output_path, opts, summary: Summary, progress: bool, on_batch, total: int | None) -> None:
+    """Writes each chunk of (record, result) pairs to the output, flushed and fsynced."""
     start = time.perf_counter()
     figures = (MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     bar = progress_bar("generate", *figures, enabled=progress)
-    task = bar.add_task("generate", total=len(pending), rate="")
-    failed_before = len(summary.failures)
+    task = bar.add_task("generate", total=total, rate="")
     with open(output_path, "a", encoding="utf-8") as out, bar:
-        for n, pairs in enumerate(_written_chunks(lm, pending, options, opts, bad, chat), 1):
+        for n, pairs in enumerate(chunks, 1):
             out.write("".join(_line(r, res, opts) for r, res in pairs))
             out.flush()
             os.fsync(out.fileno())  # a line counts as done only once it is on disk
@@ -393,7 +415,8 @@ def _write(lm, pending, output_path, options, opts, bad, summary, progress, on_b
             summary.tokens += sum(sum(len(c) for c in res.completions) for _, res in pairs)
             seconds = time.perf_counter() - start
             rate = f"{summary.written / seconds:.1f} prompts/s  {summary.tokens / seconds:.0f} tokens/s"
-            bar.update(task, completed=summary.written + len(summary.failures) - failed_before, rate=rate)
+            handled = summary.skipped + summary.written + len(summary.failures)
+            bar.update(task, completed=handled, rate=rate)
             if on_batch is not None:
                 on_batch(n)
     summary.seconds = time.perf_counter() - start
