@@ -12,6 +12,9 @@ A run directory holds everything needed to resume, evaluate or generate:
 
 Params are their own item so generation and evaluation restore them alone, and an
 imported model (params only) is a valid run directory to fine-tune from.
+
+A run directory may also be a URL (`gs://bucket/run`, jaxgen/paths.py): the same layout, as
+objects.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +36,7 @@ import orbax.checkpoint as ocp
 from jaxgen.config import Config, MeshConfig, load_config, to_yaml
 from jaxgen.errors import JaxgenError
 from jaxgen.model.transformer import abstract_params, abstract_variables
+from jaxgen.paths import RunPath, is_url, run_path, write_whole
 from jaxgen.runtime.mesh import make_mesh, param_shardings
 
 CONFIG_FILE = "config.yaml"
@@ -56,8 +61,9 @@ class CheckpointDamaged(JaxgenError):
     """A checkpoint that cannot be read back (resuming falls back to an older one)."""
 
 
-def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(run_dir).absolute() / "checkpoints"
+def checkpoint_dir(run_dir: str | RunPath) -> RunPath:
+    run_dir = run_path(run_dir)
+    return (run_dir if is_url(run_dir) else run_dir.absolute()) / "checkpoints"
 
 
 def check_links(run_dir: str | pathlib.Path) -> None:
@@ -65,8 +71,11 @@ def check_links(run_dir: str | pathlib.Path) -> None:
 
     Training appends to metrics.jsonl, copies the tokenizer over tokenizer.model and lets
     orbax delete old checkpoints; through such a link each would write or delete files
-    elsewhere on the machine. (The run directory itself may be a link.)
+    elsewhere on the machine. (The run directory itself may be a link.) An object store
+    has no links.
     """
+    if is_url(run_dir):
+        return
     root = pathlib.Path(run_dir).resolve()
     for dirpath, dirnames, filenames in os.walk(root):  # links are listed, never entered
         for name in (*dirnames, *filenames):
@@ -78,35 +87,38 @@ def check_links(run_dir: str | pathlib.Path) -> None:
                 )
 
 
-def write_run_config(run_dir: str | pathlib.Path, config: Config) -> None:
-    """Writes config.yaml atomically (temp file + rename)."""
-    run_dir = pathlib.Path(run_dir)
+def write_run_config(run_dir: str | RunPath, config: Config) -> None:
+    """Writes config.yaml atomically (temp file + rename, or one object write)."""
+    run_dir = run_path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_links(run_dir)
-        tmp = run_dir / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(to_yaml(config))
-        tmp.replace(run_dir / CONFIG_FILE)
+        write_whole(run_dir / CONFIG_FILE, to_yaml(config))
     except OSError as e:
-        raise JaxgenError(f"{run_dir}: cannot write the run directory ({e.strerror})") from None
+        raise JaxgenError(f"{run_dir}: cannot write the run directory ({e.strerror or e})") from None
 
 
-def read_run_config(run_dir: str | pathlib.Path) -> Config:
-    path = pathlib.Path(run_dir) / CONFIG_FILE
+def read_run_config(run_dir: str | RunPath) -> Config:
+    path = run_path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise JaxgenError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     check_links(run_dir)
+    if is_url(path):  # the YAML loader reads local files; the text is the same
+        with tempfile.TemporaryDirectory() as tmp:
+            local = pathlib.Path(tmp) / CONFIG_FILE
+            local.write_text(path.read_text())
+            return load_config(local)
     return load_config(path)
 
 
-def step_dirs(run_dir: str | pathlib.Path) -> dict[int, pathlib.Path]:
+def step_dirs(run_dir: str | RunPath) -> dict[int, RunPath]:
     """{step: directory} of every step directory, committed or not (orbax lists both)."""
     ckpt = checkpoint_dir(run_dir)
     found = ckpt.iterdir() if ckpt.is_dir() else ()
     return {int(p.name): p for p in found if p.name.isdigit() and p.is_dir()}
 
 
-def uncommitted(step_dir: pathlib.Path) -> str | None:
+def uncommitted(step_dir: RunPath) -> str | None:
     """Why `step_dir` is not a finished save, or None when it is."""
     if (step_dir / COMMIT_MARKER).is_file():
         return None
@@ -119,23 +131,45 @@ def uncommitted(step_dir: pathlib.Path) -> str | None:
     return f"no commit marker ({COMMIT_MARKER}): its save never finished"
 
 
-def stored_shapes(step_dir: pathlib.Path, item: str) -> dict[str, tuple[int, ...]]:
+def stored_shapes(step_dir: RunPath, item: str) -> dict[str, tuple[int, ...]]:
     """{parameter path: shape} of an array item, read from its metadata (no array data)."""
     tree = ocp.StandardCheckpointHandler().metadata(step_dir / item).tree
     return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def copy_tokenizer(source: str | pathlib.Path, run_dir: str | pathlib.Path) -> None:
+def copy_tokenizer(source: str | pathlib.Path, run_dir: str | RunPath) -> None:
     """Copies a tokenizer file, or the tokenizer files of a directory, into the run."""
-    source, run_dir = pathlib.Path(source), pathlib.Path(run_dir)
+    source, run_dir = pathlib.Path(source), run_path(run_dir)
     files = [source] if source.is_file() else [source / n for n in TOKENIZER_FILES if (source / n).exists()]
     for file in files:
         target = run_dir / ("tokenizer.model" if file.suffix == ".model" else file.name)
-        if file.resolve() != target.resolve():
+        if is_url(target):
+            target.write_bytes(file.read_bytes())
+        elif file.resolve() != target.resolve():
             shutil.copyfile(file, target)
 
 
-def manager(run_dir: str | pathlib.Path, config: Config | None = None, *, read_only: bool = False):
+def local_tokenizer(run_dir: str | RunPath) -> pathlib.Path:
+    """A local directory holding the run's tokenizer files: the run directory itself, or,
+    for a run on an object store, a copy in a temporary directory kept for this process
+    (the tokenizer libraries read local files)."""
+    run_dir = run_path(run_dir)
+    if not is_url(run_dir):
+        return run_dir
+    key = str(run_dir)
+    if key not in _TOKENIZER_COPIES:
+        _TOKENIZER_COPIES[key] = tempfile.TemporaryDirectory(prefix="jaxgen-tokenizer-")
+        for name in TOKENIZER_FILES:
+            if (run_dir / name).is_file():
+                (pathlib.Path(_TOKENIZER_COPIES[key].name) / name).write_bytes((run_dir / name).read_bytes())
+    return pathlib.Path(_TOKENIZER_COPIES[key].name)
+
+
+# {run URL: its tokenizer's local copy}, removed when the process exits.
+_TOKENIZER_COPIES: dict[str, tempfile.TemporaryDirectory] = {}
+
+
+def manager(run_dir: str | RunPath, config: Config | None = None, *, read_only: bool = False):
     """An orbax CheckpointManager over `run_dir/checkpoints` (async saves, keep policy)."""
     ckpt = config.checkpoint if config is not None else None
     options = ocp.CheckpointManagerOptions(
@@ -158,7 +192,7 @@ def save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any], *, force
 
 
 @contextlib.contextmanager
-def writing(run_dir: str | pathlib.Path) -> Iterator[None]:
+def writing(run_dir: str | RunPath) -> Iterator[None]:
     """Turns a failed checkpoint write (a full disk, a lost permission) into one line naming
     the newest checkpoint left intact: orbax writes into a temporary directory and renames
     it only once whole, so the steps before stay as they were."""
@@ -217,15 +251,15 @@ def _unraisable_kept() -> Iterator[list]:
 
 
 def save_params(
-    run_dir: str | pathlib.Path,
+    run_dir: str | RunPath,
     config: Config,
     params,
     *,
     step: int = 0,
     tokenizer_path: str | pathlib.Path | None = None,
-) -> pathlib.Path:
+) -> RunPath:
     """Writes a complete run directory holding only params (e.g. an imported model)."""
-    run_dir = pathlib.Path(run_dir)
+    run_dir = run_path(run_dir)
     write_run_config(run_dir, config)
     if tokenizer_path is not None:
         copy_tokenizer(tokenizer_path, run_dir)
@@ -246,7 +280,7 @@ def pick_step(mngr: ocp.CheckpointManager, run_dir, step: int | None) -> int:
 
 
 def load_params(
-    run_dir: str | pathlib.Path,
+    run_dir: str | RunPath,
     *,
     step: int | None = None,
     mesh=None,

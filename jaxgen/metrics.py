@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import shutil
+import tempfile
 from typing import Any
 
 import jax
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from tensorboardX import SummaryWriter
+
+from jaxgen.paths import RunPath, is_url
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device.device_kind`.
 # Order matters: more specific names first ("v5 lite" before "v5").
@@ -65,16 +69,30 @@ def perplexity_figures(nll_sum: float, tokens: float, chars: int = 0, nbytes: in
 
 
 class MetricsWriter:
-    """Appends JSON lines to `metrics.jsonl` and scalars to TensorBoard (process 0 only)."""
+    """Appends JSON lines to `metrics.jsonl` and scalars to TensorBoard (process 0 only).
 
-    def __init__(self, run_dir: pathlib.Path):
+    In a run directory on an object store (`gs://`), where nothing can be appended to, each
+    record rewrites the metrics object whole (`_Rewritten`) and TensorBoard writes its event
+    files locally, copied up after each record: what is in the bucket is always up to date,
+    so a resumed run finds every record up to its checkpoint. Rewriting costs the object's
+    size per record (a few MB after 10^4 records), small beside a step of a pod's model.
+    """
+
+    def __init__(self, run_dir: RunPath):
         self.enabled = jax.process_index() == 0
         self._file = None
         self._tb = None
+        self._events = None  # (local directory, bucket directory) of a remote run's events
         if self.enabled:
-            self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            events = str(run_dir / "events")
+            if is_url(run_dir):
+                self._file = _Rewritten(run_dir / "metrics.jsonl")
+                events = tempfile.mkdtemp(prefix="jaxgen-events-")
+                self._events = (pathlib.Path(events), run_dir / "events")
+            else:
+                self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             try:
-                self._tb = SummaryWriter(str(run_dir / "events"))
+                self._tb = SummaryWriter(events)
             except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
                 self._tb = None
 
@@ -88,12 +106,46 @@ class MetricsWriter:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        if self._events is None:
+            return
+        self._tb.flush()
+        local, remote = self._events
+        remote.mkdir(parents=True, exist_ok=True)
+        for file in local.iterdir():
+            (remote / file.name).write_bytes(file.read_bytes())
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
+            self._upload_events()
             self._tb.close()
+        if self._events is not None:
+            shutil.rmtree(self._events[0], ignore_errors=True)
+
+
+class _Rewritten:
+    """A file-like `metrics.jsonl` on an object store: the lines so far, the object rewritten
+    whole after each one. It reads the object at its first line, not when opened, because
+    resuming trims the object (train/resume.py) between the two."""
+
+    def __init__(self, path: RunPath):
+        self.path, self.text = path, None
+
+    def write(self, line: str) -> None:
+        if self.text is None:
+            self.text = self.path.read_text() if self.path.exists() else ""
+        self.text += line
+        self.path.write_text(self.text)
+
+    def flush(self) -> None:
+        pass  # each write is already whole in the store
+
+    def close(self) -> None:
+        pass
 
 
 def _plain(value: Any) -> Any:

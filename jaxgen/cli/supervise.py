@@ -68,7 +68,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def last_checkpoint(run_dir: pathlib.Path) -> str:
+def last_checkpoint(run_dir: str | pathlib.Path) -> str:
     """The line's second half: the newest complete checkpoint, which a restart resumes from."""
     from jaxgen import checkpoint  # orbax: imported only once a job has failed
 
@@ -122,7 +122,7 @@ def run(argv: list[str], config: Config, run_dir: str | None, cluster: Cluster, 
         return code if code > 0 else 128 - code  # killed by a signal: as a shell reports it
     line = fault.message
     if fault.after_join:
-        line += "; " + last_checkpoint(pathlib.Path(run_dir or pathlib.Path("runs") / config.name))
+        line += "; " + last_checkpoint(run_dir or pathlib.Path("runs") / config.name)
     print(f"error: {line}", file=sys.stderr, flush=True)
     return 1
 

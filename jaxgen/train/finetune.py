@@ -33,6 +33,7 @@ from jaxgen.errors import JaxgenError
 from jaxgen.model import lora as lora_lib
 from jaxgen.model import vocab
 from jaxgen.model.transformer import abstract_variables
+from jaxgen.paths import RunPath, is_url, run_path, write_whole
 from jaxgen.runtime.mesh import make_mesh, param_shardings
 from jaxgen.tokenizer import add_tokens, load_tokenizer, model_vocab_size
 from jaxgen.train.loop import TrainResult, barrier, begin, check_resume, prepare_data, run_training
@@ -114,7 +115,7 @@ def load_base(record: dict, model: ModelConfig, mesh):
     return grow(params)
 
 
-def read_record(run_dir: pathlib.Path) -> dict:
+def read_record(run_dir: RunPath) -> dict:
     path = run_dir / FINETUNE_FILE
     try:
         return json.loads(path.read_text())
@@ -122,16 +123,14 @@ def read_record(run_dir: pathlib.Path) -> dict:
         raise JaxgenError(f"{path}: cannot read the fine-tuning record ({e})") from None
 
 
-def _write_record(run_dir: pathlib.Path, record: dict) -> None:
-    tmp = run_dir / f".{FINETUNE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / FINETUNE_FILE)
+def _write_record(run_dir: RunPath, record: dict) -> None:
+    write_whole(run_dir / FINETUNE_FILE, json.dumps(record, indent=2) + "\n")
 
 
-def trained_attributes(run_dir: str | pathlib.Path) -> dict[str, list[str]] | None:
+def trained_attributes(run_dir: str | RunPath) -> dict[str, list[str]] | None:
     """{attribute: values} a fine-tuned run's data carried; None for other runs."""
-    path = pathlib.Path(run_dir) / FINETUNE_FILE
-    return read_record(pathlib.Path(run_dir)).get("attributes") if path.is_file() else None
+    path = run_path(run_dir) / FINETUNE_FILE
+    return read_record(run_path(run_dir)).get("attributes") if path.is_file() else None
 
 
 def tuning_of(config: Config, record: dict) -> Tuning:
@@ -142,12 +141,12 @@ def tuning_of(config: Config, record: dict) -> Tuning:
 # ----------------------------------------------------------------------------- a fresh run
 
 
-def _has_checkpoints(run_dir: pathlib.Path) -> bool:
+def _has_checkpoints(run_dir: RunPath) -> bool:
     ckpt = checkpoint.checkpoint_dir(run_dir)
     return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
-def _start(config: Config, run_dir: pathlib.Path) -> dict:
+def _start(config: Config, run_dir: RunPath) -> dict:
     """Sets up a fresh run directory: the grown tokenizer and the record. Returns the record."""
     path, step = parse_init_from(config.finetune.init_from)
     kind = source_kind(path)
@@ -172,7 +171,8 @@ def _start(config: Config, run_dir: pathlib.Path) -> dict:
         *attributes.control_tokens(found, config.generate.control_template),
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+    # Beside the run on disk; a run in a bucket gets a local scratch directory.
+    with tempfile.TemporaryDirectory(dir=None if is_url(run_dir) else run_dir) as tmp:
         added = add_tokens(tokenizer, tokens, tmp)
         checkpoint.copy_tokenizer(tmp, run_dir)
         for name in _SIDE_FILES:
@@ -199,7 +199,7 @@ def _vocab_size(record: dict, tokenizer, multiple: int) -> int:
     return model_vocab_size(tokenizer, multiple)
 
 
-def resolve(config: Config, run_dir: pathlib.Path, *, start: bool = True) -> tuple[Config, dict]:
+def resolve(config: Config, run_dir: RunPath, *, start: bool = True) -> tuple[Config, dict]:
     """The run's config (model from the source, tokenizer from the run dir) and its record.
 
     `start`: set up a fresh run directory when it has no checkpoint yet (process 0 does;
@@ -209,7 +209,7 @@ def resolve(config: Config, run_dir: pathlib.Path, *, start: bool = True) -> tup
         record = _start(config, run_dir)
     else:
         record = read_record(run_dir)
-    tokenizer = load_tokenizer(run_dir)
+    tokenizer = load_tokenizer(checkpoint.local_tokenizer(run_dir))
     model = finetuned_model(
         source_model(record), config, _vocab_size(record, tokenizer, config.tokenizer.vocab_multiple)
     )
@@ -228,7 +228,7 @@ def resolve(config: Config, run_dir: pathlib.Path, *, start: bool = True) -> tup
 
 def finetune(
     config: Config,
-    run_dir: str | pathlib.Path | None = None,
+    run_dir: str | RunPath | None = None,
     *,
     console: Console | None = None,
     overwrite: bool = False,

@@ -24,6 +24,7 @@ from jaxgen import checkpoint, data
 from jaxgen.config import Config, check_no_placeholders
 from jaxgen.errors import JaxgenError
 from jaxgen.metrics import MetricsWriter, progress_bar
+from jaxgen.paths import RunPath, run_path
 from jaxgen.runtime import cpu_malloc
 from jaxgen.runtime.mesh import activate, data_parallel_size, make_mesh
 from jaxgen.tokenizer import load_tokenizer, model_vocab_size
@@ -36,7 +37,7 @@ from jaxgen.train.tuning import Tuning
 
 @dataclasses.dataclass
 class TrainResult:
-    run_dir: pathlib.Path
+    run_dir: RunPath
     step: int  # batches consumed (checkpoint numbering)
     losses: list[float]  # training loss of every step run in this call
     final_eval: dict | None
@@ -61,7 +62,7 @@ def check_shapes(config: Config, mesh) -> None:
         raise JaxgenError(f"train.batch_size: {t.batch_size} is not divisible by data*fsdp*grad_accum = {dp}")
 
 
-def check_resume(run_dir: pathlib.Path, config: Config) -> None:
+def check_resume(run_dir: RunPath, config: Config) -> None:
     if not (run_dir / checkpoint.CONFIG_FILE).exists():
         return
     before = checkpoint.read_run_config(run_dir).model.model_dump(exclude={"preset"})
@@ -114,7 +115,7 @@ class Run:
     def __init__(
         self,
         config: Config,
-        run_dir: pathlib.Path,
+        run_dir: RunPath,
         mesh,
         console: Console,
         tuning: Tuning | None = None,
@@ -220,14 +221,15 @@ def prepare_data(config: Config) -> data.DatasetInfo:
 
 def begin(
     config: Config, run_dir, console: Console | None, overwrite: bool = False
-) -> tuple[Console, pathlib.Path]:
-    """The console and run directory of a `train` or `finetune` call (default `runs/<name>`);
-    `overwrite` clears what an earlier run left there (train/resume.py: `clear`)."""
+) -> tuple[Console, RunPath]:
+    """The console and run directory of a `train` or `finetune` call (default `runs/<name>`;
+    a `gs://` URL is a run directory in a bucket: jaxgen/paths.py); `overwrite` clears what
+    an earlier run left there (train/resume.py: `clear`)."""
     # One process speaks for a multi-host job. Lines are not wrapped to the console's width:
     # a log line cut mid-value (the banner's mesh dict, a long run dir) reads as two.
     console = console or Console(quiet=jax.process_index() != 0, soft_wrap=True)
     check_no_placeholders(config)
-    run_dir = pathlib.Path(run_dir or pathlib.Path("runs") / config.name)
+    run_dir = run_path(run_dir or pathlib.Path("runs") / config.name)
     if overwrite and jax.process_index() == 0:
         resume.clear(run_dir)
     barrier("jaxgen-begin")
@@ -236,7 +238,7 @@ def begin(
 
 def train(
     config: Config,
-    run_dir: str | pathlib.Path | None = None,
+    run_dir: str | RunPath | None = None,
     *,
     console: Console | None = None,
     overwrite: bool = False,
@@ -261,7 +263,7 @@ def train(
 
 def run_training(
     config: Config,
-    run_dir: pathlib.Path,
+    run_dir: RunPath,
     console: Console,
     started: float,
     *,

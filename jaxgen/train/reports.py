@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from rich.console import Console
 
-from jaxgen import data
+from jaxgen import checkpoint, data
 from jaxgen.config import Config
 from jaxgen.decode.request import complete_text
 from jaxgen.errors import JaxgenError
@@ -195,7 +195,7 @@ class Sampler:
 
     def __call__(self, info: StepInfo) -> None:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.run_dir)
+            self.tokenizer = load_tokenizer(checkpoint.local_tokenizer(self.run_dir))
         cfg = self.config
         params = self.model_params(info.state.params)
         text = complete_text(

@@ -13,46 +13,45 @@ model (copied in from elsewhere). Resuming tries the checkpoints newest first:
   the run stops: starting it from scratch over what is there takes `--overwrite`.
 
 After resuming from step S, metrics.jsonl keeps only records of steps <= S: the steps
-after it run again and log again, so no step is listed twice.
+after it run again and log again, so no step is listed twice. (On an object store the file
+is one object, rewritten whole: jaxgen/metrics.py.)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 from jaxgen import checkpoint
 from jaxgen.errors import JaxgenError
+from jaxgen.paths import RunPath, is_url, move, remove
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def clear(run_dir: pathlib.Path) -> None:
+def clear(run_dir: RunPath) -> None:
     """`--overwrite`: removes what an earlier run left (checkpoints, metrics, config); the
     directory and anything else in it stay."""
     for name in (*checkpoint.RUN_ENTRIES, *checkpoint.TOKENIZER_FILES):
-        path = run_dir / name
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
+        remove(run_dir / name)
 
 
-def check_fresh_start(run_dir: pathlib.Path) -> None:
+def check_fresh_start(run_dir: RunPath) -> None:
     """Refuses to start from step 0 in a directory whose metrics show an earlier run."""
     metrics = run_dir / METRICS_FILE
-    if metrics.is_file() and metrics.stat().st_size > 0:
+    if metrics.is_file() and _size(metrics) > 0:
         raise JaxgenError(
             f"{run_dir}: has {METRICS_FILE} from an earlier run but no checkpoint to resume from;"
             " pass --overwrite to start the run over"
         )
 
 
-def _shape_mismatch(step_dir: pathlib.Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+def _size(path: RunPath) -> int:
+    return path.stat().length if is_url(path) else path.stat().st_size  # epath's stat names it so
+
+
+def _shape_mismatch(step_dir: RunPath, expected: dict[str, tuple[int, ...]]) -> str | None:
     """The first parameter whose stored shape differs from this model's, as a message."""
     stored = checkpoint.stored_shapes(step_dir, "params")
     for path in sorted(expected.keys() | stored.keys()):
@@ -64,7 +63,7 @@ def _shape_mismatch(step_dir: pathlib.Path, expected: dict[str, tuple[int, ...]]
     return None
 
 
-def _problem(step_dir: pathlib.Path, items: tuple[str, ...], expected: dict) -> str | None:
+def _problem(step_dir: RunPath, items: tuple[str, ...], expected: dict) -> str | None:
     """Why the checkpoint in `step_dir` cannot be resumed from (None: it looks whole).
 
     Raises:
@@ -88,7 +87,7 @@ def _problem(step_dir: pathlib.Path, items: tuple[str, ...], expected: dict) -> 
 
 
 def newest_intact(
-    run_dir: pathlib.Path,
+    run_dir: RunPath,
     restore: Callable[[int], dict[str, Any]],
     items: tuple[str, ...],
     expected: dict[str, tuple[int, ...]],
@@ -128,33 +127,45 @@ def newest_intact(
     )
 
 
-def move_aside(run_dir: pathlib.Path, steps: list[int]) -> None:
+def move_aside(run_dir: RunPath, steps: list[int]) -> None:
     """Moves damaged step directories to `damaged/<step>`, out of orbax's sight."""
     for step in steps:
         target = run_dir / "damaged" / str(step)
         target.parent.mkdir(exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(checkpoint.checkpoint_dir(run_dir) / str(step), target)
+        remove(target)
+        move(checkpoint.checkpoint_dir(run_dir) / str(step), target)
 
 
-def trim_metrics(run_dir: pathlib.Path, step: int) -> None:
+def trim_metrics(run_dir: RunPath, step: int) -> None:
     """Keeps the metrics records of steps <= `step`.
 
     Rewritten in place (not replaced by a new file): the run's MetricsWriter already holds
-    the file open for appending, and appends land at the end of the truncated file.
+    the file open for appending, and appends land at the end of the truncated file. An
+    object is rewritten whole; the writer reads it back only at its first record.
     """
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return
+    if is_url(path):
+        lines = path.read_bytes().splitlines(keepends=True)
+        kept = _kept(lines, step)
+        if kept != lines:
+            path.write_bytes(b"".join(kept))
+        return
     with open(path, "r+b") as f:
         lines = f.read().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        kept = _kept(lines, step)
         if kept == lines:
             return
         f.seek(0)
-        f.write(b"".join(line if line.endswith(b"\n") else line + b"\n" for line in kept))
+        f.write(b"".join(kept))
         f.truncate()
+
+
+def _kept(lines: list[bytes], step: int) -> list[bytes]:
+    """The records of steps <= `step`, each ending in a newline."""
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    return [line if line.endswith(b"\n") else line + b"\n" for line in kept]
 
 
 def _step_of(line: bytes) -> int | None:
