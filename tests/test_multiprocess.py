@@ -23,6 +23,8 @@ import pytest
 
 from jaxgen import checkpoint
 from jaxgen.config import load_config, to_yaml
+from jaxgen.data.pipeline import Shard, check_batch
+from jaxgen.errors import JaxgenError
 from jaxgen.train.loop import train
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -254,3 +256,11 @@ def test_missing_coordinator_and_missing_peer_end_in_one_line(setup, tmp_path):
         f"error: the coordinator (process 0 at localhost:{alone[1].port}) did not answer within 3 s"
         " (distributed.initialization_timeout)"
     )
+
+
+def test_a_process_count_that_does_not_divide_the_batch_is_one_line():
+    check_batch(12, Shard(index=0, count=4), "train.batch_size")  # 3 rows per process
+    with pytest.raises(
+        JaxgenError, match=r"^train.batch_size: 12 rows do not split evenly over 5 processes$"
+    ):
+        check_batch(12, Shard(index=0, count=5), "train.batch_size")
