@@ -41,8 +41,14 @@ def _overrides(root: pathlib.Path) -> list[str]:
 
 
 def _train(root: pathlib.Path, run: pathlib.Path, kind: str, arg) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(HARNESS), kind, str(arg), "--", "train", str(ROOT / "configs" / "tiny.yaml"),
-           "--run-dir", str(run), *_overrides(root)]  # fmt: skip
+    args = ["train", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run), *_overrides(root)]
+    return run_harness(root, kind, arg, args)
+
+
+def run_harness(root: pathlib.Path, kind: str, arg, jaxgen_args: list[str]) -> subprocess.CompletedProcess:
+    """`jaxgen JAXGEN_ARGS` under the crash harness (killed at kill point `kind`/`arg`), on CPU,
+    sharing one persistent compilation cache so that a restart does not compile again."""
+    cmd = [sys.executable, str(HARNESS), kind, str(arg), "--", *jaxgen_args]
     env = {
         **os.environ,
         "XLA_FLAGS": "",

@@ -17,11 +17,10 @@ import pathlib
 import random
 import signal
 import subprocess
-import sys
 
 import jax
 import pytest
-from test_crash_points import EVERY, HARNESS, ROOT, SEED, STEPS, _assert_same_training, _draw
+from test_crash_points import EVERY, ROOT, SEED, STEPS, _assert_same_training, _draw, run_harness
 
 from jaxgen.checkpoint import save_params
 from jaxgen.config import load_config
@@ -69,17 +68,8 @@ def _overrides(root: pathlib.Path, base: pathlib.Path) -> list[str]:
 
 def _finetune(root, base, run, method: str, kind: str, arg) -> subprocess.CompletedProcess:
     config = ROOT / "configs" / "tiny.yaml"
-    cmd = [sys.executable, str(HARNESS), kind, str(arg), "--", "finetune", str(config), "--run-dir", str(run),
-           *_overrides(root, base), *METHODS[method]]  # fmt: skip
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    args = ["finetune", str(config), "--run-dir", str(run), *_overrides(root, base), *METHODS[method]]
+    return run_harness(root, kind, arg, args)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
