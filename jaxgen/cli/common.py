@@ -1,13 +1,9 @@
-"""Pieces several command groups share: the config-and-overrides arguments, the stub of a
-command still to come."""
+"""Pieces several command groups share: the config-and-overrides arguments and the
+bad-line flags."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
-
-NOT_IMPLEMENTED = 2  # exit code for commands that later issues fill in
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,11 +25,3 @@ def add_bad_line_flags(p: argparse.ArgumentParser, scope: str, listed: str) -> N
         action="store_true",
         help=f"{scope}exit 0 even when bad lines were skipped (listed {listed})",
     )
-
-
-def not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"jaxgen {name}: not implemented yet", file=sys.stderr)
-        return NOT_IMPLEMENTED
-
-    return handler

@@ -148,12 +148,11 @@ def refill_ids(
     while any(h is not None for h in holder):
         occupied = np.array([h is not None for h in holder])
         state = jit_advance(params, state, occupied)
-        done = np.asarray(state.done)
-        for row in np.flatnonzero(done & occupied):
-            start, num = int(state.prompt_lengths[row]), int(state.num_tokens[row])
-            tokens = np.asarray(state.tokens[row, start : start + num]).tolist()
-            finish = loop.FINISH_REASONS[int(state.finish[row])]
-            yield holder[row], loop.Completion(tokens, finish, float(state.logprob[row]))
+        finished = np.flatnonzero(np.asarray(state.done) & occupied)
+        # One transfer of every row's outputs; refilling a row leaves the others' as they are.
+        rows = loop.completions(*ragged.completions_of(state, spec.buffer), b) if finished.size else []
+        for row in finished:
+            yield holder[row], rows[row]
             holder[row] = None
             if pending:
                 state = fill(state, row)
