@@ -36,6 +36,9 @@ F1204 10:43:14.196864    1166 client.h:80] Terminating process because the JAX d
 Additional GRPC error information from remote target coordination_service while calling /xla.coordination.CoordinationService/PollForError:
 :UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:"Socket closed"}
 """
+GLOO_ABORT = """terminate called after throwing an instance of 'gloo::EnforceNotMet'
+  what():  [enforce fail at external/gloo/gloo/transport/tcp/pair.cc:459] op.preamble.length <= op.nbytes. 4096 vs 4. Received data size doesn't match expected size. Is there a distributed collective mismatch in your code?
+"""
 SETTINGS = DistributedConfig(heartbeat_timeout=7, initialization_timeout=9)
 
 
@@ -110,6 +113,25 @@ def _explain(text, process_id, count=2, hosts=None):
 )
 def test_runtime_failures_read_as_one_line(text, process_id, count, hosts, expected):
     assert _explain(text, process_id, count, hosts) == expected
+
+
+def test_a_failed_collective_names_the_peers_that_no_longer_answer():
+    # Captured from a CI run: the peer was SIGKILLed mid-collective and gloo aborted the
+    # survivor before the heartbeat deadline, naming nobody.
+    got = explain(
+        GLOO_ABORT,
+        process_id=0,
+        num_processes=3,
+        coordinator="10.0.0.1:1234",
+        hosts={2: "w2"},
+        settings=SETTINGS,
+        unreachable={2},
+    )
+    assert got == Fault(
+        "lost process 2 of 3 (host w2): a collective with it failed and it no longer answers", True
+    )
+    # Every peer still answering: nothing to name, the runtime's output is shown as it is.
+    assert _explain(GLOO_ABORT, 0) is None
 
 
 def test_other_failures_are_left_to_the_runtime_output():

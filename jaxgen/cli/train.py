@@ -41,14 +41,14 @@ def _run_job(args: argparse.Namespace, job) -> int:
     (cli/supervise.py)."""
     from jaxgen.cli import supervise
     from jaxgen.config import load_config
-    from jaxgen.runtime.distributed import initialize_from_env, peer_hosts
+    from jaxgen.runtime.distributed import initialize_from_env
 
     config = load_config(args.config, args.overrides)
     cluster = supervise.wanted()
     if cluster is not None:
         return supervise.run(args.argv, config, args.run_dir, cluster, args.debug)
     if initialize_from_env(settings=config.distributed):
-        supervise.announce_hosts(peer_hosts(config.distributed.initialization_timeout))
+        supervise.announce(config.distributed.initialization_timeout)
     return _report(job(config))
 
 

@@ -265,19 +265,25 @@ def initialize_from_env(
     return True
 
 
-def peer_hosts(timeout_seconds: int = 60) -> dict[int, str]:
-    """{process index: hostname} of every process of the job, exchanged through the
-    coordination service's key-value store; {0: this host} on a single host.
+def exchange(name: str, value: str, timeout_seconds: int = 60) -> dict[int, str]:
+    """{process index: value} of every process of the job, each giving its own `value`,
+    exchanged through the coordination service's key-value store; {0: value} on a single host.
 
-    A collective call: every process must make it. A survivor names a lost peer by host
-    with it, which JAX's own messages (task numbers only) do not.
+    A collective call: every process must make it with the same `name`.
     """
     client = jax_distributed.global_state.client
     if client is None:
-        return {0: socket.gethostname()}
-    client.key_value_set(f"jaxgen/host/{jax.process_index()}", socket.gethostname())
-    client.wait_at_barrier("jaxgen-hosts", timeout_seconds * 1000, None)
-    return {int(key.rsplit("/", 1)[1]): host for key, host in client.key_value_dir_get("jaxgen/host/")}
+        return {0: value}
+    client.key_value_set(f"jaxgen/{name}/{jax.process_index()}", value)
+    client.wait_at_barrier(f"jaxgen-{name}", timeout_seconds * 1000, None)
+    return {int(key.rsplit("/", 1)[1]): got for key, got in client.key_value_dir_get(f"jaxgen/{name}/")}
+
+
+def peer_hosts(timeout_seconds: int = 60) -> dict[int, str]:
+    """{process index: hostname} of every process of the job ({0: this host} on a single
+    host). A collective call. A survivor names a lost peer by host with it, which JAX's
+    own messages (task numbers only) do not."""
+    return exchange("host", socket.gethostname(), timeout_seconds)
 
 
 def process_info() -> tuple[int, int]:

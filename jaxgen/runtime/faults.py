@@ -16,6 +16,13 @@ of it. The messages matched are the coordination service's (jaxlib 0.10):
 - "Failed to send RPC to coordination service", or its PollForError / Heartbeat RPCs
   failing otherwise: the coordinator (process 0) is gone.
 
+A collective can also fail first: a peer dies mid-collective, and the CPU collectives
+library (gloo) aborts this process before the heartbeat deadline passes, with a message
+that names no process (e.g. "Received data size doesn't match expected size", thrown
+from gloo's own thread, so nothing in Python sees it). The supervisor then asks every
+peer's supervisor whether it still answers (`cli/supervise.py`) and passes the ones that
+do not as `unreachable`: those are the lost processes.
+
 Pure text in, text out: tests feed it messages captured from real failures.
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from jaxgen.config import DistributedConfig
 
@@ -32,6 +39,11 @@ _NEVER_JOINED = re.compile(
     r"Wait_for_all_tasks_to_register.*?timed out task names:\s*\n((?:\s*\d+\s*\n)+)", re.S
 )
 _REGISTER_DEADLINE = re.compile(r"DEADLINE_EXCEEDED: Deadline Exceeded\s*\n+\s*RPC: \S*/RegisterTask")
+# gloo's failures (an exception escaping its transport thread, or a read on a socket the
+# peer closed); NCCL's "remote process exited" for GPU jobs.
+_COLLECTIVE_FAILED = re.compile(
+    r"gloo::\w+|\[enforce fail at \S*gloo|Connection (closed|reset) by peer|remote process exited"
+)
 _SERVICE_GONE = re.compile(
     r"Failed to send RPC to coordination service|CoordinationService/(PollForError|Heartbeat)\b"
 )
@@ -66,6 +78,11 @@ def _names(indices: list[int], count: int, hosts: Mapping[int, str]) -> str:
     return f"processes {listed} of {count}"
 
 
+def collective_failed(text: str) -> bool:
+    """Whether the runtime's output shows a collective with another process failing."""
+    return _COLLECTIVE_FAILED.search(text) is not None
+
+
 def explain(
     text: str,
     *,
@@ -74,6 +91,7 @@ def explain(
     coordinator: str | None,
     hosts: Mapping[int, str],
     settings: DistributedConfig,
+    unreachable: Collection[int] = (),
 ) -> Fault | None:
     """Reads the runtime's output of a failed process.
 
@@ -83,6 +101,7 @@ def explain(
         coordinator: "host:port" of process 0 (None when JAX detected it).
         hosts: {process index: hostname} as far as known (process 0's from `coordinator`).
         settings: the config's `distributed` section, named in the line.
+        unreachable: peers whose supervisor no longer answered when this process failed.
 
     Returns:
         The explanation, or None when the text shows no coordination failure jaxgen knows
@@ -108,4 +127,7 @@ def explain(
         return Fault(f"the coordinator (process 0{where}) did not answer within {joining}", False)
     if _SERVICE_GONE.search(text) and process_id != 0:
         return Fault(f"lost {_name(0, num_processes, hosts)}, the coordinator: its connection closed", True)
+    if collective_failed(text) and unreachable:
+        lost = _names(sorted(unreachable), num_processes, hosts)
+        return Fault(f"lost {lost}: a collective with it failed and it no longer answers", True)
     return None
