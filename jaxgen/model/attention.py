@@ -69,14 +69,21 @@ def write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array | int, index:
     return cache.at[layer, rows, :, slots, :].set(new)  # indexed dims first: [B, T, K, H]
 
 
-def _implementation(config: ModelConfig, masked: bool) -> str | None:
-    # "auto" lets JAX pick the fastest kernel for the call; cuDNN's fused kernel is
-    # only asked for where it is known to apply (causal, no segment mask).
-    if config.attention_impl == "auto":
-        return None
-    if masked and config.attention_impl == "cudnn":
-        return "xla"
-    return config.attention_impl
+def _implementation(config: ModelConfig, dtype) -> str:
+    """The kernel of `jax.nn.dot_product_attention` for training and prefill.
+
+    JAX's own default (None) is its XLA path, which writes float32 scores [B, N, T, S]
+    and keeps them for the backward pass: on an H200 GPT-2 124M trained at 0.53x nanoGPT's
+    tokens/s with it, and TinyLlama at 8 x 2048 ran out of 139 GiB (benchmarks/RESULTS.md).
+    "auto" asks for cuDNN's fused (flash) kernel on GPUs, for the dtypes and head sizes it
+    takes; a segment mask reaches it as an additive bias.
+    """
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    h = config.dim_per_head
+    if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128:
+        return "cudnn"
+    return "xla"
 
 
 class Attention(nn.Module):
@@ -127,9 +134,9 @@ class Attention(nn.Module):
                 q,
                 kk,
                 vv,
-                mask=mask,
-                is_causal=mask is None,
-                implementation=_implementation(cfg, mask is not None),
+                mask=mask,  # causal already; is_causal lets cuDNN skip the masked blocks
+                is_causal=True,
+                implementation=_implementation(cfg, q.dtype),
             )  # [B, T, N, H]
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         scale = (2 * cfg.num_layers) ** -0.5
