@@ -303,9 +303,12 @@ def test_bench_train_times_the_model_train_would_build(corpus, tmp_path, capsys)
     args = ["bench", "train", "--steps", "2", "--warmup", "1", str(ROOT / "configs" / "tiny.yaml")]
     args += _overrides(corpus)
     args += [f"data.data_dir={tmp_path / 'prepared'}", "tokenizer.vocab_size=300"]
-    assert cli.main(args) == 0
-    line = json.loads(capsys.readouterr().out)
+    assert cli.main([*args, "--profile", str(tmp_path / "profile")]) == 0
+    line = json.loads(capsys.readouterr().out)  # stdout stays the one JSON line
     assert line["vocab_size"] == want and line["params"] == param_count(resolved.model)
+    # The trace TensorBoard's profile plugin reads: plugins/profile/<run>/<host>.xplane.pb.
+    (trace,) = (tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb")
+    assert trace.stat().st_size > 0
     missing = [*args, f"tokenizer.path={tmp_path / 'nope.model'}"]
     assert cli.main(missing) == 1
     assert "tokenizer.path:" in capsys.readouterr().err

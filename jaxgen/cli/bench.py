@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
+import sys
 from collections.abc import Iterable
 
 from jaxgen.cli.common import add_config_args
@@ -56,11 +58,33 @@ def add_parser(sub) -> None:
     q.add_argument("--steps", type=int, default=20, help="timed steps")
     q.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     q.set_defaults(handler=_cmd_train)
+    for name in ("generate", "train"):
+        bench_sub.choices[name].add_argument(
+            "--profile",
+            metavar="DIR",
+            help="write a jax.profiler trace of the whole benchmark to DIR (TensorBoard's profile"
+            " plugin or Perfetto; benchmarks/README.md)",
+        )
 
 
-def _print_lines(lines: Iterable[dict]) -> int:
-    for line in lines:
-        print(json.dumps(line), flush=True)  # as each setting finishes: a long run shows progress
+def _print_lines(lines: Iterable[dict], profile: str | None = None) -> int:
+    """Prints each line as JSON as its setting finishes (a long run shows progress), under a
+    profiler trace written to `profile` when given (the lines are produced lazily, so the
+    trace holds the benchmark's compiles and timed runs)."""
+    if profile:
+        import jax
+
+        tracing = jax.profiler.trace(profile)
+    else:
+        tracing = contextlib.nullcontext()
+    with tracing:
+        for line in lines:
+            print(json.dumps(line), flush=True)
+    if profile:
+        print(
+            f"profile written to {profile} (tensorboard --logdir {profile}, or ui.perfetto.dev)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -78,14 +102,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if path is not None and "=" in path and not pathlib.Path(path).exists():  # no config, only overrides
         path, overrides = None, [path, *overrides]
     if args.speculative or args.refill:
-        return _print_lines(_offline_lines(args, path, overrides))
+        return _print_lines(_offline_lines(args, path, overrides), args.profile)
     return _print_lines(
         generate.run(
             load_config(path, overrides), batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len,
             new_tokens=args.new_tokens, num_beams=args.num_beams, baseline=not args.no_baseline,
             samplers=tuple(generate.parse_sample(spec) for spec in args.sample),
             weights=tuple(w for w in args.weights.split(",") if w),
-        )
+        ),
+        args.profile,
     )  # fmt: skip
 
 
@@ -121,5 +146,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jaxgen.config import load_config
 
     return _print_lines(
-        train.run(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup)
+        train.run(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup),
+        args.profile,
     )
