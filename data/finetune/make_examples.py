@@ -50,7 +50,9 @@ def main() -> None:
     control = []
     for line in rng.sample(lines, 4000):
         case = rng.choice(("upper", "lower"))
-        control.append({"text": line.upper() if case == "upper" else line.lower(), "attributes": {"case": case}})
+        control.append(
+            {"text": line.upper() if case == "upper" else line.lower(), "attributes": {"case": case}}
+        )
     preference = []
     for speaker, speech in blocks[:3000]:
         opening = speech.splitlines()[0][:PAIR_CHARS]
