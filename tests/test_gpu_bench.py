@@ -157,3 +157,27 @@ def test_mfu_peak_by_device_name():
         None,
     ):
         assert machine.peak_flops(other) is None
+
+
+def test_profile_names_the_ops_a_row_spends_its_time_in(tmp_path):
+    """profile.py --cpu-smoke: one decode row under the profiler, summarised to a text file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run(
+        [sys.executable, str(GPU / "profile.py"), "--cpu-smoke", "--rows", "decode_gpt2_124m_b1",
+         "--trace-dir", str(tmp_path / "traces"), "--summary-dir", str(tmp_path / "summary")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    text = (tmp_path / "summary" / "decode_gpt2_124m_b1.txt").read_text()
+    ops = re.findall(r"^(\S+)\s+([\d.]+)\s+([\d.]+)%\s+(\d+)$", text, re.M)
+    assert len(ops) >= 5, text
+    assert sum(float(share) for _, _, share, _ in ops) <= 100.5
+    assert all(float(ms) >= 0 and int(calls) > 0 for _, ms, _, calls in ops)
+    assert float(ops[0][1]) > 0, text  # the top op took measurable time
+    # --summarize reads the same trace again.
+    trace = tmp_path / "traces" / "decode_gpt2_124m_b1"
+    again = subprocess.run(
+        [sys.executable, str(GPU / "profile.py"), "--summarize", str(trace)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert again.returncode == 0 and text.split("\n", 1)[1] == again.stdout

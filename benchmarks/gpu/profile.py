@@ -1,0 +1,128 @@
+"""Where a row's time goes: jaxgen's side of chosen rows under `jax.profiler`, summarised.
+
+    python benchmarks/gpu/profile.py --rows train_gpt2_124m,decode_gpt2_124m_b1 --summary-dir "$OUT"
+    python benchmarks/gpu/profile.py --cpu-smoke --rows train_gpt2_124m   # tiny shapes, CPU
+    python benchmarks/gpu/profile.py --summarize TRACE_DIR                # any trace already taken
+
+Each row runs once (its GPU shape, or its smoke shape with --cpu-smoke) inside
+`jax.profiler.trace`; the trace stays under --trace-dir (TensorBoard / Perfetto), and a
+short text summary goes to --summary-dir/<row>.txt: the ops that took the most time, with
+their share. On a GPU these are the device's kernels (XLA's op lines of the device planes);
+on a CPU, XLA's ops on its compute threads. This is what names "what limits it" for a row
+that misses its target (RESULTS.md); the summary of the CPU decoding profile there was read
+the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import sys
+import tempfile
+
+_WRAPPERS = ("ThreadpoolListener", "ThunkExecutor", "end:", "SlinkyThreadPool")
+
+
+def _op_lines(planes) -> list:
+    """The timelines of executed ops: the device planes' "XLA Ops" lines (all of a device
+    plane's lines where it has none), else XLA's CPU threads (its compute pool, and the
+    client thread that runs small programs inline)."""
+    planes = list(planes)  # ProfileData hands them out once
+    lines = []
+    for plane in planes:
+        if plane.name.startswith("/device:"):
+            named = [line for line in plane.lines if "XLA Ops" in line.name]
+            lines += named or [line for line in plane.lines if "XLA Modules" not in line.name]
+    if lines:
+        return lines
+    for plane in planes:
+        if plane.name == "/host:CPU":
+            lines += [
+                line for line in plane.lines if line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient"))
+            ]
+    return lines
+
+
+def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> str:
+    """The text summary of the newest trace under `trace_dir`."""
+    from jax.profiler import ProfileData
+
+    traces = sorted(pathlib.Path(trace_dir).glob("plugins/profile/*/*.xplane.pb"))
+    if not traces:
+        raise SystemExit(f"profile.py: no plugins/profile/*/*.xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(str(traces[-1]))
+    total, calls = collections.Counter(), collections.Counter()
+    for line in _op_lines(data.planes):
+        for event in line.events:
+            if event.name.startswith(_WRAPPERS):
+                continue
+            name = re.sub(r"\.\d+$", "", event.name)  # fusion.12 and fusion.13: one kind of op
+            total[name] += event.duration_ns
+            calls[name] += 1
+    whole = sum(total.values()) or 1
+    out = [f"trace {traces[-1]}", f"op time {whole / 1e6:.1f} ms in {sum(calls.values())} ops", ""]
+    out += [f"{'op':<48} {'ms':>10} {'share':>7} {'calls':>7}"]
+    for name, ns in total.most_common(top):
+        out.append(f"{name[:48]:<48} {ns / 1e6:>10.2f} {ns / whole:>6.1%} {calls[name]:>7}")
+    return "\n".join(out) + "\n"
+
+
+def profile_row(row, smoke: bool, trace_dir: pathlib.Path) -> None:
+    """Runs jaxgen's side of `row` once under the profiler."""
+    import jax
+    import jaxgen_side
+
+    setting = row.setting(smoke)
+    dtype = "float32" if smoke else "bfloat16"
+    with tempfile.TemporaryDirectory() as data_dir, jax.profiler.trace(str(trace_dir)):
+        if row.kind == "train":
+            jaxgen_side.train(jaxgen_side.train_config(setting, dtype, data_dir), setting)
+        elif row.kind in ("decode", "beam"):
+            jaxgen_side.decode(jaxgen_side.decode_config(setting, dtype), setting)
+        else:
+            raise SystemExit(f"profile.py: {row.name} is a {row.kind} row; profile a train or decode row")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", help="comma-separated row names (rows.py)")
+    p.add_argument("--cpu-smoke", action="store_true", help="the rows' tiny shapes, on CPU")
+    p.add_argument("--trace-dir", type=pathlib.Path, help="where traces go (default: a temp dir)")
+    p.add_argument(
+        "--summary-dir", type=pathlib.Path, help="where <row>.txt summaries go (default: stdout only)"
+    )
+    p.add_argument("--summarize", metavar="TRACE_DIR", help="only summarise a trace already taken")
+    p.add_argument("--top", type=int, default=15)
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, args.top), end="")
+        return 0
+    if not args.rows:
+        p.error("give --rows (or --summarize TRACE_DIR)")
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import rows as row_table
+    from run import setup_environment
+
+    wanted = args.rows.split(",")
+    known = {r.name: r for r in row_table.ROWS}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        p.error(f"unknown rows: {', '.join(unknown)} (known: {', '.join(known)})")
+    setup_environment(args.cpu_smoke)
+    traces = args.trace_dir or pathlib.Path(tempfile.mkdtemp(prefix="jaxgen-profile-"))
+    for name in wanted:
+        profile_row(known[name], args.cpu_smoke, traces / name)
+        text = f"row {name} ({'cpu-smoke' if args.cpu_smoke else 'gpu'})\n" + summarize(
+            traces / name, args.top
+        )
+        print(text, flush=True)
+        if args.summary_dir:
+            args.summary_dir.mkdir(parents=True, exist_ok=True)
+            (args.summary_dir / f"{name}.txt").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
