@@ -45,6 +45,25 @@ def _op_lines(planes) -> list:
     return lines
 
 
+def _self_times(events) -> list[tuple[str, int]]:
+    """(name, self time in ns) of each op: a `while` or `cond` on XLA's CPU timeline spans
+    the ops of its body, which are counted as themselves, not again in their container."""
+    ops = sorted(
+        ((e.start_ns, e.duration_ns, e.name) for e in events if not e.name.startswith(_WRAPPERS)),
+        key=lambda x: (x[0], -x[1]),
+    )
+    out: list[list] = []
+    open_: list[tuple[float, int]] = []  # (end, index in out) of the ops enclosing this one
+    for start, duration, name in ops:
+        while open_ and open_[-1][0] <= start:
+            open_.pop()
+        if open_:
+            out[open_[-1][1]][1] -= duration  # nested: not its container's own time
+        out.append([name, duration])
+        open_.append((start + duration, len(out) - 1))
+    return [(name, max(ns, 0)) for name, ns in out]
+
+
 def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> str:
     """The text summary of the newest trace under `trace_dir`."""
     from jax.profiler import ProfileData
@@ -55,11 +74,9 @@ def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> str:
     data = ProfileData.from_file(str(traces[-1]))
     total, calls = collections.Counter(), collections.Counter()
     for line in _op_lines(data.planes):
-        for event in line.events:
-            if event.name.startswith(_WRAPPERS):
-                continue
-            name = re.sub(r"\.\d+$", "", event.name)  # fusion.12 and fusion.13: one kind of op
-            total[name] += event.duration_ns
+        for name, ns in _self_times(line.events):
+            name = re.sub(r"\.\d+$", "", name)  # fusion.12 and fusion.13: one kind of op
+            total[name] += ns
             calls[name] += 1
     whole = sum(total.values()) or 1
     out = [f"trace {traces[-1]}", f"op time {whole / 1e6:.1f} ms in {sum(calls.values())} ops", ""]
