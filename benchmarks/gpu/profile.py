@@ -88,12 +88,13 @@ def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> str:
 
 def profile_row(row, smoke: bool, trace_dir: pathlib.Path) -> None:
     """Runs jaxgen's side of `row` once under the profiler."""
-    import jax
     import jaxgen_side
+
+    from jaxgen.bench.profiling import trace
 
     setting = row.setting(smoke)
     dtype = "float32" if smoke else "bfloat16"
-    with tempfile.TemporaryDirectory() as data_dir, jax.profiler.trace(str(trace_dir)):
+    with tempfile.TemporaryDirectory() as data_dir, trace(trace_dir):
         if row.kind == "train":
             jaxgen_side.train(jaxgen_side.train_config(setting, dtype, data_dir), setting)
         elif row.kind in ("decode", "beam"):

@@ -72,9 +72,9 @@ def _print_lines(lines: Iterable[dict], profile: str | None = None) -> int:
     profiler trace written to `profile` when given (the lines are produced lazily, so the
     trace holds the benchmark's compiles and timed runs)."""
     if profile:
-        import jax
+        from jaxgen.bench.profiling import trace
 
-        tracing = jax.profiler.trace(profile)
+        tracing = trace(profile)
     else:
         tracing = contextlib.nullcontext()
     with tracing:
