@@ -50,13 +50,8 @@ def collect(config) -> dict[str, list[str]]:
         return {}
     found: dict[str, set[str]] = {}
     for path in sources.resolve_files(data.train_files, "data.train_files"):
-        for lineno, record in sources.good_records(path, data):
-            try:
-                found_here = attributes_of(record, data.attributes_field, path, lineno)
-            except JaxgenError:
-                if data.bad_lines == "strict":
-                    raise
-                continue  # a bad record: `data prepare` skips and counts it
+        read = lambda p, n, r: attributes_of(r, data.attributes_field, p, n)  # noqa: E731
+        for found_here in sources.read_good(path, data, read):
             for key, value in found_here.items():
                 found.setdefault(key, set()).add(value)
     return {key: sorted(values) for key, values in sorted(found.items())}

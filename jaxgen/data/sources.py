@@ -13,12 +13,15 @@ import dataclasses
 import glob
 import hashlib
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from jaxgen.data import lines
 from jaxgen.data.catalog import catalog_digest, catalog_texts
 from jaxgen.data.chat import ChatTemplate, PlainChat, check_messages
 from jaxgen.errors import JaxgenError
+
+T = TypeVar("T")
 
 BLOCK_BYTES = 1 << 20
 _MAX_LINE_BYTES = 16 * BLOCK_BYTES  # a longer line is cut (at a character boundary)
@@ -181,14 +184,20 @@ def iter_jsonl(path: pathlib.Path, strict: bool, advance=None) -> Iterator[lines
     return lines.read_jsonl(path, replace_invalid_utf8=not strict, utf8_hint=hint, advance=advance)
 
 
-def good_records(path: pathlib.Path, data) -> Iterator[tuple[int, dict]]:
-    """(line, record) of the good lines; a bad line raises under `data.bad_lines: strict`,
-    else is passed over (`data prepare` counts it where it writes the split)."""
+def read_good(path: pathlib.Path, data, read: Callable[[pathlib.Path, int, dict], T]) -> Iterator[T]:
+    """`read(path, line, record)` of each good line. A bad line, or a record `read` refuses
+    (a JaxgenError: a wrong or missing field), raises under `data.bad_lines: strict` and is
+    otherwise passed over (`data prepare` counts it where it writes the split)."""
     for line in iter_jsonl(path, data.strict_utf8):
-        if line.record is not None:
-            yield line.number, line.record
-        elif data.bad_lines == "strict":
-            raise line.error()
+        try:
+            if line.record is None:
+                raise line.error()
+            value = read(path, line.number, line.record)
+        except JaxgenError:
+            if data.bad_lines == "strict":
+                raise
+            continue
+        yield value
 
 
 def text_field(record: dict, field: str, path: pathlib.Path, lineno: int) -> str:
@@ -304,13 +313,7 @@ def sentence_iterator(config) -> Iterator[str]:
             for block in read_blocks(path, data.strict_utf8):
                 yield from _lines(block.text)
             continue
-        for lineno, record in good_records(path, data):
-            try:
-                texts = _record_texts(record, data, plain, path, lineno)
-            except JaxgenError:
-                if data.bad_lines == "strict":
-                    raise
-                continue  # skipped here as `data prepare` skips (and counts) it
+        for texts in read_good(path, data, lambda p, n, r: _record_texts(r, data, plain, p, n)):
             for text in texts:
                 yield from _lines(text)
 
