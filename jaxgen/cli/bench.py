@@ -71,13 +71,9 @@ def _print_lines(lines: Iterable[dict], profile: str | None = None) -> int:
     """Prints each line as JSON as its setting finishes (a long run shows progress), under a
     profiler trace written to `profile` when given (the lines are produced lazily, so the
     trace holds the benchmark's compiles and timed runs)."""
-    if profile:
-        from jaxgen.bench.profiling import trace
+    from jaxgen.bench.profiling import trace
 
-        tracing = trace(profile)
-    else:
-        tracing = contextlib.nullcontext()
-    with tracing:
+    with trace(profile) if profile else contextlib.nullcontext():
         for line in lines:
             print(json.dumps(line), flush=True)
     if profile:
