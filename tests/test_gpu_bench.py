@@ -160,10 +160,10 @@ def test_mfu_peak_by_device_name():
 
 
 def test_profile_names_the_ops_a_row_spends_its_time_in(tmp_path):
-    """profile.py --cpu-smoke: one decode row under the profiler, summarised to a text file."""
+    """profile_rows.py --cpu-smoke: one decode row under the profiler, summarised to a text file."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     proc = subprocess.run(
-        [sys.executable, str(GPU / "profile.py"), "--cpu-smoke", "--rows", "decode_gpt2_124m_b1",
+        [sys.executable, str(GPU / "profile_rows.py"), "--cpu-smoke", "--rows", "decode_gpt2_124m_b1",
          "--trace-dir", str(tmp_path / "traces"), "--summary-dir", str(tmp_path / "summary")],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
     )  # fmt: skip
@@ -177,7 +177,7 @@ def test_profile_names_the_ops_a_row_spends_its_time_in(tmp_path):
     # --summarize reads the same trace again.
     trace = tmp_path / "traces" / "decode_gpt2_124m_b1"
     again = subprocess.run(
-        [sys.executable, str(GPU / "profile.py"), "--summarize", str(trace)],
+        [sys.executable, str(GPU / "profile_rows.py"), "--summarize", str(trace)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert again.returncode == 0 and text.split("\n", 1)[1] == again.stdout

@@ -94,6 +94,38 @@ def test_segment_ids_block_attention_across_documents(tiny_config):
 
 
 @pytest.mark.parametrize("family", ["tiny_config", "tiny_llama_config"])
+def test_prefix_segments_as_lengths_equal_the_segment_mask(family, request):
+    # Pretraining rows (one text, then padding; a row of padding only) through sequence
+    # lengths must give the segment mask's logits on every real position, and the same
+    # gradients of a loss over real positions (padding's outputs count nowhere).
+    config = request.getfixturevalue(family).model
+    params = init_params(config, jax.random.key(0))
+    tokens, positions = _inputs(3, 12)
+    segments = (jnp.arange(12)[None] < jnp.array([[12], [7], [0]])).astype(jnp.int32)
+    real = segments[..., None] > 0
+
+    def loss(p, prefix):
+        logits = Transformer(config, prefix_segments=prefix).apply(
+            {"params": p}, tokens, positions, segments
+        )[0]
+        return jnp.sum(jnp.where(real, jax.nn.log_softmax(logits), 0.0)[..., 0]), logits
+
+    (mask_loss, mask_logits), mask_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, False
+    )
+    (len_loss, len_logits), len_grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, True
+    )
+    np.testing.assert_allclose(
+        jnp.where(real, len_logits, 0), jnp.where(real, mask_logits, 0), atol=1e-5, rtol=0
+    )
+    np.testing.assert_allclose(len_loss, mask_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), len_grads, mask_grads)
+    # The row of padding is what the lengths path treats differently (length clamped to 1).
+    assert not np.allclose(len_logits[2], mask_logits[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["tiny_config", "tiny_llama_config"])
 def test_cached_prefill_and_decode_equal_full_forward(family, request):
     config = request.getfixturevalue(family).model
     params = init_params(config, jax.random.key(0))

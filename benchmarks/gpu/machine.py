@@ -4,6 +4,7 @@ that MFU divides by (looked up by device name; unknown devices get no MFU)."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import shutil
@@ -69,6 +70,7 @@ def describe(torch_module=None) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {p: _version(p) for p in _PACKAGES},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # a tried XLA setting changes the figures
     } | _nvidia_smi()
     if torch_module is not None:
         info["torch_cuda"] = torch_module.version.cuda

@@ -50,6 +50,7 @@ class Context:
     deadline: float  # time.perf_counter() value after which no repeat starts
     nanogpt: bool  # peers available
     hf: bool
+    overrides: tuple[str, ...] = ()  # run.py --set: passed on to the compile row's children
     rows_done: int = 0  # rows measured so far in this process
     first_train: dict | None = None  # the process's first row, when a train row: its cold figures
 
@@ -192,6 +193,7 @@ class Runner:
         cmd = [sys.executable, str(HERE / "run.py"), "--child-compile", ",".join(variants),
                "--child-row", row.name, "--child-out", str(out)]  # fmt: skip
         cmd += ["--cpu-smoke"] if self.ctx.smoke else []
+        cmd += [f"--set={kv}" for kv in self.ctx.overrides]
         timeout = max(self.ctx.deadline - time.perf_counter(), 1.0)
         subprocess.run(cmd, check=True, timeout=timeout)
         return [json.loads(line) for line in out.read_text().splitlines()]

@@ -119,6 +119,7 @@ def _environment(env: dict) -> str:
         f"torch {v.get('torch', 'n/a')}, transformers {v.get('transformers', 'n/a')}, "
         f"python {env.get('python')}; MFU peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} "
         f"(bf16 dense, by name: {env.get('peak_flops_from')})"
+        + (f"; XLA_FLAGS `{env['xla_flags'].strip()}`" if env.get("xla_flags", "").strip() else "")
     )
 
 

@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--no-peers", action="store_true", help="jaxgen alone")
     p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a jaxgen config override added to every selected row (repeatable): try a setting",
+    )  # fmt: skip
+    p.add_argument(
         "--out", type=pathlib.Path, help="results file (default benchmarks/gpu/results-<date>.jsonl)"
     )
     p.add_argument(
@@ -64,7 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         p.error(f"--rows: unknown {', '.join(unknown)} (rows: {', '.join(BY_NAME)})")
-    args.selected = [r for r in ROWS if r.name in names]  # priority order, whatever the order given
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        p.error(f"--set: expected KEY=VALUE, got {bad[0]!r}")
+    rows = [r.with_overrides(tuple(args.set)) for r in ROWS] if args.set else list(ROWS)
+    args.selected = [r for r in rows if r.name in names]  # priority order, whatever the order given
     args.repeats = args.repeats or (2 if args.cpu_smoke else 3)
     return args
 
@@ -111,13 +119,14 @@ def plan(args) -> str:
     lines, total = [], 0.0
     for row in args.selected:
         s = row.setting(args.cpu_smoke)
-        fits = args.cpu_smoke or total + row.budget_s <= args.deadline_s
-        total += row.budget_s if fits else 0.0
+        budget = row.budget(not args.no_peers)
+        fits = args.cpu_smoke or total + budget <= args.deadline_s
+        total += budget if fits else 0.0
         size = (f"{s.batch} x {s.seq_len}" if row.kind in ("train", "compile")
                 else f"batch {s.batch}, prompt {s.prompt_len}, {s.new_tokens} new")  # fmt: skip
         extra = f", layers {s.layers}" if s.layers else f", {s.num_beams} beams" if s.num_beams else ""
         when = f"(ends by {total:4.0f} s)" if fits else "(skipped: no time left)"
-        lines.append(f"{row.name:22} {row.kind:8} peer={row.peer or '-':8} budget {row.budget_s:4.0f} s "
+        lines.append(f"{row.name:22} {row.kind:8} peer={row.peer or '-':8} budget {budget:4.0f} s "
                      f"{when:24} {size}{extra}")  # fmt: skip
     mode = "cpu-smoke (budgets not applied)" if args.cpu_smoke else f"gpu, deadline {args.deadline_s:.0f} s"
     return "\n".join([f"mode: {mode}; repeats {args.repeats}", *lines])
@@ -131,7 +140,8 @@ def _record(out: pathlib.Path, record: dict) -> None:
 def run_rows(args, runner, ctx, out: pathlib.Path, started: float) -> tuple[list[str], list[str]]:
     skipped, errors = [], []
     for priority, row in enumerate(ROWS, 1):
-        if row not in args.selected:
+        row = next((r for r in args.selected if r.name == row.name), None)
+        if row is None:
             continue
         setting = row.setting(args.cpu_smoke)
         base = {"record": "row", "row": row.name, "priority": priority, "title": row.title, "kind": row.kind,
@@ -139,12 +149,10 @@ def run_rows(args, runner, ctx, out: pathlib.Path, started: float) -> tuple[list
                 "setting": dataclasses.asdict(setting), "dtype": ctx.dtype,
                 "targets": {k: getattr(row, k) for k in _TARGETS}}  # fmt: skip
         left = ctx.deadline - time.perf_counter()
-        if not args.cpu_smoke and row.budget_s > left:
+        budget = row.budget(peer_name(row, ctx) is not None)
+        if not args.cpu_smoke and budget > left:
             skipped.append(row.name)
-            _record(
-                out,
-                base | {"status": "skipped", "reason": f"budget {row.budget_s:.0f} s > {left:.0f} s left"},
-            )
+            _record(out, base | {"status": "skipped", "reason": f"budget {budget:.0f} s > {left:.0f} s left"})
             continue
         print(f"[{time.perf_counter() - started:6.1f} s] {row.name} ...", flush=True)
         t = time.perf_counter()
@@ -212,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         smoke=args.cpu_smoke, dtype="float32" if args.cpu_smoke else "bfloat16",
         device="cpu" if args.cpu_smoke else "cuda", peak_flops=env["peak_flops"],
         data_dir=os.path.join(scratch, "data"), repeats=args.repeats,
-        deadline=_STARTED + args.deadline_s, nanogpt=nano_ok, hf=hf_ok,
+        deadline=_STARTED + args.deadline_s, nanogpt=nano_ok, hf=hf_ok, overrides=tuple(args.set),
     )  # fmt: skip
     os.makedirs(ctx.data_dir, exist_ok=True)
     if args.child_compile:
-        measure.child_compile(ctx, BY_NAME[args.child_row], args.child_compile.split(","), args.child_out)
+        row = next(r for r in args.selected if r.name == args.child_row)
+        measure.child_compile(ctx, row, args.child_compile.split(","), args.child_out)
         return 0
     return run_all(args, ctx, measure.Runner(ctx), env, peer_status)
 

@@ -1,4 +1,4 @@
-"""The profiler trace every benchmark takes (`jaxgen bench ... --profile`, benchmarks/gpu/profile.py)."""
+"""The profiler trace every benchmark takes (`jaxgen bench ... --profile`, benchmarks/gpu/profile_rows.py)."""
 
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ def run(config: Config, *, steps: int = 20, warmup: int = 3) -> Iterator[dict]:
     # stands in for the pretrained one (same shapes, same program).
     tuning = None if config.finetune.method == "full" else Tuning.from_config(config.finetune)
     with activate(mesh):
-        trainer = TrainStep.from_config(config, mesh, tuning)
+        trainer = TrainStep.from_config(config, mesh, tuning, prefix_segments=True)  # synthetic windows
         base = None
         if tuning is not None:
             shardings = param_shardings(mesh, abstract_variables(config.model))["params"]

@@ -8,7 +8,7 @@ for batch in eval_batches(config, mesh): ...
 split_stats(config, "validation").chars  # for nats per character
 """
 
-from jaxgen.data.loader import Batches, as_numpy, eval_batches, train_batches
+from jaxgen.data.loader import Batches, as_numpy, eval_batches, prefix_segments, train_batches
 from jaxgen.data.pipeline import FIELDS
 
 # Last: the function `prepare` must shadow the submodule of the same name.
@@ -23,6 +23,7 @@ __all__ = [
     "bad_lines",
     "dataset_dir",
     "eval_batches",
+    "prefix_segments",
     "prepare",
     "split_stats",
     "train_batches",

@@ -108,6 +108,19 @@ def _check(config, mesh, batch_size: int, key: str) -> None:
         raise JaxgenError(f"{key}: {batch_size} is not a multiple of the {n} batch shards of the mesh")
 
 
+# Dataset kinds whose rows pack several texts (segment ids 1..n); the others' rows hold
+# one text from slot 0, then padding.
+_PACKED = {"sft": pipeline.sft_dataset, "preference": pipeline.preference_dataset}
+
+
+def prefix_segments(config) -> bool:
+    """Whether the prepared dataset's rows are one text each, then padding (segment ids
+    1...1 0...0), as pretraining windows are: attention can then take sequence lengths
+    instead of a segment mask (model/attention.py). False when no dataset is prepared."""
+    meta = read_metadata(config)
+    return meta is not None and meta["kind"] not in _PACKED
+
+
 def _batches(config, mesh, split, shard, seed, train, shape, what) -> Batches:
     meta = read_metadata(config)
     if meta is None:
@@ -117,8 +130,7 @@ def _batches(config, mesh, split, shard, seed, train, shape, what) -> Batches:
     pipeline.check_batch(shape[0], shard, "train.batch_size" if train else "eval.batch_size")
     d = config.data
     read = pipeline.Read(d, shape[1], str(dataset_dir(config)), meta, split, shard, seed, train, shape[0])
-    packed = {"sft": pipeline.sft_dataset, "preference": pipeline.preference_dataset}
-    make = packed.get(meta["kind"], pipeline.pretrain_dataset)
+    make = _PACKED.get(meta["kind"], pipeline.pretrain_dataset)
     watch = WorkerWatch(d.worker_count, d.worker_timeout, f"'{what}'") if d.worker_count else None
     return Batches(make(read, watch), mesh, shape, what, watch)
 

@@ -232,6 +232,20 @@ def _outputs(state: SamplingState):
     return state.tokens[:, state.prompt_len :], state.num_tokens, state.finish, state.logprob
 
 
+# XLA's default command buffers (CUDA graphs) on GPUs, plus the loops and conditionals
+# themselves: the whole decoding while-loop then runs as one graph, without a host round
+# trip per step to test its condition. On an H200 GPT-2 124M greedy decoding went from
+# 1,505 to 1,738 tokens/s at batch 1 and 88.3k to 96.5k at batch 64 (benchmarks/RESULTS.md).
+_GPU_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
+_GPU_LOOP_OPTIONS = {"xla_gpu_enable_command_buffer": _GPU_COMMANDS + ",WHILE,CONDITIONAL"}
+
+
+def loop_jit(fn, **kwargs):
+    """`jax.jit` for a program built around a decoding while-loop (see _GPU_LOOP_OPTIONS)."""
+    options = _GPU_LOOP_OPTIONS if jax.default_backend() == "gpu" else None
+    return jax.jit(fn, compiler_options=options, **kwargs)
+
+
 def compiled(config: ModelConfig, spec: DecodeSpec):
     """The jitted programs for one model config and decoding spec's program (cached; jit
     caches shapes). Specs that differ only in sampling values share them.
@@ -263,7 +277,7 @@ def _compiled(config: ModelConfig, spec: DecodeSpec):
     def resume(params, state, until):
         return advance(model, unstack_layers(params, config), state, until, spec)
 
-    return jax.jit(whole), jax.jit(begin), jax.jit(resume, donate_argnums=(1,))
+    return loop_jit(whole), jax.jit(begin), loop_jit(resume, donate_argnums=(1,))
 
 
 # ----------------------------------------------------------------------------- host side

@@ -46,13 +46,14 @@ class Block(nn.Module):
     config: ModelConfig
     deterministic: bool = True
     lora: LoraConfig | None = None
+    prefix_segments: bool = False  # see Attention
 
     @nn.compact
     def __call__(self, carry, layer, positions, segment_ids, kv_segment, index):
         x, kv = carry  # x: [B, T, D]; kv: (k, v) [L, B, K, S, H] or None
         cfg = self.config
         cache = None if kv is None else (*kv, index)
-        h, cache = Attention(cfg, self.lora, self.deterministic, name="attn")(
+        h, cache = Attention(cfg, self.lora, self.deterministic, self.prefix_segments, name="attn")(
             Norm(cfg, name="attn_norm")(x), positions, segment_ids, kv_segment, layer, cache
         )
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
@@ -67,11 +68,13 @@ class Transformer(nn.Module):
 
     With `lora`, the targeted projections also read adapters from a "lora" collection
     (`apply({'params': p, 'lora': adapters}, ...)`, jaxgen/model/lora.py).
+    `prefix_segments`: the segment ids are one text per row then padding (Attention).
     """
 
     config: ModelConfig
     deterministic: bool = True
     lora: LoraConfig | None = None
+    prefix_segments: bool = False
 
     def setup(self):
         cfg = self.config
@@ -94,7 +97,7 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             unroll=1 if layers_scanned(cfg) else cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.deterministic, self.lora)
+        )(cfg, self.deterministic, self.lora, self.prefix_segments)
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), ("embed", "vocab"))

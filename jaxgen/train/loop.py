@@ -124,7 +124,7 @@ class Run:
         self.config, self.run_dir, self.mesh, self.console = config, run_dir, mesh, console
         self.load_base = load_base
         check_shapes(config, mesh)
-        self.step_fn = TrainStep.from_config(config, mesh, tuning)
+        self.step_fn = TrainStep.from_config(config, mesh, tuning, data.prefix_segments(config))
         self.mngr = checkpoint.manager(run_dir, config)
         self.batches = data.train_batches(config, mesh)
         self.metrics = MetricsWriter(run_dir)

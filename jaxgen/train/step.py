@@ -49,6 +49,8 @@ class TrainStep:
     `tuning` says what trains (train/tuning.py; default: every parameter). A fine-tuning
     run starts from base params (`init(rng, base)`) instead of a random init; under LoRA
     the base stays beside the state as the frozen argument of every jitted function.
+    `prefix_segments`: every batch row is one text then padding, as pretraining windows are
+    (data.prefix_segments), so attention needs no segment mask (model/attention.py).
     """
 
     def __init__(
@@ -59,14 +61,16 @@ class TrainStep:
         train: TrainConfig,
         mesh: Mesh,
         tuning: Tuning | None = None,
+        prefix_segments: bool = False,
     ):
         self.model_config, self.train_config, self.mesh = model, train, mesh
         self.tuning = tuning = tuning or Tuning()
         lora = tuning.lora
         dropout = model.dropout > 0 or (lora is not None and lora.dropout > 0)
-        self.model = Transformer(model, deterministic=not dropout, lora=lora)
-        self.eval_model = Transformer(model, deterministic=True, lora=lora)
-        self.reference_model = Transformer(model, deterministic=True)  # DPO: adapters off
+        prefix = dict(prefix_segments=prefix_segments)
+        self.model = Transformer(model, deterministic=not dropout, lora=lora, **prefix)
+        self.eval_model = Transformer(model, deterministic=True, lora=lora, **prefix)
+        self.reference_model = Transformer(model, deterministic=True, **prefix)  # DPO: adapters off
         self.schedule = make_schedule(schedule, optimizer.learning_rate, train.steps)
         self.param_shardings = tuning.trainable_shardings(mesh, model)
         self.frozen_shardings = tuning.frozen_shardings(mesh, model)
@@ -102,8 +106,12 @@ class TrainStep:
         )
 
     @classmethod
-    def from_config(cls, config: Config, mesh: Mesh, tuning: Tuning | None = None) -> TrainStep:
-        return cls(config.model, config.optimizer, config.schedule, config.train, mesh, tuning)
+    def from_config(
+        cls, config: Config, mesh: Mesh, tuning: Tuning | None = None, prefix_segments: bool = False
+    ) -> TrainStep:
+        return cls(
+            config.model, config.optimizer, config.schedule, config.train, mesh, tuning, prefix_segments
+        )
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, StepMetrics]:
         """One update (the state is donated)."""

@@ -1,8 +1,8 @@
 """Where a row's time goes: jaxgen's side of chosen rows under `jax.profiler`, summarised.
 
-    python benchmarks/gpu/profile.py --rows train_gpt2_124m,decode_gpt2_124m_b1 --summary-dir "$OUT"
-    python benchmarks/gpu/profile.py --cpu-smoke --rows train_gpt2_124m   # tiny shapes, CPU
-    python benchmarks/gpu/profile.py --summarize TRACE_DIR                # any trace already taken
+    python benchmarks/gpu/profile_rows.py --rows train_gpt2_124m,decode_gpt2_124m_b1 --summary-dir "$OUT"
+    python benchmarks/gpu/profile_rows.py --cpu-smoke --rows train_gpt2_124m   # tiny shapes, CPU
+    python benchmarks/gpu/profile_rows.py --summarize TRACE_DIR                # any trace already taken
 
 Each row runs once (its GPU shape, or its smoke shape with --cpu-smoke) inside
 `jax.profiler.trace`; the trace stays under --trace-dir (TensorBoard / Perfetto), and a
@@ -45,6 +45,19 @@ def _op_lines(planes) -> list:
     return lines
 
 
+def _busy(lines) -> tuple[int, int]:
+    """(ns during which at least one op ran, ns from the first op's start to the last's end)."""
+    spans = sorted((e.start_ns, e.start_ns + e.duration_ns) for line in lines for e in line.events)
+    if not spans:
+        return 0, 0
+    busy, (start, end) = 0, spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            busy, start = busy + end - start, a
+        end = max(end, b)
+    return busy + end - start, max(b for _, b in spans) - spans[0][0]
+
+
 def _self_times(events) -> list[tuple[str, int]]:
     """(name, self time in ns) of each op: a `while` or `cond` on XLA's CPU timeline spans
     the ops of its body, which are counted as themselves, not again in their container."""
@@ -64,43 +77,80 @@ def _self_times(events) -> list[tuple[str, int]]:
     return [(name, max(ns, 0)) for name, ns in out]
 
 
+def _module_spans(planes) -> list[str]:
+    """Lines on the programs a device ran ("XLA Modules" lines): each program's runs and the
+    time they spanned. Against the kernels' op time this shows how busy the device was while
+    a program ran: a decoding loop whose kernels fill a small part of its span is bound by
+    launches and the loop's per-step host round trip, not by the kernels."""
+    spans, runs = collections.Counter(), collections.Counter()
+    for plane in planes:
+        if plane.name.startswith("/device:"):
+            for line in plane.lines:
+                if "XLA Modules" in line.name:
+                    for e in line.events:
+                        name = re.sub(r"\(\d+\)$", "", e.name)
+                        spans[name] += e.duration_ns
+                        runs[name] += 1
+    return [f"{name[:48]:<48} {ns / 1e6:>10.2f} ms in {runs[name]} runs" for name, ns in spans.most_common(8)]
+
+
 def summarize(trace_dir: str | pathlib.Path, top: int = 15) -> str:
     """The text summary of the newest trace under `trace_dir`."""
     from jax.profiler import ProfileData
 
     traces = sorted(pathlib.Path(trace_dir).glob("plugins/profile/*/*.xplane.pb"))
     if not traces:
-        raise SystemExit(f"profile.py: no plugins/profile/*/*.xplane.pb under {trace_dir}")
+        raise SystemExit(f"profile_rows.py: no plugins/profile/*/*.xplane.pb under {trace_dir}")
     data = ProfileData.from_file(str(traces[-1]))
+    planes = list(data.planes)
     total, calls = collections.Counter(), collections.Counter()
-    for line in _op_lines(data.planes):
+    lines = _op_lines(planes)
+    for line in lines:
         for name, ns in _self_times(line.events):
             name = re.sub(r"\.\d+$", "", name)  # fusion.12 and fusion.13: one kind of op
             total[name] += ns
             calls[name] += 1
     whole = sum(total.values()) or 1
-    out = [f"trace {traces[-1]}", f"op time {whole / 1e6:.1f} ms in {sum(calls.values())} ops", ""]
+    busy, span = _busy(lines)
+    out = [
+        f"trace {traces[-1]}",
+        f"op time {whole / 1e6:.1f} ms in {sum(calls.values())} ops; some op running {busy / 1e6:.1f} ms"
+        f" of the {span / 1e6:.1f} ms from the first op to the last ({busy / max(span, 1):.0%})",
+        "",
+    ]
     out += [f"{'op':<48} {'ms':>10} {'share':>7} {'calls':>7}"]
     for name, ns in total.most_common(top):
         out.append(f"{name[:48]:<48} {ns / 1e6:>10.2f} {ns / whole:>6.1%} {calls[name]:>7}")
+    modules = _module_spans(planes)
+    if modules:
+        out += ["", "programs run on the device (span of their runs):", *modules]
     return "\n".join(out) + "\n"
 
 
 def profile_row(row, smoke: bool, trace_dir: pathlib.Path) -> None:
-    """Runs jaxgen's side of `row` once under the profiler."""
+    """Runs jaxgen's side of `row` twice, the second time under the profiler: the first
+    compiles (and autotunes, whose kernels would crowd the trace) into the persistent
+    compilation cache that `main` points at, which the second loads."""
     import jaxgen_side
 
     from jaxgen.bench.profiling import trace
 
+    if row.kind not in ("train", "decode", "beam"):
+        raise SystemExit(f"profile_rows.py: {row.name} is a {row.kind} row; profile a train or decode row")
     setting = row.setting(smoke)
     dtype = "float32" if smoke else "bfloat16"
-    with tempfile.TemporaryDirectory() as data_dir, trace(trace_dir):
+    with tempfile.TemporaryDirectory() as data_dir:
         if row.kind == "train":
-            jaxgen_side.train(jaxgen_side.train_config(setting, dtype, data_dir), setting)
-        elif row.kind in ("decode", "beam"):
-            jaxgen_side.decode(jaxgen_side.decode_config(setting, dtype), setting)
+            config = jaxgen_side.train_config(setting, dtype, data_dir)
+            measure = lambda: jaxgen_side.train(config, setting)  # noqa: E731
         else:
-            raise SystemExit(f"profile.py: {row.name} is a {row.kind} row; profile a train or decode row")
+            config = jaxgen_side.decode_config(setting, dtype)
+            measure = lambda: jaxgen_side.decode(config, setting)  # noqa: E731
+        plain = measure()
+        with trace(trace_dir):
+            traced = measure()
+    rates = f"{plain['tokens_per_s']:,.0f} tokens/s, {traced['tokens_per_s']:,.0f} under the profiler"
+    print(f"{row.name}: {rates}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in wanted if name not in known]
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)} (known: {', '.join(known)})")
-    setup_environment(args.cpu_smoke)
+    scratch = setup_environment(args.cpu_smoke)
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", f"{scratch}/jax-cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     traces = args.trace_dir or pathlib.Path(tempfile.mkdtemp(prefix="jaxgen-profile-"))
     for name in wanted:
         profile_row(known[name], args.cpu_smoke, traces / name)
