@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxgen.config import load_config, to_yaml
-from jaxgen.data import as_numpy, builder, eval_batches, prepare, train_batches
+from jaxgen.data import as_numpy, builder, eval_batches, prefix_segments, prepare, train_batches
 from jaxgen.errors import JaxgenError
 from jaxgen.model.attention import attention_mask
 from jaxgen.runtime.mesh import batch_sharding, make_mesh
@@ -183,6 +183,20 @@ def test_eval_covers_every_target_once_in_order(pretrain):
     last = batches[-1]
     assert (last["loss_mask"][-pad_rows:] == 0).all() and (last["segment_ids"][-pad_rows:] == 0).all()
     assert len(list(eval_batches(config, None, batch_size=2 * B))) == len(batches)  # a fresh pass
+
+
+def test_pretraining_rows_are_one_text_then_padding(pretrain, sft):
+    # What `prefix_segments` promises the model (attention takes sequence lengths, no
+    # mask): every pretraining row, padded last batch included, is 1...1 0...0.
+    config, _ = pretrain
+    assert prefix_segments(config) and not prefix_segments(sft[0])
+    for batch in eval_batches(config, None, batch_size=2 * B):
+        seg = as_numpy(batch)["segment_ids"]
+        lengths = (seg != 0).sum(axis=1)
+        assert np.array_equal(seg, (np.arange(seg.shape[1]) < lengths[:, None]).astype(seg.dtype))
+    assert not prefix_segments(
+        config.model_copy(update={"data": config.data.model_copy(update={"data_dir": "/nonexistent"})})
+    )
 
 
 def test_batch_size_must_fit_the_mesh(pretrain):

@@ -119,11 +119,19 @@ def test_dry_run_plans_every_row_within_the_deadline():
 
 
 def test_scripts_shellcheck_and_dry_run():
-    scripts = [GPU / "run.sh", GPU / "prepare_wheels.sh"]
+    scripts = [GPU / "run.sh", GPU / "prepare_wheels.sh", GPU / "followup.sh"]
     subprocess.run([str(SHELLCHECK), *map(str, scripts)], check=True)
     out = subprocess.run(["bash", str(GPU / "run.sh"), "--dry-run"], capture_output=True, text=True,
                          env=os.environ | {"PYTHON": sys.executable}, check=True, timeout=60)  # fmt: skip
     assert all(row.name in out.stdout for row in ROWS)
+
+
+def test_no_module_shadows_the_standard_library():
+    # The scripts run with benchmarks/gpu first on sys.path: a profile.py there replaced
+    # Python's `profile`, which torch's compiler imports (through cProfile), and every peer
+    # row failed on import on the GPU.
+    clashes = sorted(p.stem for p in GPU.glob("*.py") if p.stem in sys.stdlib_module_names)
+    assert not clashes
 
 
 def test_wheels_cover_pyproject_dependencies():
