@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--beam-check", action="store_true", help="also compare beam search (not timed)")
-    parser.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32",
+    parser.add_argument("--weights", choices=("float32", "bfloat16", "int8", "int8-head"), default="float32",
                         help="jaxgen's weight storage (transformers stays float32)")  # fmt: skip
     parser.add_argument("--hf-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     q.add_argument("--checkpoint", type=int, help="checkpoint step (default: the latest)")
     q.add_argument(
         "--weights",
-        choices=("float32", "bfloat16", "int8"),
+        choices=("float32", "bfloat16", "int8", "int8-head"),
         help="score with weights stored as (quality cost)",
     )
     source = q.add_mutually_exclusive_group(required=True)

@@ -309,8 +309,8 @@ class GenerateConfig(_Section):
     draft_run: str | None = pydantic.Field(
         None, description="speculative draft: a run or HF directory with the same tokenizer"
     )
-    weights: Literal["float32", "bfloat16", "int8"] | None = pydantic.Field(
-        None, description="decode with weights stored as (default: as loaded)"
+    weights: Literal["float32", "bfloat16", "int8", "int8-head"] | None = pydantic.Field(
+        None, description="decode with weights stored as (default: as loaded; int8-head: embedding/head too)"
     )
     batch_size: PositiveInt = pydantic.Field(32, description="prompts per batch")
     prompt_buckets: tuple[PositiveInt, ...] = ()  # () : powers of two

@@ -100,7 +100,7 @@ class LanguageModel:
         """The stacked (checkpoint-layout) param tree, rebuilt from `serving_params` on each
         access (a copy: for export, not for the hot path)."""
 
-        if self.weights == "int8":
+        if self.weights in ("int8", "int8-head"):
             raise JaxgenError(
                 "params: loaded with int8 weights for decoding; load without weights= to export"
             )
@@ -344,7 +344,7 @@ def load(
         step: checkpoint step (default: the latest).
         dtype: cast params, e.g. "bfloat16" for serving.
         mesh: where to place params and shard batches (default: all devices, data parallel).
-        weights: "float32", "bfloat16" or "int8": how decoding stores the weights
+        weights: "float32", "bfloat16", "int8" or "int8-head": how decoding stores the weights
             (model/quant.py; default: the config's generate.weights, else as stored).
     """
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import LoraConfig, ModelConfig
+from jaxgen.runtime import cpu_kernels
 
 Names = tuple[str | None, ...]
 
@@ -62,6 +63,40 @@ def kernel_einsum(eq: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     order = batch + [c for c in lhs if c not in rhs] + [c for c in rhs if c not in lhs]
     perm = tuple(order.index(c) for c in out)
     return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
+
+
+def streamed_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array | None:
+    """`kernel_einsum(eq, x, kernel) * scale` through the CPU weight-streaming kernel
+    (runtime/cpu_kernels.py) for an int8 or bfloat16 kernel and float32 activations;
+    None where it does not apply (other dtypes or backend, no compiler, a layout whose
+    output is not the input's free dims followed by the kernel's), and XLA's dot is used.
+
+    The kernel must contract its leading dims against the input's trailing ones, as every
+    projection does ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), or (tied output head,
+    "BTD,VD->BTV") its trailing dim.
+    """
+    if kernel.dtype not in (jnp.int8, jnp.bfloat16) or x.dtype != jnp.float32 or not cpu_kernels.available():
+        return None
+    inputs, out = eq.split("->")
+    lhs, rhs = inputs.split(",")
+    if len(rhs) == 2 and rhs[1] == lhs[-1] and out == lhs[:-1] + rhs[0]:  # [N, K]: contracts its last dim
+        layout, n_in = "nk", 1
+    else:
+        try:
+            n_in = adapter_input_dims(eq)
+        except ValueError:
+            return None
+        layout = "kn"
+        if out != lhs[: len(lhs) - n_in] + rhs[n_in:]:
+            return None
+    lead = x.shape[: x.ndim - n_in]
+    k = 1
+    for d in x.shape[x.ndim - n_in :]:
+        k *= d
+    w = kernel.reshape(kernel.shape[0], -1) if layout == "nk" else kernel.reshape(k, -1)
+    y = cpu_kernels.weight_matmul(x.reshape(-1, k), w, None if scale is None else scale.reshape(-1), layout)
+    out_dims = kernel.shape[:1] if layout == "nk" else kernel.shape[n_in:]
+    return y.reshape(*lead, *out_dims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +162,12 @@ class Einsum(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.names), tuple(self.shape), self.param_dtype
         )
-        y = kernel_einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
-        if kernel.dtype == jnp.int8:  # int8 weights for decoding (model/quant.py): a scale per output
-            y = y * self.get_variable("params", "scale").astype(self.dtype)
+        # int8 weights for decoding (model/quant.py): a scale per output channel.
+        scale = self.get_variable("params", "scale") if kernel.dtype == jnp.int8 else None
+        y = streamed_einsum(self.eq, x.astype(self.dtype), kernel, scale)
+        if y is None:
+            y = kernel_einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+            y = y if scale is None else y * scale.astype(self.dtype)
         if self.bias_dims:
             bias_shape = tuple(self.shape[-self.bias_dims :])
             bias_names = self.names[-self.bias_dims :]

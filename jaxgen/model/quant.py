@@ -9,8 +9,15 @@ tree (jaxgen/model/serving.py) when a model is loaded; checkpoints keep their dt
 - "int8": each block projection's kernel becomes int8 with one float32 scale per output
   channel (symmetric: scale = max |w| over the input dims / 127, w ~ q * scale), stored
   beside it as `scale` in the same module (`Einsum` multiplies its output by it). The
-  embeddings, the output head, norms and biases stay as they are: the head's logits
-  decide every token, and a lookup table reads one row per token.
+  embeddings, the output head, norms and biases stay as they are.
+- "int8-head": the same, and the token embedding and output head too, with a scale per
+  vocab entry (`embed/scale`, or `lm_head_scale` for an untied head): at GPT-2 124M the
+  [50304, 768] head is 40% of the model's matmul weights, so a batch-1 step reads 124 MB
+  instead of 239. Its logits decide every token: `jaxgen eval perplexity --weights
+  int8-head` reports what that costs.
+
+On a CPU the narrow formats reach the matmuls through a weight-streaming kernel
+(runtime/cpu_kernels.py); XLA's own dots convert them slower than they read float32.
 
 Plain XLA ops were chosen over qwix: qwix quantizes by intercepting Flax module calls
 at trace time, while jaxgen's serving path applies per-layer trees through
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxgen.errors import JaxgenError
 
-WEIGHTS = ("float32", "bfloat16", "int8")
+WEIGHTS = ("float32", "bfloat16", "int8", "int8-head")
 
 # Block projections and how many leading kernel dims each contracts (its input dims):
 # attention out [N, H, D] contracts N and H; the others ([D, N, H], [D, F], [F, D]) one.
@@ -73,7 +80,17 @@ def serving_weights(params, weights: str):
             lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
         )
     layers = tuple(_quantize_block(layer, (f"layers/{i}",)) for i, layer in enumerate(params["layers"]))
-    return {**params, "layers": layers}
+    out = {**params, "layers": layers}
+    return _quantize_head(out) if weights == "int8-head" else out
+
+
+def _quantize_head(params):
+    """The embedding [V, D] (a scale per row) and an untied head [D, V] (per column) in int8."""
+    q, scale = quantize_kernel(params["embed"]["embedding"].T, 1)  # per vocab entry
+    out = {**params, "embed": {**params["embed"], "embedding": q.T, "scale": scale}}
+    if "lm_head" in params:
+        out["lm_head"], out["lm_head_scale"] = quantize_kernel(params["lm_head"], 1)
+    return out
 
 
 def weight_bytes(params) -> int:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxgen.config import LoraConfig, ModelConfig
 from jaxgen.model.attention import Attention
 from jaxgen.model.kvcache import KVCache, write_slots
-from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum
+from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum, streamed_einsum
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -121,7 +121,10 @@ class Transformer(nn.Module):
 
     def embed_inputs(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """Token (+ learned position) embeddings: [B, T] ids -> [B, T, D] in the compute dtype."""
-        x = self.embed(tokens).astype(compute_dtype(self.config))  # [B, T, D]
+        x = self.embed(tokens)  # [B, T, D] as stored
+        if x.dtype == jnp.int8:  # "int8-head" weights (model/quant.py): a scale per row
+            x = x.astype(jnp.float32) * jnp.take(self._scale("embed"), tokens, axis=0)[..., None]
+        x = x.astype(compute_dtype(self.config))
         if self.config.family == "gpt2":
             x = x + self.pos_embed(positions).astype(x.dtype)
         return constrain(x, ("batch", "length", "act_embed"))
@@ -133,11 +136,25 @@ class Transformer(nn.Module):
 
     def project(self, x: jax.Array) -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V]."""
-        if self.config.tie_embeddings:
-            logits = kernel_einsum("BTD,VD->BTV", x, self.embed.embedding.astype(x.dtype))
-        else:
-            logits = kernel_einsum("BTD,DV->BTV", x, self.lm_head.astype(x.dtype))
+        eq, kernel = (
+            ("BTD,VD->BTV", self.embed.embedding)
+            if self.config.tie_embeddings
+            else ("BTD,DV->BTV", self.lm_head)
+        )
+        scale = None
+        if kernel.dtype == jnp.int8:
+            scale = self._scale("embed" if self.config.tie_embeddings else "lm_head")
+        # Narrow weights for decoding on a CPU: the streaming kernel, not XLA's converting dot.
+        logits = streamed_einsum(eq, x, kernel, scale)
+        if logits is None:
+            logits = kernel_einsum(eq, x, kernel.astype(x.dtype))
+            logits = logits if scale is None else logits * scale.astype(x.dtype)
         return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def _scale(self, table: str) -> jax.Array:
+        """[V] float32: the scale of each vocab entry of the int8 "embed" or "lm_head" weights."""
+        params = self.variables["params"]
+        return params["embed"]["scale"] if table == "embed" else params["lm_head_scale"]
 
 
 def cache_inputs(cache: KVCache | None, segment_ids: jax.Array | None, tokens: jax.Array):

@@ -1,0 +1,131 @@
+"""CPU kernels XLA lacks, as FFI custom calls: the weight-streaming matmul of weight_matmul.cc.
+
+XLA:CPU multiplies by int8 or bfloat16 weights by converting them at ~1-1.5 GB/s inside
+its dots, so narrow weights decode no faster than float32 (benchmarks/RESULTS.md).
+`weight_matmul` reads each weight byte once instead. The C++ source ships with the
+package and is compiled on first use with the machine's C++ compiler (`CXX`, default
+g++, then c++ and clang++) against jaxlib's FFI headers, tuned for this CPU
+(`-march=native`), into a cache directory (`JAXGEN_CACHE_DIR`, default
+~/.cache/jaxgen): one compile of ~10 s per jaxlib version and CPU, shared by every
+later process. Without a compiler `available()` is False and callers keep XLA's dots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+_SOURCE = pathlib.Path(__file__).with_name("weight_matmul.cc")
+_TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
+    ("kn", "int8"): "JaxgenMatmulKnS8",
+    ("nk", "int8"): "JaxgenMatmulNkS8",
+    ("kn", "bfloat16"): "JaxgenMatmulKnBF16",
+    ("nk", "bfloat16"): "JaxgenMatmulNkBF16",
+}
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiled for: a cache shared between machines must not hand
+    one CPU's instructions to another."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for name in names if (path := shutil.which(name))), None)
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("JAXGEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxgen")
+    return pathlib.Path(root) / "kernels"
+
+
+def _build(compiler: str) -> pathlib.Path:
+    """The compiled library, built once per (source, jaxlib, CPU); raises on failure."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                importlib.metadata.version("jaxlib").encode(),
+                _cpu_signature().encode(),
+                compiler.encode(),
+            ]
+        )
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"weight_matmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: concurrent first uses (test workers, the
+    # processes of one job) never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        base = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        done = subprocess.run([*base[:1], "-march=native", *base[1:]], capture_output=True, text=True)
+        if done.returncode != 0:  # a compiler without -march=native (some clang builds)
+            done = subprocess.run(base, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    """(whether the kernels are registered with XLA, why not when they are not)."""
+    if os.environ.get("JAXGEN_CPU_KERNELS", "1") == "0":
+        return False, "turned off (JAXGEN_CPU_KERNELS=0)"
+    compiler = _compiler()
+    if compiler is None:
+        return False, "no C++ compiler found (set CXX)"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return False, f"weight_matmul.cc did not build: {e}"
+    for symbol in _TARGETS.values():
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return True, ""
+
+
+def available() -> bool:
+    """Whether `weight_matmul` runs the compiled kernel (CPU backend, compiler present)."""
+    return jax.default_backend() == "cpu" and _load()[0]
+
+
+def unavailable_reason() -> str:
+    return "" if available() else (_load()[1] or f"backend is {jax.default_backend()}, not cpu")
+
+
+def weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layout: str) -> jax.Array:
+    """x [M, K] float32 @ w (int8 or bfloat16; [K, N] for layout "kn", [N, K] for "nk"),
+    times `scale` [N] (None: 1), as float32 [M, N]. Call only where `available()`."""
+    dtype = jnp.dtype(w.dtype).name
+    if (layout, dtype) not in _TARGETS:
+        raise ValueError(f"weight_matmul: no kernel for {layout} {dtype} weights")
+    n = w.shape[1] if layout == "kn" else w.shape[0]
+    scale = jnp.ones((n,), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS[layout, dtype], out)(x.astype(jnp.float32), w, scale)

@@ -1,0 +1,69 @@
+"""The CPU weight-streaming matmul (runtime/weight_matmul.cc) against numpy, and its fallback."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxgen.runtime import cpu_kernels
+
+
+def test_the_kernel_builds_wherever_a_compiler_is_found():
+    # The suite's machines have g++: there the kernel must build, or every quantized test
+    # below would silently run XLA's path instead.
+    if cpu_kernels._compiler() is None:
+        assert not cpu_kernels.available() and "compiler" in cpu_kernels.unavailable_reason()
+    else:
+        assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("m", [1, 5, 11])
+def test_weight_matmul_equals_float32_matmul(dtype, layout, m):
+    # N = 1100 spans several column tasks and a short last one; K x N int8 is 563 KB, over
+    # the size where the thread pool's helpers join; m = 11 spans two passes of 8 rows.
+    k, n = 512, 1100
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    if dtype == "int8":
+        w = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
+    else:
+        w = rng.normal(size=(k, n)).astype(ml_dtypes.bfloat16)
+    scale = rng.uniform(0.5, 2.0, size=(n,)).astype(np.float32)
+    expected = (x.astype(np.float64) @ w.astype(np.float64)) * scale
+    stored = w if layout == "kn" else np.ascontiguousarray(w.T)
+    got = jax.jit(cpu_kernels.weight_matmul, static_argnums=3)(x, jnp.asarray(stored), scale, layout)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+
+
+def test_no_scale_means_one():
+    x = jnp.ones((2, 8), jnp.float32)
+    w = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3).astype(jnp.bfloat16)
+    got = jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))(x, w, None, "kn")
+    np.testing.assert_array_equal(np.asarray(got), np.tile(np.arange(24).reshape(8, 3).sum(0), (2, 1)))
+
+
+def test_without_a_compiler_the_kernel_is_off_and_says_why(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cpu_kernels._load.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        assert cpu_kernels.unavailable_reason() == "no C++ compiler found (set CXX)"
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._load.cache_clear()
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("JAXGEN_CPU_KERNELS", "0")
+    cpu_kernels._load.cache_clear()
+    try:
+        assert not cpu_kernels.available() and "JAXGEN_CPU_KERNELS=0" in cpu_kernels.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._load.cache_clear()
