@@ -67,3 +67,13 @@ def test_turned_off_by_the_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_kernels._load.cache_clear()
+
+
+def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch):
+    monkeypatch.setenv("JAXGEN_CACHE_DIR", "/proc/jaxgen-cache")  # nothing can be created under /proc
+    cpu_kernels._load.cache_clear()
+    try:
+        assert cpu_kernels.available() or cpu_kernels._compiler() is None, cpu_kernels.unavailable_reason()
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._load.cache_clear()

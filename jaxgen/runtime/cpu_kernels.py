@@ -71,10 +71,18 @@ def _build(compiler: str) -> pathlib.Path:
             ]
         )
     ).hexdigest()[:16]
-    target = _cache_dir() / f"weight_matmul-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"weight_matmul-{key}.so"
+    for folder in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / "jaxgen-kernels"):
+        if (folder / name).exists():
+            return folder / name
+    try:
+        _cache_dir().mkdir(parents=True, exist_ok=True)
+        target = _cache_dir() / name
+        if not os.access(target.parent, os.W_OK):
+            raise PermissionError(target.parent)
+    except OSError:  # a read-only home: the temp dir, per boot instead of for good
+        target = pathlib.Path(tempfile.gettempdir()) / "jaxgen-kernels" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: concurrent first uses (test workers, the
     # processes of one job) never load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
