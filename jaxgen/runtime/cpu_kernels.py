@@ -33,6 +33,7 @@ _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
     ("kn", "bfloat16"): "JaxgenMatmulKnBF16",
     ("nk", "bfloat16"): "JaxgenMatmulNkBF16",
 }
+_registered = False  # whether this process has handed the kernels to XLA
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
 
 
@@ -113,8 +114,11 @@ def _load() -> tuple[bool, str]:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return False, f"weight_matmul.cc did not build: {e}"
-    for symbol in _TARGETS.values():
-        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    global _registered
+    if not _registered:  # XLA keeps a process's first registration (a second one is an error)
+        for symbol in _TARGETS.values():
+            jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _registered = True
     return True, ""
 
 
