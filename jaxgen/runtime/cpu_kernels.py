@@ -59,6 +59,14 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "kernels"
 
 
+def _writable(folder: pathlib.Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def _build(compiler: str) -> pathlib.Path:
     """The compiled library, built once per (source, jaxlib, CPU); raises on failure."""
     source = _SOURCE.read_bytes()
@@ -73,17 +81,15 @@ def _build(compiler: str) -> pathlib.Path:
         )
     ).hexdigest()[:16]
     name = f"weight_matmul-{key}.so"
-    for folder in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / "jaxgen-kernels"):
-        if (folder / name).exists():
-            return folder / name
-    try:
-        _cache_dir().mkdir(parents=True, exist_ok=True)
-        target = _cache_dir() / name
-        if not os.access(target.parent, os.W_OK):
-            raise PermissionError(target.parent)
-    except OSError:  # a read-only home: the temp dir, per boot instead of for good
-        target = pathlib.Path(tempfile.gettempdir()) / "jaxgen-kernels" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
+    # The cache, or the temp dir where it cannot be written (a read-only home: per boot
+    # instead of for good).
+    folders = (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / "jaxgen-kernels")
+    built = next((folder / name for folder in folders if (folder / name).exists()), None)
+    if built is not None:
+        return built
+    target = next((folder / name for folder in folders if _writable(folder)), None)
+    if target is None:
+        raise RuntimeError(f"no writable folder for the library ({', '.join(map(str, folders))})")
     # Built under a temporary name and renamed: concurrent first uses (test workers, the
     # processes of one job) never load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -133,7 +139,9 @@ def unavailable_reason() -> str:
 
 def weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layout: str) -> jax.Array:
     """x [M, K] float32 @ w (int8 or bfloat16; [K, N] for layout "kn", [N, K] for "nk"),
-    times `scale` [N] (None: 1), as float32 [M, N]. Call only where `available()`."""
+    times `scale` [N] (None: 1), as float32 [M, N], where `available()`."""
+    if not available():  # also what hands the kernels to XLA in this process
+        raise RuntimeError(f"weight_matmul: {unavailable_reason()}")
     dtype = jnp.dtype(w.dtype).name
     if (layout, dtype) not in _TARGETS:
         raise ValueError(f"weight_matmul: no kernel for {layout} {dtype} weights")
