@@ -235,7 +235,8 @@ def _outputs(state: SamplingState):
 # XLA's default command buffers (CUDA graphs) on GPUs, plus the loops and conditionals
 # themselves: the whole decoding while-loop then runs as one graph, without a host round
 # trip per step to test its condition. On an H200 GPT-2 124M greedy decoding went from
-# 1,505 to 1,738 tokens/s at batch 1 and 88.3k to 96.5k at batch 64 (benchmarks/RESULTS.md).
+# 1,505 to 1,738 tokens/s at batch 1 (through XLA_FLAGS; at batch 64 no gain showed beyond
+# the earlier spread; benchmarks/RESULTS.md).
 _GPU_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
 _GPU_LOOP_OPTIONS = {"xla_gpu_enable_command_buffer": _GPU_COMMANDS + ",WHILE,CONDITIONAL"}
 

@@ -7,6 +7,7 @@ rules that map them to the mesh); layers never name mesh axes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -65,11 +66,25 @@ def kernel_einsum(eq: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
 
 
-def streamed_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array | None:
-    """`kernel_einsum(eq, x, kernel) * scale` through the CPU weight-streaming kernel
-    (runtime/cpu_kernels.py) for an int8 or bfloat16 kernel and float32 activations;
-    None where it does not apply (other dtypes or backend, no compiler, a layout whose
-    output is not the input's free dims followed by the kernel's), and XLA's dot is used.
+def weight_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """`kernel_einsum(eq, x, kernel)` times `scale` (an int8 kernel's per-output scale, or
+    None), in x's dtype, for a kernel stored in any format (model/quant.py).
+
+    On a CPU, int8 and bfloat16 kernels with float32 activations go through the
+    weight-streaming kernel (runtime/cpu_kernels.py), where XLA's dot would convert them
+    slower than it reads float32; everything else is XLA's dot on the widened kernel.
+    """
+    y = _streamed_einsum(eq, x, kernel, scale)
+    if y is None:
+        y = kernel_einsum(eq, x, kernel.astype(x.dtype))
+        y = y if scale is None else y * scale.astype(x.dtype)
+    return y
+
+
+def _streamed_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array | None:
+    """`weight_einsum` through the CPU kernel, or None where it does not apply (other
+    dtypes or backend, no compiler, a layout whose output is not the input's free dims
+    followed by the kernel's).
 
     The kernel must contract its leading dims against the input's trailing ones, as every
     projection does ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), or (tied output head,
@@ -89,10 +104,7 @@ def streamed_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array |
         layout = "kn"
         if out != lhs[: len(lhs) - n_in] + rhs[n_in:]:
             return None
-    lead = x.shape[: x.ndim - n_in]
-    k = 1
-    for d in x.shape[x.ndim - n_in :]:
-        k *= d
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
     w = kernel.reshape(kernel.shape[0], -1) if layout == "nk" else kernel.reshape(k, -1)
     y = cpu_kernels.weight_matmul(x.reshape(-1, k), w, None if scale is None else scale.reshape(-1), layout)
     out_dims = kernel.shape[:1] if layout == "nk" else kernel.shape[n_in:]
@@ -164,10 +176,7 @@ class Einsum(nn.Module):
         )
         # int8 weights for decoding (model/quant.py): a scale per output channel.
         scale = self.get_variable("params", "scale") if kernel.dtype == jnp.int8 else None
-        y = streamed_einsum(self.eq, x.astype(self.dtype), kernel, scale)
-        if y is None:
-            y = kernel_einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
-            y = y if scale is None else y * scale.astype(self.dtype)
+        y = weight_einsum(self.eq, x.astype(self.dtype), kernel, scale)
         if self.bias_dims:
             bias_shape = tuple(self.shape[-self.bias_dims :])
             bias_names = self.names[-self.bias_dims :]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxgen.config import LoraConfig, ModelConfig
 from jaxgen.model.attention import Attention
 from jaxgen.model.kvcache import KVCache, write_slots
-from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, kernel_einsum, streamed_einsum
+from jaxgen.model.layers import INIT_STD, Mlp, Norm, compute_dtype, constrain, weight_einsum
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -144,11 +144,7 @@ class Transformer(nn.Module):
         scale = None
         if kernel.dtype == jnp.int8:
             scale = self._scale("embed" if self.config.tie_embeddings else "lm_head")
-        # Narrow weights for decoding on a CPU: the streaming kernel, not XLA's converting dot.
-        logits = streamed_einsum(eq, x, kernel, scale)
-        if logits is None:
-            logits = kernel_einsum(eq, x, kernel.astype(x.dtype))
-            logits = logits if scale is None else logits * scale.astype(x.dtype)
+        logits = weight_einsum(eq, x, kernel, scale)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def _scale(self, table: str) -> jax.Array:

@@ -33,14 +33,10 @@ inline float Wide(uint16_t v) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
-inline void Widen(const int8_t* w, float* out, int64_t count) {
+template <typename W>
+inline void Widen(const W* w, float* out, int64_t count) {
 #pragma omp simd
-  for (int64_t j = 0; j < count; ++j) out[j] = static_cast<float>(w[j]);
-}
-inline void Widen(const uint16_t* w, float* out, int64_t count) {
-  uint32_t* bits = reinterpret_cast<uint32_t*>(out);
-#pragma omp simd
-  for (int64_t j = 0; j < count; ++j) bits[j] = static_cast<uint32_t>(w[j]) << 16;
+  for (int64_t j = 0; j < count; ++j) out[j] = Wide(w[j]);
 }
 
 constexpr int64_t kColumnChunk = 512;  // [K, N] kernels: output columns per task
@@ -48,34 +44,44 @@ constexpr int64_t kRowChunk = 64;      // [N, K] kernels: output columns (weight
 constexpr int64_t kMaxK = 16384;       // [N, K] kernels: longest weight row held as float32
 
 // y[:, n0:n1] = x [M, K] @ w[K, N][:, n0:n1] * scale[n0:n1]: one pass over the weights.
-// Four weight rows per sweep of the accumulators: each accumulator load and store then
-// serves four multiply-adds (measured here: 9 vs 6 GB/s of int8 weights on one core).
-// One activation row widens the weights in the multiply-add itself; several first widen
-// four row pieces once into `wide` and reuse them for every row.
+// Four weight rows per sweep of the sums: each load and store of a sum then serves four
+// multiply-adds (measured here: 9 vs 6 GB/s of int8 weights on one core). One activation
+// row widens the weights inside the multiply-add and keeps its sums in L1; several first
+// widen the four row pieces once and reuse them for every activation row.
 template <typename W>
 void KnColumns(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
                int64_t n0, int64_t n1) {
   const int64_t width = n1 - n0;
+  const W* r[4];
+  auto rows_from = [&](int64_t kk) {  // a short last sweep repeats its last row; its a[] are 0
+    const int64_t rows = std::min<int64_t>(4, k - kk);
+    for (int64_t q = 0; q < 4; ++q) r[q] = w + (kk + std::min(q, rows - 1)) * n + n0;
+    return rows;
+  };
+  if (m == 1) {
+    alignas(64) float acc[kColumnChunk];
+    std::fill(acc, acc + width, 0.0f);
+    for (int64_t kk = 0; kk < k; kk += 4) {
+      const int64_t rows = rows_from(kk);
+      float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t q = 0; q < rows; ++q) a[q] = x[kk + q];
+#pragma omp simd aligned(acc : 64)
+      for (int64_t j = 0; j < width; ++j)
+        acc[j] += a[0] * Wide(r[0][j]) + a[1] * Wide(r[1][j]) + a[2] * Wide(r[2][j]) + a[3] * Wide(r[3][j]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) y[n0 + j] = acc[j] * scale[n0 + j];
+    return;
+  }
   alignas(64) float wide[4][kColumnChunk];
-  alignas(64) float acc[kColumnChunk];  // one activation row: its sums, kept in L1
-  std::fill(acc, acc + width, 0.0f);
   for (int64_t i = 0; i < m; ++i) std::fill(y + i * n + n0, y + i * n + n1, 0.0f);
   for (int64_t kk = 0; kk < k; kk += 4) {
-    const int64_t rows = std::min<int64_t>(4, k - kk);
-    const W* r[4];
-    for (int64_t q = 0; q < 4; ++q) r[q] = w + (kk + std::min(q, rows - 1)) * n + n0;
+    const int64_t rows = rows_from(kk);
+    for (int64_t q = 0; q < 4; ++q) Widen(r[q], wide[q], width);
     for (int64_t i = 0; i < m; ++i) {
-      float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows past k (a short last sweep) add 0
+      float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int64_t q = 0; q < rows; ++q) a[q] = x[i * k + kk + q];
-      float* out = m == 1 ? acc : y + i * n + n0;
-      if (m == 1) {
-#pragma omp simd aligned(acc : 64)
-        for (int64_t j = 0; j < width; ++j)
-          out[j] += a[0] * Wide(r[0][j]) + a[1] * Wide(r[1][j]) + a[2] * Wide(r[2][j]) + a[3] * Wide(r[3][j]);
-        continue;
-      }
-      if (i == 0)
-        for (int64_t q = 0; q < 4; ++q) Widen(r[q], wide[q], width);
+      float* out = y + i * n + n0;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j)
         out[j] += a[0] * wide[0][j] + a[1] * wide[1][j] + a[2] * wide[2][j] + a[3] * wide[3][j];
@@ -83,9 +89,8 @@ void KnColumns(const float* x, const W* w, const float* scale, float* y, int64_t
   }
   for (int64_t i = 0; i < m; ++i) {
     float* out = y + i * n + n0;
-    const float* sums = m == 1 ? acc : out;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) out[j] = sums[j] * scale[n0 + j];
+    for (int64_t j = 0; j < width; ++j) out[j] *= scale[n0 + j];
   }
 }
 
