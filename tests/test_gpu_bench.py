@@ -119,7 +119,7 @@ def test_dry_run_plans_every_row_within_the_deadline():
 
 
 def test_scripts_shellcheck_and_dry_run():
-    scripts = [GPU / "run.sh", GPU / "prepare_wheels.sh", GPU / "followup.sh"]
+    scripts = [GPU / "run.sh", GPU / "install.sh", GPU / "prepare_wheels.sh", GPU / "followup.sh"]
     subprocess.run([str(SHELLCHECK), *map(str, scripts)], check=True)
     out = subprocess.run(["bash", str(GPU / "run.sh"), "--dry-run"], capture_output=True, text=True,
                          env=os.environ | {"PYTHON": sys.executable}, check=True, timeout=60)  # fmt: skip

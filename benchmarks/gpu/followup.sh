@@ -17,12 +17,7 @@ py="${PYTHON:-python3}"
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
 exec > >(tee -a "$out/followup.log") 2>&1
-wheels=benchmarks/gpu/wheels
-mapfile -t missing < <("$py" benchmarks/gpu/wheel_list.py --missing "$wheels/requirements.txt")
-if [ "${#missing[@]}" -gt 0 ]; then
-  "$py" -m pip install --quiet --no-index --no-deps --find-links "$wheels" "${missing[@]}" || exit 1
-fi
-"$py" -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
+PYTHON="$py" bash benchmarks/gpu/install.sh || exit 1
 export PYTHONUNBUFFERED=1
 stamp=$(date -u +%Y-%m-%d-%H%M)
 run() { # run.py with a wall-clock limit a little above its own deadline

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 19's GPU run in one command, on the GPU machine, from any directory:
 #   bash benchmarks/gpu/run.sh [--copy-to DIR] [run.py options, e.g. --rows beam5_gpt2_124m]
-# Installs the wheels of prepare_wheels.sh that the machine lacks (offline, nothing already
-# installed is replaced), installs jaxgen without dependencies, then runs run.py under an
+# Installs the wheels of prepare_wheels.sh that the machine lacks and jaxgen (install.sh,
+# offline, nothing already installed is replaced), then runs run.py under an
 # 8-minute limit. Whether run.py ends or is stopped, the results file and RESULTS.md hold
 # every finished row; --copy-to DIR copies both there at the end.
 # Environment: PYTHON (default python3: on the GPU machine the one that has torch and JAX).
@@ -19,19 +19,7 @@ if [ "${1:-}" = "--copy-to" ]; then
   copy_to="$2"
   shift 2
 fi
-wheels=benchmarks/gpu/wheels
-if [ -f "$wheels/requirements.txt" ]; then
-  mapfile -t missing < <("$python" benchmarks/gpu/wheel_list.py --missing "$wheels/requirements.txt")
-  if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing ${#missing[@]} wheels: ${missing[*]}"
-    "$python" -m pip install --quiet --no-index --no-deps --find-links "$wheels" "${missing[@]}" || exit 1
-  fi
-else
-  echo "run.sh: no $wheels/requirements.txt (run prepare_wheels.sh on a CPU machine first);" \
-    "assuming jaxgen's dependencies are installed"
-fi
-# No build isolation: it would fetch setuptools from the (unreachable) registry.
-"$python" -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
+PYTHON="$python" bash benchmarks/gpu/install.sh || exit 1
 out="benchmarks/gpu/results-$(date -u +%Y-%m-%d-%H%M).jsonl"
 PYTHONUNBUFFERED=1 timeout --kill-after=10 480 "$python" benchmarks/gpu/run.py --out "$out" "$@"
 rc=$?
