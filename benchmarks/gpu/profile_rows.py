@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --rows (or --summarize TRACE_DIR)")
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import rows as row_table
-    from run import setup_environment
+    from run import compilation_cache, setup_environment
 
     wanted = args.rows.split(",")
     known = {r.name: r for r in row_table.ROWS}
@@ -179,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown rows: {', '.join(unknown)} (known: {', '.join(known)})")
     scratch = setup_environment(args.cpu_smoke)
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", f"{scratch}/jax-cache")
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache(scratch)
     traces = args.trace_dir or pathlib.Path(tempfile.mkdtemp(prefix="jaxgen-profile-"))
     for name in wanted:
         profile_row(known[name], args.cpu_smoke, traces / name)

@@ -100,6 +100,16 @@ def setup_environment(smoke: bool) -> str:
     return scratch
 
 
+def compilation_cache(scratch: str) -> None:
+    """Every compile of this process into a fresh persistent cache under `scratch`: a
+    program's first call compiles cold, later calls of it (repeats) load it."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(scratch, "jax-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def peer_support(args) -> tuple[bool, bool, str]:
     """(nanoGPT peer runs, Hugging Face peer runs, a sentence saying so)."""
     if args.no_peers:
@@ -201,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     import measure
 
     if not args.child_compile:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(scratch, "jax-cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        compilation_cache(scratch)
     nano_ok, hf_ok, peer_status = peer_support(args)
     torch = None
     if nano_ok:
