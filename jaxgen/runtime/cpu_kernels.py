@@ -34,7 +34,7 @@ _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
     ("nk", "bfloat16"): "JaxgenMatmulNkBF16",
 }
 _registered = False  # whether this process has handed the kernels to XLA
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
+_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
 
 
 def _cpu_signature() -> str:

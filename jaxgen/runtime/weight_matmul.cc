@@ -13,10 +13,17 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -113,6 +120,251 @@ void NkRows(const float* x, const W* w, const float* scale, float* y, int64_t m,
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// Register-tiled kernels for AVX-512 CPUs. The portable loops above leave the compiler to
+// keep sums in memory (L1) and to widen through a buffer; here a tile of sums lives in
+// registers and each widened weight vector serves every activation row of the tile, so
+// the loads are the weight stream and little else (measured in benchmarks/RESULTS.md:
+// "A register-tiled AVX-512 kernel").
+#define JAXGEN_AVX512 1
+// Fully unrolled tile loops: without it GCC 12 keeps the sums in a stack array and stores
+// every one of them on every step (3x slower, measured).
+#define JAXGEN_UNROLL _Pragma("GCC unroll 16")
+
+constexpr int64_t kRowBlock = 16;        // [K, N] tiles: weight rows per sweep of the columns
+constexpr int64_t kPrefetchBytes = 32768;  // how far ahead in the weight stream to fetch
+
+inline __mmask16 Lanes(int64_t count) {  // the first min(count, 16) lanes
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count, 0)) - 1);
+}
+// 16 weights (those under `mask`; the rest 0) as float32 lanes.
+inline __m512 Load16(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// Rows k0..k1 of y[i0:i0+MB, j0:j0+cols] (+)= x [M, K] @ w [K, N], cols <= 16C: one weight
+// row's C vectors are widened once and multiplied into the MB x C sums held in registers.
+// The first block of rows starts the sums, later ones add to y, the last applies `scale`.
+template <typename W, int C, int MB>
+void KnTile(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0, int64_t j0,
+            int64_t cols, int64_t k0, int64_t k1) {
+  __mmask16 mask[C];
+  JAXGEN_UNROLL for (int c = 0; c < C; ++c) mask[c] = Lanes(cols - 16 * c);
+  __m512 acc[MB][C];
+  JAXGEN_UNROLL for (int i = 0; i < MB; ++i)
+    JAXGEN_UNROLL for (int c = 0; c < C; ++c)
+      acc[i][c] = k0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], y + (i0 + i) * n + j0 + 16 * c);
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    const W* row = w + kk * n + j0;
+    JAXGEN_UNROLL for (int line = 0; line < C * 16 * int(sizeof(W)); line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(row + std::max<int64_t>(kRowBlock, (kPrefetchBytes + n * int64_t(sizeof(W)) - 1) / (n * int64_t(sizeof(W)))) * n) + line, _MM_HINT_T0);
+    __m512 wide[C];
+    JAXGEN_UNROLL for (int c = 0; c < C; ++c) wide[c] = Load16(row + 16 * c, mask[c]);
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
+      const __m512 a = _mm512_set1_ps(x[(i0 + i) * k + kk]);
+      JAXGEN_UNROLL for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(wide[c], a, acc[i][c]);
+    }
+  }
+  JAXGEN_UNROLL for (int c = 0; c < C; ++c) {
+    const __m512 s = k1 == k ? _mm512_maskz_loadu_ps(mask[c], scale + j0 + 16 * c) : _mm512_set1_ps(1.0f);
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i)
+      _mm512_mask_storeu_ps(y + (i0 + i) * n + j0 + 16 * c, mask[c], _mm512_mul_ps(acc[i][c], s));
+  }
+}
+
+// y[i0:i0+MB, j0:j0+R] of x [M, K] @ w [N, K]^T: R weight rows, 16 k at a time, widened
+// once and multiplied into the R x MB sums; each sum is reduced across lanes at the end.
+template <typename W, int R, int MB>
+void NkTile(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0, int64_t j0) {
+  __m512 acc[R][MB];
+  JAXGEN_UNROLL for (int r = 0; r < R; ++r)
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
+  auto step = [&](int64_t kk, __mmask16 mask) {
+    __m512 wide[R];
+    JAXGEN_UNROLL for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (j0 + r) * k + kk) + kPrefetchBytes, _MM_HINT_T0);
+      wide[r] = Load16(w + (j0 + r) * k + kk, mask);
+    }
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
+      const __m512 a = _mm512_maskz_loadu_ps(mask, x + (i0 + i) * k + kk);
+      JAXGEN_UNROLL for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(wide[r], a, acc[r][i]);
+    }
+  };
+  int64_t kk = 0;
+  for (; kk + 16 <= k; kk += 16) step(kk, 0xFFFF);
+  if (kk < k) step(kk, Lanes(k - kk));
+  JAXGEN_UNROLL for (int r = 0; r < R; ++r)
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) y[(i0 + i) * n + j0 + r] = _mm512_reduce_add_ps(acc[r][i]) * scale[j0 + r];
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+// Activations for the dot-product instructions, made once per call, for the [N, K] head.
+// int8 weights: each activation row rounded to int16 with a scale of its own (|error| <=
+// the row's max / 65534, some 250x below the weights' own int8 rounding), so one vpdpwssd
+// multiplies 32 weights where the float path takes three instructions per 16. bfloat16
+// weights: each activation as the sum of two bfloat16 numbers (hi + lo: 16 significant
+// bits of float32's 24), each used by vdpbf16ps against the weights as stored. Either way
+// the head is read at the memory's pace instead of the widening's (RESULTS.md).
+#define JAXGEN_NARROW_ROWS 1
+struct NarrowRows {
+  int64_t stride = 0;         // k rounded up to 32; the padding is 0
+  std::vector<int16_t> q;     // int8 weights: [M, stride]; bfloat16: [M, 2 (hi, lo), stride] bits
+  std::vector<float> scale;   // int8 weights: [M]
+};
+
+inline uint16_t Bf16Bits(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The narrow rows of x [M, K], or false where x is not finite (the float path then gives
+// the same inf/NaN as XLA would).
+template <typename W>
+bool MakeNarrowRows(const float* x, int64_t m, int64_t k, NarrowRows& out) {
+  out.stride = (k + 31) / 32 * 32;
+  constexpr int64_t parts = std::is_same_v<W, int8_t> ? 1 : 2;
+  out.q.assign(m * parts * out.stride, 0);
+  out.scale.assign(m, 1.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * k;
+    float top = 0.0f;
+    for (int64_t kk = 0; kk < k; ++kk) top = std::max(top, std::fabs(xi[kk]));
+    if (!std::isfinite(top)) return false;
+    int16_t* q = out.q.data() + i * parts * out.stride;
+    if constexpr (std::is_same_v<W, int8_t>) {
+      if (top > 0.0f) out.scale[i] = top / 32767.0f;
+      const float inv = 1.0f / out.scale[i];
+      for (int64_t kk = 0; kk < k; ++kk)
+        q[kk] = static_cast<int16_t>(std::clamp(std::nearbyint(xi[kk] * inv), -32767.0f, 32767.0f));
+    } else {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const uint16_t hi = Bf16Bits(xi[kk]);
+        q[kk] = static_cast<int16_t>(hi);
+        q[out.stride + kk] = static_cast<int16_t>(Bf16Bits(xi[kk] - Wide(hi)));
+      }
+    }
+  }
+  return true;
+}
+
+constexpr int64_t kFlushK = 2048;  // int16 x int8 sums per int32 lane stay below 2^31 (64 x 2 x 32767 x 127)
+
+// NkTile with narrow activations for one weight row: y[i0:i0+MB, j] of x [M, K] @ w [N, K]^T.
+// One row at a time, kUnroll pieces of 32 weights per step in independent sums: the head
+// is then one sequential stream, which this CPU reads at 17-19 GB/s on one core where four
+// rows side by side read at 9 (measured; a software prefetch only slowed it).
+constexpr int kUnroll = 2;
+template <typename W, int MB>
+void NkRowNarrow(const NarrowRows& xn, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0,
+                 int64_t j) {
+  constexpr bool kInt8 = std::is_same_v<W, int8_t>;
+  const W* row = w + j * k;
+  __m512 acc[kUnroll][MB];
+  JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < k; k0 += kFlushK) {
+    const int64_t k1 = std::min(k, k0 + kFlushK);
+    __m512i sums[kUnroll][MB];
+    JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
+      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) sums[u][i] = _mm512_setzero_si512();
+    for (int64_t kk = k0; kk < k1; kk += 32 * kUnroll) {
+      __m512i wide[kUnroll];
+      JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u) {
+        const int64_t left = k1 - kk - 32 * u;
+        const __mmask32 mask = left >= 32 ? __mmask32(~0u) : left <= 0 ? __mmask32(0) : __mmask32((1u << left) - 1);
+        if constexpr (kInt8) wide[u] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + kk + 32 * u));
+        else wide[u] = _mm512_maskz_loadu_epi16(mask, row + kk + 32 * u);
+      }
+      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
+        // Activation rows are padded to 32 with zeros, and masked-off weights are 0:
+        // reading the padding adds nothing. (Past the padding, still within the buffer.)
+        const int16_t* xi = xn.q.data() + (i0 + i) * (kInt8 ? 1 : 2) * xn.stride + kk;
+        JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u) {
+          const int64_t at = std::min<int64_t>(32 * u, xn.stride - kk - 32);  // stays inside the row
+          const __m512i a = _mm512_loadu_si512(xi + at);
+          if constexpr (kInt8) {
+            sums[u][i] = _mm512_dpwssd_epi32(sums[u][i], wide[u], a);
+          } else {
+            const __m512i lo = _mm512_loadu_si512(xi + at + xn.stride);
+            acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)wide[u], (__m512bh)a);
+            acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)wide[u], (__m512bh)lo);
+          }
+        }
+      }
+    }
+    if constexpr (kInt8) {
+      JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
+        JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_add_ps(acc[u][i], _mm512_cvtepi32_ps(sums[u][i]));
+    }
+  }
+  JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
+    __m512 total = acc[0][i];
+    JAXGEN_UNROLL for (int u = 1; u < kUnroll; ++u) total = _mm512_add_ps(total, acc[u][i]);
+    y[(i0 + i) * n + j] = _mm512_reduce_add_ps(total) * xn.scale[i0 + i] * scale[j];
+  }
+}
+#endif
+
+// Runs `tile.template operator()<MB>()` for the activation rows i0..m in groups of at most
+// kMaxRows (templates need the group size at compile time).
+template <int kMaxRows, typename Tile>
+void RowGroups(int64_t m, Tile&& tile) {
+  for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
+    switch (std::min<int64_t>(kMaxRows, m - i0)) {
+      case 1: tile.template operator()<1>(i0); break;
+      case 2: if constexpr (kMaxRows >= 2) tile.template operator()<2>(i0); break;
+      case 3: if constexpr (kMaxRows >= 3) tile.template operator()<3>(i0); break;
+      case 4: if constexpr (kMaxRows >= 4) tile.template operator()<4>(i0); break;
+      case 5: if constexpr (kMaxRows >= 5) tile.template operator()<5>(i0); break;
+      case 6: if constexpr (kMaxRows >= 6) tile.template operator()<6>(i0); break;
+    }
+  }
+}
+
+template <typename W>
+void KnColumnsTiled(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
+                    int64_t n0, int64_t n1) {
+  // Blocks of kRowBlock weight rows, each swept across all the task's columns before the
+  // next: a tile reads only 64-128 bytes of a row, and reading the rest of those rows right
+  // after keeps the stream in whole DRAM pages (a tile down all K rows first: 8 GB/s here).
+  for (int64_t k0 = 0; k0 < k; k0 += kRowBlock) {
+    const int64_t k1 = std::min(k, k0 + kRowBlock);
+    if (m == 1) {  // 8 vectors of columns: enough independent sums to hide the multiply-add latency
+      for (int64_t j = n0; j < n1; j += 128)
+        KnTile<W, 8, 1>(x, w, scale, y, k, n, 0, j, std::min<int64_t>(128, n1 - j), k0, k1);
+      continue;
+    }
+    for (int64_t j = n0; j < n1; j += 64)
+      RowGroups<6>(m, [&]<int MB>(int64_t i0) {
+        KnTile<W, 4, MB>(x, w, scale, y, k, n, i0, j, std::min<int64_t>(64, n1 - j), k0, k1);
+      });
+  }
+}
+
+template <typename W>
+void NkRowsTiled(const float* x, const void* narrow, const W* w, const float* scale, float* y, int64_t m, int64_t k,
+                 int64_t n, int64_t n0, int64_t n1) {
+  auto rows = [&]<int R>(int64_t j) {
+#ifdef JAXGEN_NARROW_ROWS
+    if (narrow != nullptr) {
+      const auto& xn = *static_cast<const NarrowRows*>(narrow);
+      for (int64_t r = 0; r < R; ++r)
+        RowGroups<4>(m, [&]<int MB>(int64_t i0) { NkRowNarrow<W, MB>(xn, w, scale, y, k, n, i0, j + r); });
+      return;
+    }
+#endif
+    RowGroups<4>(m, [&]<int MB>(int64_t i0) { NkTile<W, R, MB>(x, w, scale, y, k, n, i0, j); });
+  };
+  int64_t j = n0;
+  for (; j + 4 <= n1; j += 4) rows.template operator()<4>(j);
+  for (; j < n1; ++j) rows.template operator()<1>(j);
+}
+#endif
+
 struct Tasks {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> finished{0};
@@ -152,12 +404,29 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
+#ifdef JAXGEN_AVX512
+  // [K, N]: columns in equal pieces, two per thread (512-column tasks left one of two
+  // threads idle for a third of a 768-wide projection).
+  const int64_t pieces = 2 * (pool.num_threads() + 1);
+  const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + 15) / 16 * 16 : kRowChunk;
+#else
   const int64_t chunk = kKn ? kColumnChunk : kRowChunk;
+#endif
   const int64_t count = (n + chunk - 1) / chunk;
+  const void* narrow = nullptr;
+#ifdef JAXGEN_NARROW_ROWS
+  NarrowRows rows;
+  if (!kKn && MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
+#endif
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
+#ifdef JAXGEN_AVX512
+    if constexpr (kKn) KnColumnsTiled(xp, wp, sp, yp, m, k, n, n0, n1);
+    else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
+#else
     if constexpr (kKn) KnColumns(xp, wp, sp, yp, m, k, n, n0, n1);
     else NkRows(xp, wp, sp, yp, m, k, n, n0, n1);
+#endif
   });
   return ffi::Error::Success();
 }
