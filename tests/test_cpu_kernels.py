@@ -20,13 +20,7 @@ def test_the_kernel_builds_wherever_a_compiler_is_found():
         assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-@pytest.mark.parametrize("layout", ["kn", "nk"])
-@pytest.mark.parametrize("m", [1, 5, 11])
-def test_weight_matmul_equals_float32_matmul(dtype, layout, m):
-    # N = 1100 spans several column tasks and a short last one; K x N int8 is 563 KB, over
-    # the size where the thread pool's helpers join; m = 11 spans two passes of 8 rows.
-    k, n = 512, 1100
+def _check_against_float64(dtype, layout, m, k, n):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(m, k)).astype(np.float32)
     if dtype == "int8":
@@ -38,6 +32,49 @@ def test_weight_matmul_equals_float32_matmul(dtype, layout, m):
     stored = w if layout == "kn" else np.ascontiguousarray(w.T)
     got = jax.jit(cpu_kernels.weight_matmul, static_argnums=3)(x, jnp.asarray(stored), scale, layout)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("m", [1, 5, 11])
+def test_weight_matmul_equals_float32_matmul(dtype, layout, m):
+    # N = 1100 spans several column tasks and a short last one; K x N int8 is 563 KB, over
+    # the size where the thread pool's helpers join; m = 1 and 5 split the [K, N] weights
+    # by rows between tasks, m = 11 by columns, in groups of 6 rows.
+    _check_against_float64(dtype, layout, m, k=512, n=1100)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_long_rows_and_ragged_tails(dtype, layout, m):
+    # K = 2100 ends the [N, K] paths on a partial piece of 32 (masked loads, zero padding);
+    # N = 70 ends the [K, N] tiles on a partial 16.
+    _check_against_float64(dtype, layout, m, k=2100, n=70)
+
+
+def test_integer_sums_hold_the_worst_case_row():
+    # The worst case for the [N, K] int8 path at its longest row: every activation rounds
+    # to 32767 and every weight is 127 (kept below 2^31 only by splitting the sums).
+    k = 16384
+    x = np.ones((1, k), np.float32)
+    w = np.full((8, k), 127, np.int8)
+    got = jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))(x, jnp.asarray(w), None, "nk")
+    np.testing.assert_allclose(np.asarray(got), np.full((1, 8), 127.0 * k), rtol=1e-6)
+
+
+def test_infinite_activations_give_infinities_as_xla_does():
+    # The [N, K] path rounds activation rows to integers by their largest value; a row with
+    # an inf falls back to float arithmetic instead of rounding everything to 0.
+    x = np.ones((2, 64), np.float32)
+    x[1, 3] = np.inf
+    w = np.ones((64, 40), np.int8)
+    for layout, stored in (("kn", w), ("nk", np.ascontiguousarray(w.T))):
+        got = np.asarray(
+            jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))(x, jnp.asarray(stored), None, layout)
+        )
+        np.testing.assert_array_equal(got[0], np.full(40, 64.0, np.float32))
+        assert np.all(np.isposinf(got[1])), (layout, got[1])
 
 
 def test_no_scale_means_one():

@@ -252,13 +252,15 @@ bool MakeNarrowRows(const float* x, int64_t m, int64_t k, NarrowRows& out) {
   return true;
 }
 
-constexpr int64_t kFlushK = 2048;  // int16 x int8 sums per int32 lane stay below 2^31 (64 x 2 x 32767 x 127)
 
 // NkTile with narrow activations for one weight row: y[i0:i0+MB, j] of x [M, K] @ w [N, K]^T.
 // One row at a time, kUnroll pieces of 32 weights per step in independent sums: the head
 // is then one sequential stream, which this CPU reads at 17-19 GB/s on one core where four
 // rows side by side read at 9 (measured; a software prefetch only slowed it).
 constexpr int kUnroll = 2;
+// Each int32 lane adds two int16 x int8 products per 32 x kUnroll weights of a row: rows of
+// at most kMaxK keep it below 2^31 in the worst case (every product 32767 x 127).
+static_assert(kMaxK / (32 * kUnroll) * 2 * 32767LL * 127 < (1LL << 31), "int32 sums could overflow");
 template <typename W, int MB>
 void NkRowNarrow(const NarrowRows& xn, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0,
                  int64_t j) {
@@ -267,40 +269,37 @@ void NkRowNarrow(const NarrowRows& xn, const W* w, const float* scale, float* y,
   __m512 acc[kUnroll][MB];
   JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
     JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < k; k0 += kFlushK) {
-    const int64_t k1 = std::min(k, k0 + kFlushK);
-    __m512i sums[kUnroll][MB];
-    JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
-      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) sums[u][i] = _mm512_setzero_si512();
-    for (int64_t kk = k0; kk < k1; kk += 32 * kUnroll) {
-      __m512i wide[kUnroll];
+  __m512i sums[kUnroll][MB];  // int8 weights: exact integer sums
+  JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) sums[u][i] = _mm512_setzero_si512();
+  for (int64_t kk = 0; kk < k; kk += 32 * kUnroll) {
+    __m512i wide[kUnroll];
+    JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u) {
+      const int64_t left = k - kk - 32 * u;
+      const __mmask32 mask = left >= 32 ? __mmask32(~0u) : left <= 0 ? __mmask32(0) : __mmask32((1u << left) - 1);
+      if constexpr (kInt8) wide[u] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + kk + 32 * u));
+      else wide[u] = _mm512_maskz_loadu_epi16(mask, row + kk + 32 * u);
+    }
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
+      // Activation rows are padded to 32 with zeros, and masked-off weights are 0: reading
+      // the padding adds nothing. (Past the padding, still within the buffer.)
+      const int16_t* xi = xn.q.data() + (i0 + i) * (kInt8 ? 1 : 2) * xn.stride + kk;
       JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u) {
-        const int64_t left = k1 - kk - 32 * u;
-        const __mmask32 mask = left >= 32 ? __mmask32(~0u) : left <= 0 ? __mmask32(0) : __mmask32((1u << left) - 1);
-        if constexpr (kInt8) wide[u] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, row + kk + 32 * u));
-        else wide[u] = _mm512_maskz_loadu_epi16(mask, row + kk + 32 * u);
-      }
-      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
-        // Activation rows are padded to 32 with zeros, and masked-off weights are 0:
-        // reading the padding adds nothing. (Past the padding, still within the buffer.)
-        const int16_t* xi = xn.q.data() + (i0 + i) * (kInt8 ? 1 : 2) * xn.stride + kk;
-        JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u) {
-          const int64_t at = std::min<int64_t>(32 * u, xn.stride - kk - 32);  // stays inside the row
-          const __m512i a = _mm512_loadu_si512(xi + at);
-          if constexpr (kInt8) {
-            sums[u][i] = _mm512_dpwssd_epi32(sums[u][i], wide[u], a);
-          } else {
-            const __m512i lo = _mm512_loadu_si512(xi + at + xn.stride);
-            acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)wide[u], (__m512bh)a);
-            acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)wide[u], (__m512bh)lo);
-          }
+        const int64_t at = std::min<int64_t>(32 * u, xn.stride - kk - 32);  // stays inside the row
+        const __m512i a = _mm512_loadu_si512(xi + at);
+        if constexpr (kInt8) {
+          sums[u][i] = _mm512_dpwssd_epi32(sums[u][i], wide[u], a);
+        } else {
+          const __m512i lo = _mm512_loadu_si512(xi + at + xn.stride);
+          acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)wide[u], (__m512bh)a);
+          acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)wide[u], (__m512bh)lo);
         }
       }
     }
-    if constexpr (kInt8) {
-      JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
-        JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_add_ps(acc[u][i], _mm512_cvtepi32_ps(sums[u][i]));
-    }
+  }
+  if constexpr (kInt8) {
+    JAXGEN_UNROLL for (int u = 0; u < kUnroll; ++u)
+      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_cvtepi32_ps(sums[u][i]);
   }
   JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
     __m512 total = acc[0][i];
