@@ -77,7 +77,9 @@ def test_bad_weights_are_one_line(family):
 @pytest.mark.parametrize("weights", ["int8-head", "bfloat16"])
 def test_cpu_kernel_path_equals_xla_path(family, weights, monkeypatch):
     # The same quantized model through the weight-streaming kernel (the default on CPU) and
-    # through XLA's dots (kernels turned off): float32 sums in another order, same logits.
+    # through XLA's dots (kernels turned off): float32 sums in another order, plus, for a
+    # tied int8 head, the kernel's rounding of each activation row to int16 (at most half
+    # of max|h| / 32767 per element, so at most that times sum_k |W[v, k]| per logit).
     from jaxgen.runtime import cpu_kernels
 
     cfg, params = family
@@ -94,7 +96,15 @@ def test_cpu_kernel_path_equals_xla_path(family, weights, monkeypatch):
     cpu_kernels._load.cache_clear()
     try:
         slow = logits()
+        hidden = np.asarray(apply_unstacked(cfg, params, tokens, positions, return_hidden=True)[0])
     finally:
         monkeypatch.undo()
         cpu_kernels._load.cache_clear()
-    np.testing.assert_allclose(fast, slow, atol=1e-5, rtol=1e-5)
+    rounding = 0.0
+    if weights == "int8-head" and cfg.tie_embeddings:
+        head = np.abs(np.asarray(params["embed"]["embedding"], np.float64)).sum(1) * np.asarray(
+            params["embed"]["scale"]
+        )
+        rounding = 0.5 * np.abs(hidden).max(-1, keepdims=True) / 32767 * head  # [B, T, V]
+    fast, slow = np.asarray(fast, np.float64), np.asarray(slow, np.float64)
+    assert np.all(np.abs(fast - slow) <= 1e-5 + 1e-5 * np.abs(slow) + rounding)
