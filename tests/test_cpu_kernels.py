@@ -1,6 +1,9 @@
 """The CPU weight-streaming matmul (runtime/weight_matmul.cc) against numpy, and its fallback."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +117,40 @@ def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_kernels._load.cache_clear()
+
+
+def test_the_portable_loops_build_and_match_numpy(tmp_path):
+    # On an AVX-512 machine the suite runs the register-tiled kernels; the portable loops
+    # (every other CPU) are built here in a child process by a compiler wrapper that asks
+    # for AVX2 at most, into a cache of their own, and checked against numpy.
+    if cpu_kernels._compiler() is None:
+        assert not cpu_kernels.available()
+        return
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "# the machine's compiler with -march=native replaced by x86-64-v3 (AVX2)\n"
+        'for a in "$@"; do shift; [ "$a" = -march=native ] && a=-march=x86-64-v3; set -- "$@" "$a"; done\n'
+        f'exec {cpu_kernels._compiler()} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    script = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxgen.runtime import cpu_kernels
+rng = np.random.default_rng(0)
+x = rng.normal(size=(3, 200)).astype(np.float32)
+w = rng.integers(-127, 128, size=(200, 70)).astype(np.int8)
+matmul = jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))
+for layout, stored in (("kn", w), ("nk", np.ascontiguousarray(w.T))):
+    got = np.asarray(matmul(x, jnp.asarray(stored), None, layout))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
+import ctypes, glob, os
+(built,) = glob.glob(os.path.join(os.environ["JAXGEN_CACHE_DIR"], "kernels", "*.so"))
+print("tiled" if ctypes.CDLL(built).JaxgenTiledKernels() else "portable")
+"""
+    env = {**os.environ, "CXX": str(wrapper), "JAXGEN_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "portable"

@@ -498,3 +498,12 @@ JAXGEN_MATMUL(JaxgenMatmulKnS8, ffi::S8, true)
 JAXGEN_MATMUL(JaxgenMatmulNkS8, ffi::S8, false)
 JAXGEN_MATMUL(JaxgenMatmulKnBF16, ffi::BF16, true)
 JAXGEN_MATMUL(JaxgenMatmulNkBF16, ffi::BF16, false)
+
+// Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0).
+extern "C" int JaxgenTiledKernels() {
+#ifdef JAXGEN_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
