@@ -139,7 +139,7 @@ void NkRows(const float* x, const W* w, const float* scale, float* y, int64_t m,
 // every one of them on every step (one core, 5 activation rows: 3.6 -> 5.5 GB/s of int8).
 #define JAXGEN_UNROLL _Pragma("GCC unroll 16")
 
-constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activation rows: KnRowsPartial
+constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activation rows: split by rows
 constexpr int64_t kRowBlock = 16;        // [K, N] tiles: weight rows per sweep of the columns
 constexpr int64_t kPrefetchBytes = 32768;  // how far ahead in the weight stream to fetch
 
@@ -338,43 +338,28 @@ void RowGroups(int64_t m, Tile&& tile) {
   }
 }
 
+// y[:, n0:n1] (+)= x[:, r0:r1] @ w[r0:r1, n0:n1] for [K, N] weights, times `scale` (or
+// nullptr) once the last row is in: blocks of kRowBlock weight rows, each swept across the
+// columns before the next, so that KnTile's prefetch runs a block ahead (a tile down all K
+// rows instead: 8 GB/s here; blocks of 4, 8, 32 or 64 rows measured slower than 16).
+// Tasks split the columns (r0..r1 = all of K) or, for a few activation rows, the rows
+// (n0..n1 = all of N, into partial sums): each task then reads one contiguous stream,
+// measured on one core at 124M shapes at 21 GB/s of int8 for 768 x 2304 and 768 x 3072,
+// against 13-14 split by columns.
 template <typename W>
-void KnColumnsTiled(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
-                    int64_t n0, int64_t n1) {
-  // Blocks of kRowBlock weight rows, each swept across all the task's columns before the
-  // next, so that KnTile's prefetch runs a block ahead (a tile down all K rows instead:
-  // 8 GB/s here; blocks of 4, 8, 32 or 64 rows measured slower than 16).
-  for (int64_t k0 = 0; k0 < k; k0 += kRowBlock) {
-    const int64_t k1 = std::min(k, k0 + kRowBlock);
+void KnRange(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n, int64_t r0,
+             int64_t r1, int64_t n0, int64_t n1) {
+  for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
+    const int64_t k1 = std::min(r1, k0 + kRowBlock);
+    const float* s = k1 == r1 ? scale : nullptr;
     if (m == 1) {  // 8 vectors of columns: enough independent sums to hide the multiply-add latency
       for (int64_t j = n0; j < n1; j += 128)
-        KnTile<W, 8, 1>(x, w, k1 == k ? scale : nullptr, y, k, n, 0, j, std::min<int64_t>(128, n1 - j), k0, k1, k0 == 0);
+        KnTile<W, 8, 1>(x, w, s, y, k, n, 0, j, std::min<int64_t>(128, n1 - j), k0, k1, k0 == r0);
       continue;
     }
     for (int64_t j = n0; j < n1; j += 64)
       RowGroups<6>(m, [&]<int MB>(int64_t i0) {
-        KnTile<W, 4, MB>(x, w, k1 == k ? scale : nullptr, y, k, n, i0, j, std::min<int64_t>(64, n1 - j), k0, k1, k0 == 0);
-      });
-  }
-}
-
-// partial [M, N] = x[:, r0:r1] @ w[r0:r1, :]: for a few activation rows the weight rows are
-// split between tasks instead of the columns, so that each task reads one contiguous
-// stream (kRowBlock rows per sweep of all the columns). Measured on one core at 124M
-// shapes: 21 GB/s of int8 for 768 x 2304 and 768 x 3072, vs 13-14 split by columns.
-template <typename W>
-void KnRowsPartial(const float* x, const W* w, float* partial, int64_t m, int64_t k, int64_t n, int64_t r0,
-                   int64_t r1) {
-  for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
-    const int64_t k1 = std::min(r1, k0 + kRowBlock);
-    if (m == 1) {
-      for (int64_t j = 0; j < n; j += 128)
-        KnTile<W, 8, 1>(x, w, nullptr, partial, k, n, 0, j, std::min<int64_t>(128, n - j), k0, k1, k0 == r0);
-      continue;
-    }
-    for (int64_t j = 0; j < n; j += 64)
-      RowGroups<6>(m, [&]<int MB>(int64_t i0) {
-        KnTile<W, 4, MB>(x, w, nullptr, partial, k, n, i0, j, std::min<int64_t>(64, n - j), k0, k1, k0 == r0);
+        KnTile<W, 4, MB>(x, w, s, y, k, n, i0, j, std::min<int64_t>(64, n1 - j), k0, k1, k0 == r0);
       });
   }
 }
@@ -439,22 +424,16 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
 #ifdef JAXGEN_AVX512
-  // [K, N]: columns in equal pieces, two per thread (512-column tasks left one of two
-  // threads idle for a third of a 768-wide projection).
+  // [K, N]: rows or columns in equal pieces, two per thread (512-column tasks left one of
+  // two threads idle for a third of a 768-wide projection).
   const int64_t pieces = 2 * (pool.num_threads() + 1);
-  const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + 15) / 16 * 16 : kRowChunk;
-#else
-  const int64_t chunk = kKn ? kColumnChunk : kRowChunk;
-#endif
-  const int64_t count = (n + chunk - 1) / chunk;
-#ifdef JAXGEN_AVX512
   if (kKn && m <= kSplitMaxRows) {  // weight rows split between tasks, partial sums added here
     const int64_t rows = (k + pieces - 1) / pieces;
     const int64_t tasks = (k + rows - 1) / rows;
     std::vector<float> partial(tasks * m * n);
     float* pp = partial.data();
     Parallel(pool, tasks, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
-      KnRowsPartial(xp, wp, pp + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows));
+      KnRange(xp, wp, nullptr, pp + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n);
     });
     for (int64_t i = 0; i < m; ++i) {
       float* out = yp + i * n;
@@ -469,7 +448,11 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
     }
     return ffi::Error::Success();
   }
+  const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + 15) / 16 * 16 : kRowChunk;
+#else
+  const int64_t chunk = kKn ? kColumnChunk : kRowChunk;
 #endif
+  const int64_t count = (n + chunk - 1) / chunk;
   const void* narrow = nullptr;
 #ifdef JAXGEN_NARROW_ROWS
   NarrowRows rows;
@@ -478,7 +461,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
 #ifdef JAXGEN_AVX512
-    if constexpr (kKn) KnColumnsTiled(xp, wp, sp, yp, m, k, n, n0, n1);
+    if constexpr (kKn) KnRange(xp, wp, sp, yp, m, k, n, 0, k, n0, n1);
     else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
 #else
     if constexpr (kKn) KnColumns(xp, wp, sp, yp, m, k, n, n0, n1);
