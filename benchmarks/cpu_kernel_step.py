@@ -1,5 +1,6 @@
 """The weight-streaming CPU kernel (jaxgen/runtime/weight_matmul.cc) alone, over one decode
-step's matmuls at GPT-2 124M: 12 layers of q/k/v, output, fc and projection weights ([K, N])
+step's matmuls at GPT-2 124M: 12 layers of q/k/v, output, fc and projection weights ([K, N],
+in the kernel's tiles where it reads them, as decoding stores them)
 and the tied 50257 x 768 head ([N, K]), every array distinct so that they stream from memory
 as in decoding, against a max pass over the same arrays (the floor `jaxgen bench generate
 --weights` uses); for float32, which the kernel does not take, XLA's dots instead. Each is one jitted call;
@@ -33,13 +34,16 @@ def main(dtype: str, rows: list[int]) -> None:
     layer = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
     weights = [make(shape) for _ in range(12) for shape in layer] + [make((50257, 768))]
     layouts = ["kn"] * (len(weights) - 1) + ["nk"]
+    if dtype != "f32" and cpu_kernels.reads_tiles():  # the layout decoding stores them in (model/quant.py)
+        weights = [cpu_kernels.to_tiles(w) if layout == "kn" else w for w, layout in zip(weights, layouts)]
+        layouts = ["kn_tiles" if layout == "kn" else layout for layout in layouts]
     total_bytes = sum(w.nbytes for w in weights)
 
     def chain(matmul):
         def step(x, weights):
             total = 0.0
             for layout, w in zip(layouts, weights, strict=True):
-                k = w.shape[0] if layout == "kn" else w.shape[1]
+                k = w.shape[1] if layout == "nk" else w.shape[0]
                 inputs = x if k == x.shape[1] else jnp.tile(x, (1, k // x.shape[1]))
                 total = total + matmul(inputs, w, layout)[:, :8].sum()
             return total
@@ -47,7 +51,7 @@ def main(dtype: str, rows: list[int]) -> None:
         return jax.jit(step)
 
     kernel = chain(lambda x, w, layout: cpu_kernels.weight_matmul(x, w, None, layout))
-    xla = chain(lambda x, w, layout: x @ w.astype(x.dtype) if layout == "kn" else x @ w.astype(x.dtype).T)
+    xla = chain(lambda x, w, layout: x @ w.astype(x.dtype).T if layout == "nk" else x @ w.astype(x.dtype))
     floor = jax.jit(lambda weights: sum(jnp.max(w) for w in weights))
 
     def timed(f, *args):

@@ -154,3 +154,40 @@ print("tiled" if ctypes.CDLL(built).JaxgenTiledKernels() else "portable")
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "portable"
+
+
+def test_tiles_are_16_by_128_blocks_in_row_major_order():
+    w = np.arange(32 * 256, dtype=np.int32).reshape(32, 256)
+    tiles = np.asarray(cpu_kernels.to_tiles(jnp.asarray(w))).reshape(-1)
+    # First tile: rows 0-15, columns 0-127, row by row; then the tile to its right.
+    np.testing.assert_array_equal(tiles[:128], w[0, :128])
+    np.testing.assert_array_equal(tiles[128:256], w[1, :128])
+    np.testing.assert_array_equal(tiles[16 * 128 : 16 * 128 + 128], w[0, 128:])
+    np.testing.assert_array_equal(tiles[2 * 16 * 128 : 2 * 16 * 128 + 128], w[16, :128])
+    np.testing.assert_array_equal(cpu_kernels.from_tiles(cpu_kernels.to_tiles(jnp.asarray(w))), w)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("m", [1, 5, 11])
+@pytest.mark.parametrize("k, n", [(768, 384), (48, 256)])
+def test_tiled_weights_give_the_plain_layouts_result(dtype, m, k, n):
+    # The same sums in the same order, only read from elsewhere: equal to the last bit.
+    # 768 x 384 int8 (295 KB) brings in the pool's helpers; K = 48 splits into a 32-row and
+    # a 16-row task; m = 11 splits by columns (whole 128-column tiles per task).
+    assert cpu_kernels.reads_tiles() or cpu_kernels._compiler() is None  # the suite's CPUs have AVX-512
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
+    w = jnp.asarray(w if dtype == "int8" else rng.normal(size=(k, n)).astype(ml_dtypes.bfloat16))
+    scale = rng.uniform(0.5, 2.0, size=(n,)).astype(np.float32)
+    matmul = jax.jit(cpu_kernels.weight_matmul, static_argnums=3)
+    plain = np.asarray(matmul(x, w, scale, "kn"))
+    np.testing.assert_array_equal(np.asarray(matmul(x, cpu_kernels.to_tiles(w), scale, "kn_tiles")), plain)
+    expected = (x.astype(np.float64) @ np.asarray(w, np.float64)) * scale
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+
+
+def test_tiles_of_a_shape_without_whole_tiles_are_refused():
+    w = jnp.zeros((48, 200), jnp.int8)
+    with pytest.raises(Exception, match="tiles need K % 16 == 0 and N % 128 == 0"):
+        jax.block_until_ready(cpu_kernels.weight_matmul(jnp.ones((1, 48)), w, None, "kn_tiles"))

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.config.loading import load_config
 from jaxgen.decode import loop
 from jaxgen.errors import JaxgenError
 from jaxgen.model import quant
@@ -108,3 +109,49 @@ def test_cpu_kernel_path_equals_xla_path(family, weights, monkeypatch):
         rounding = 0.5 * np.abs(hidden).max(-1, keepdims=True) / 32767 * head  # [B, T, V]
     fast, slow = np.asarray(fast, np.float64), np.asarray(slow, np.float64)
     assert np.all(np.abs(fast - slow) <= 1e-5 + 1e-5 * np.abs(slow) + rounding)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def wide(request):
+    # Width 128: whole 16 x 128 tiles for the CPU kernel (llama's 2 x 32 key/value
+    # projections are not, and stay plain beside tiled ones).
+    preset = "tiny" if request.param == "gpt2" else "tiny-llama"
+    cfg = load_config(None, [f"model.preset={preset}", "model.dtype=float32", "model.d_model=128",
+                             "model.mlp_dim=512"]).model  # fmt: skip
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(5))
+    return cfg, unstack_layers(params, cfg)
+
+
+@pytest.mark.parametrize("weights", ["int8-head", "bfloat16"])
+def test_tiled_kernels_change_the_layout_not_the_logits(wide, weights, monkeypatch):
+    from jaxgen.runtime import cpu_kernels
+
+    cfg, params = wide
+    tiled = quant.serving_weights(params, weights)
+    monkeypatch.setattr(cpu_kernels, "reads_tiles", lambda: False)
+    plain = quant.serving_weights(params, weights)
+    monkeypatch.undo()
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tiled)]
+    assert cpu_kernels.reads_tiles() or cpu_kernels._compiler() is None  # the suite's CPUs have AVX-512
+    assert sum("kernel_tiles" in name for name in names) == (12 if cfg.family == "gpt2" else 10)
+    for tokens in (jax.random.randint(jax.random.key(6), (2, 12), 0, cfg.vocab_size), jnp.array([[7]])):
+        # 24 activation rows (split by columns in the kernel) and 1 (split by rows).
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        want = apply_unstacked(cfg, plain, tokens, positions)[0]
+        np.testing.assert_array_equal(apply_unstacked(cfg, tiled, tokens, positions)[0], want)
+    jax.tree.map(np.testing.assert_array_equal, quant.plain_layout(tiled), plain)
+    # A second conversion starts from the plain layout.
+    jax.tree.map(
+        np.testing.assert_array_equal, quant.serving_weights(tiled, "float32"), quant.plain_layout(tiled)
+    )
+
+
+def test_tiled_kernel_with_activations_the_cpu_kernel_does_not_take():
+    from jaxgen.model.layers import weight_einsum
+    from jaxgen.runtime import cpu_kernels
+
+    kernel = jax.random.normal(jax.random.key(7), (128, 256)).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(8), (2, 3, 128)).astype(jnp.bfloat16)  # not float32: XLA's dot
+    tiles = cpu_kernels.to_tiles(kernel)
+    got = weight_einsum("BTD,DF->BTF", x, tiles, None, tiles=True)
+    np.testing.assert_array_equal(got, weight_einsum("BTD,DF->BTF", x, kernel, None))

@@ -104,7 +104,7 @@ class LanguageModel:
             raise JaxgenError(
                 "params: loaded with int8 weights for decoding; load without weights= to export"
             )
-        return stack_layers(self.serving_params)
+        return stack_layers(quant.plain_layout(self.serving_params))
 
     # ------------------------------------------------------------------ scoring
 

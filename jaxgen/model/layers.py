@@ -66,22 +66,30 @@ def kernel_einsum(eq: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y if perm == tuple(range(len(perm))) else jnp.transpose(y, perm)
 
 
-def weight_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array:
+def weight_einsum(
+    eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None, tiles: bool = False
+) -> jax.Array:
     """`kernel_einsum(eq, x, kernel)` times `scale` (an int8 kernel's per-output scale, or
-    None), in x's dtype, for a kernel stored in any format (model/quant.py).
+    None), in x's dtype, for a kernel stored in any format (model/quant.py); `tiles`: the
+    kernel holds its [K, N] view in the CPU kernel's tiles (`kernel_tiles`, model/quant.py).
 
     On a CPU, int8 and bfloat16 kernels with float32 activations go through the
     weight-streaming kernel (runtime/cpu_kernels.py), where XLA's dot would convert them
     slower than it reads float32; everything else is XLA's dot on the widened kernel.
     """
-    y = _streamed_einsum(eq, x, kernel, scale)
+    y = _streamed_einsum(eq, x, kernel, scale, tiles)
     if y is None:
+        if tiles:  # not streamed after all (activations not float32): back to plain, each call
+            k = math.prod(kernel.shape[: adapter_input_dims(eq)])
+            kernel = cpu_kernels.from_tiles(kernel.reshape(k, -1)).reshape(kernel.shape)
         y = kernel_einsum(eq, x, kernel.astype(x.dtype))
         y = y if scale is None else y * scale.astype(x.dtype)
     return y
 
 
-def _streamed_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array | None:
+def _streamed_einsum(
+    eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None, tiles: bool = False
+) -> jax.Array | None:
     """`weight_einsum` through the CPU kernel, or None where it does not apply (other
     dtypes or backend, no compiler, a layout whose output is not the input's free dims
     followed by the kernel's).
@@ -101,7 +109,7 @@ def _streamed_einsum(eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array 
             n_in = adapter_input_dims(eq)
         except ValueError:
             return None
-        layout = "kn"
+        layout = "kn_tiles" if tiles else "kn"
         if out != lhs[: len(lhs) - n_in] + rhs[n_in:]:
             return None
     lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
@@ -171,12 +179,17 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.normal(INIT_STD * self.init_scale)
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(init, self.names), tuple(self.shape), self.param_dtype
-        )
+        # Narrow weights for decoding on a CPU may come in the kernel's tiles (model/quant.py).
+        tiles = self.has_variable("params", "kernel_tiles")
+        if tiles:
+            kernel = self.get_variable("params", "kernel_tiles")
+        else:
+            kernel = self.param(
+                "kernel", nn.with_logical_partitioning(init, self.names), tuple(self.shape), self.param_dtype
+            )
         # int8 weights for decoding (model/quant.py): a scale per output channel.
         scale = self.get_variable("params", "scale") if kernel.dtype == jnp.int8 else None
-        y = weight_einsum(self.eq, x.astype(self.dtype), kernel, scale)
+        y = weight_einsum(self.eq, x.astype(self.dtype), kernel, scale, tiles)
         if self.bias_dims:
             bias_shape = tuple(self.shape[-self.bias_dims :])
             bias_names = self.names[-self.bias_dims :]

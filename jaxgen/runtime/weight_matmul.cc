@@ -1,7 +1,8 @@
 // Weight-streaming matmul for CPUs: y [M, N] = x [M, K] (float32) @ w * scale [N], with w
 // stored as int8 or bfloat16, [K, N] ("kn": contracts the weight's leading dim, as every
 // projection kernel does) or [N, K] ("nk": its trailing dim, as a tied embedding used as
-// the output head does). Registered with XLA as FFI custom calls by
+// the output head does), or [K, N] in 16 x 128 tiles ("kn_tiles", below). Registered
+// with XLA as FFI custom calls by
 // jaxgen/runtime/cpu_kernels.py, which compiles this file on first use.
 //
 // Why: batch-1 decoding reads every weight once per token, so int8 / bfloat16 weights
@@ -57,6 +58,14 @@ inline void Widen(const W* w, float* out, int64_t count) {
 constexpr int64_t kColumnChunk = 512;  // [K, N] kernels: output columns per task
 constexpr int64_t kRowChunk = 64;      // [N, K] kernels: output columns (weight rows) per task
 constexpr int64_t kMaxK = 16384;       // [N, K] kernels: longest weight row held as float32
+// The "kn_tiles" layout of a [K, N] weight (K % kTileRows == 0, N % kTileCols == 0; built
+// at load time by jaxgen/model/quant.py): the same elements, ordered as kTileRows x
+// kTileCols tiles, each row-major, the tiles row-major. A block of 16 rows swept across the
+// columns is then one contiguous stream. In the plain layout a 768-wide weight read at
+// 9-10 GB/s on one core (16 row pieces 768 bytes apart), tiled at 17-18
+// (benchmarks/RESULTS.md). The AVX-512 kernels read it; the portable loops do not.
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileCols = 128;
 
 // y[:, n0:n1] = x [M, K] @ w[K, N][:, n0:n1] * scale[n0:n1]: one pass over the weights.
 // Four weight rows per sweep of the sums: each load and store of a sum then serves four
@@ -140,8 +149,15 @@ void NkRows(const float* x, const W* w, const float* scale, float* y, int64_t m,
 #define JAXGEN_UNROLL _Pragma("GCC unroll 16")
 
 constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activation rows: split by rows
-constexpr int64_t kRowBlock = 16;        // [K, N] tiles: weight rows per sweep of the columns
+constexpr int64_t kRowBlock = kTileRows;  // [K, N] tiles: weight rows per sweep of the columns
 constexpr int64_t kPrefetchBytes = 32768;  // how far ahead in the weight stream to fetch
+// Where the weights of rows k0.. at column j start, and how far apart their rows are: in
+// the plain layout w[k0, j] and n; in tiles the [16, 128] tile holding (k0, j), rows
+// kTileCols apart (k0 a multiple of kRowBlock).
+template <typename W>
+inline const W* TileAt(const W* w, int64_t n, int64_t k0, int64_t j, bool tiles) {
+  return tiles ? w + k0 * n + (j / kTileCols) * kTileCols * kRowBlock + j % kTileCols : w + k0 * n + j;
+}
 
 inline __mmask16 Lanes(int64_t count) {  // the first min(count, 16) lanes
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count, 0)) - 1);
@@ -154,25 +170,22 @@ inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
-// Rows k0..k1 of y[i0:i0+MB, j0:j0+cols] (+)= x [M, K] @ w [K, N], cols <= 16C: one weight
+// Rows k0..k1 of y[i0:i0+MB, j0:j0+cols] (+)= x [M, K] @ w [K, N], cols <= 16C, the
+// weights of row k0 from `tile` on and each next row `stride` further (TileAt): one weight
 // row's C vectors are widened once and multiplied into the MB x C sums held in registers.
 // `start` begins the sums at 0, else they add to y; a `scale` (or nullptr) multiplies them.
+// `ahead`: how far down the weights (in elements) to prefetch.
 template <typename W, int C, int MB>
-void KnTile(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0, int64_t j0,
-            int64_t cols, int64_t k0, int64_t k1, bool start) {
+void KnTile(const float* x, const W* tile, int64_t stride, int64_t ahead, const float* scale, float* y, int64_t k,
+            int64_t n, int64_t i0, int64_t j0, int64_t cols, int64_t k0, int64_t k1, bool start) {
   __mmask16 mask[C];
   JAXGEN_UNROLL for (int c = 0; c < C; ++c) mask[c] = Lanes(cols - 16 * c);
   __m512 acc[MB][C];
   JAXGEN_UNROLL for (int i = 0; i < MB; ++i)
     JAXGEN_UNROLL for (int c = 0; c < C; ++c)
       acc[i][c] = start ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], y + (i0 + i) * n + j0 + 16 * c);
-  // The same columns ~kPrefetchBytes further down the weights (at least a block of rows
-  // ahead) are fetched now: the hardware does not follow a tile's n-byte strides (one
-  // core, 768-row int8 matrices: 8-9 -> 14-21 GB/s, measured).
-  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(W));
-  const int64_t ahead = std::max<int64_t>(kRowBlock, (kPrefetchBytes + row_bytes - 1) / row_bytes) * n;
   for (int64_t kk = k0; kk < k1; ++kk) {
-    const W* row = w + kk * n + j0;
+    const W* row = tile + (kk - k0) * stride;
     JAXGEN_UNROLL for (int line = 0; line < C * 16 * static_cast<int>(sizeof(W)); line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(row + ahead) + line, _MM_HINT_T0);
     __m512 wide[C];
@@ -346,20 +359,31 @@ void RowGroups(int64_t m, Tile&& tile) {
 // (n0..n1 = all of N, into partial sums): each task then reads one contiguous stream,
 // measured on one core at 124M shapes at 21 GB/s of int8 for 768 x 2304 and 768 x 3072,
 // against 13-14 split by columns.
+// With `tiles` (the "kn_tiles" layout) r0 and n0 are multiples of kRowBlock and kTileCols.
 template <typename W>
-void KnRange(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n, int64_t r0,
-             int64_t r1, int64_t n0, int64_t n1) {
+void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
+             int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+  // The same columns ~kPrefetchBytes further down the weights, in whole blocks of rows, are
+  // fetched as each row is read: the hardware does not follow a tile's n-byte strides (one
+  // core, 768-row int8 matrices: 8-9 -> 14-21 GB/s, measured). Whole blocks ahead is the
+  // same element offset in both layouts.
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(W));
+  const int64_t blocks = (kPrefetchBytes + kRowBlock * row_bytes - 1) / (kRowBlock * row_bytes);
+  const int64_t ahead = blocks * kRowBlock * n;
+  const int64_t stride = tiles ? kTileCols : n;
   for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
     const int64_t k1 = std::min(r1, k0 + kRowBlock);
     const float* s = k1 == r1 ? scale : nullptr;
     if (m == 1) {  // 8 vectors of columns: enough independent sums to hide the multiply-add latency
       for (int64_t j = n0; j < n1; j += 128)
-        KnTile<W, 8, 1>(x, w, s, y, k, n, 0, j, std::min<int64_t>(128, n1 - j), k0, k1, k0 == r0);
+        KnTile<W, 8, 1>(x, TileAt(w, n, k0, j, tiles), stride, ahead, s, y, k, n, 0, j, std::min<int64_t>(128, n1 - j),
+                        k0, k1, k0 == r0);
       continue;
     }
     for (int64_t j = n0; j < n1; j += 64)
       RowGroups<6>(m, [&]<int MB>(int64_t i0) {
-        KnTile<W, 4, MB>(x, w, s, y, k, n, i0, j, std::min<int64_t>(64, n1 - j), k0, k1, k0 == r0);
+        KnTile<W, 4, MB>(x, TileAt(w, n, k0, j, tiles), stride, ahead, s, y, k, n, i0, j,
+                         std::min<int64_t>(64, n1 - j), k0, k1, k0 == r0);
       });
   }
 }
@@ -400,40 +424,49 @@ struct Tasks {
 
 // Runs tasks 0..count-1 on this thread and the pool's: helpers take tasks from a shared
 // counter, and this thread runs whatever is left, so it never waits on a task nobody runs.
+// The calling thread runs tasks too, so num_threads - 1 helpers make num_threads threads
+// in all; one more put three threads on two cores here, and a decode step took 7.9-8.0 ms instead of
+// 7.1-7.5 (GPT-2 124M int8-head, benchmarks/RESULTS.md).
 void Parallel(ffi::ThreadPool pool, int64_t count, int64_t bytes, std::function<void(int64_t)> run) {
   auto tasks = std::make_shared<Tasks>();
   tasks->count = count;
   tasks->run = std::move(run);
-  const int64_t helpers = bytes < (256 << 10) ? 0 : std::min<int64_t>(pool.num_threads(), count - 1);
+  const int64_t helpers = bytes < (256 << 10) ? 0 : std::min<int64_t>(pool.num_threads() - 1, count - 1);
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([tasks] { tasks->Drain(); });
   tasks->Drain();
   while (tasks->finished.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
-template <ffi::DataType T, bool kKn>
+enum class Layout { kKn, kNk, kKnTiles };
+
+template <ffi::DataType T, Layout L>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ffi::F32> scale,
                   ffi::ResultBuffer<ffi::F32> y) {
   using W = std::conditional_t<T == ffi::S8, int8_t, uint16_t>;
+  constexpr bool kKn = L != Layout::kNk, kTiles = L == Layout::kKnTiles;
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("weight_matmul: 2-d operands only");
   const int64_t m = xd[0], k = xd[1], n = kKn ? wd[1] : wd[0];
   if ((kKn ? wd[0] : wd[1]) != k) return ffi::Error::InvalidArgument("weight_matmul: contracted sizes differ");
   if (!kKn && k > kMaxK) return ffi::Error::InvalidArgument("weight_matmul: rows longer than 16384");
+  if (kTiles && (k % kTileRows != 0 || n % kTileCols != 0))
+    return ffi::Error::InvalidArgument("weight_matmul: tiles need K % 16 == 0 and N % 128 == 0");
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
 #ifdef JAXGEN_AVX512
-  // [K, N]: rows or columns in equal pieces, two per thread (512-column tasks left one of
-  // two threads idle for a third of a 768-wide projection).
-  const int64_t pieces = 2 * (pool.num_threads() + 1);
+  // [K, N]: rows or columns in equal pieces, one per thread: each thread then reads one
+  // stream (512-column tasks left one of two threads idle for a third of a 768-wide
+  // projection; two pieces per thread measured slower).
+  const int64_t pieces = std::max<int64_t>(pool.num_threads(), 1);
   if (kKn && m <= kSplitMaxRows) {  // weight rows split between tasks, partial sums added here
-    const int64_t rows = (k + pieces - 1) / pieces;
+    const int64_t rows = ((k + pieces - 1) / pieces + kRowBlock - 1) / kRowBlock * kRowBlock;
     const int64_t tasks = (k + rows - 1) / rows;
     std::vector<float> partial(tasks * m * n);
     float* pp = partial.data();
     Parallel(pool, tasks, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
-      KnRange(xp, wp, nullptr, pp + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n);
+      KnRange(xp, wp, kTiles, nullptr, pp + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n);
     });
     for (int64_t i = 0; i < m; ++i) {
       float* out = yp + i * n;
@@ -448,8 +481,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
     }
     return ffi::Error::Success();
   }
-  const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + 15) / 16 * 16 : kRowChunk;
+  const int64_t align = kTiles ? kTileCols : 16;
+  const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + align - 1) / align * align : kRowChunk;
 #else
+  if (kTiles) return ffi::Error::InvalidArgument("weight_matmul: tiles need the AVX-512 build");
   const int64_t chunk = kKn ? kColumnChunk : kRowChunk;
 #endif
   const int64_t count = (n + chunk - 1) / chunk;
@@ -461,7 +496,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
 #ifdef JAXGEN_AVX512
-    if constexpr (kKn) KnRange(xp, wp, sp, yp, m, k, n, 0, k, n0, n1);
+    if constexpr (kKn) KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
     else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
 #else
     if constexpr (kKn) KnColumns(xp, wp, sp, yp, m, k, n, n0, n1);
@@ -473,8 +508,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
 
 }  // namespace
 
-#define JAXGEN_MATMUL(name, dtype, kn)                                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (Matmul<dtype, kn>),              \
+#define JAXGEN_MATMUL(name, dtype, layout)                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (Matmul<dtype, layout>),          \
                                 ffi::Ffi::Bind()                        \
                                     .Ctx<ffi::ThreadPool>()             \
                                     .Arg<ffi::Buffer<ffi::F32>>()       \
@@ -482,10 +517,12 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
                                     .Arg<ffi::Buffer<ffi::F32>>()       \
                                     .Ret<ffi::Buffer<ffi::F32>>());
 
-JAXGEN_MATMUL(JaxgenMatmulKnS8, ffi::S8, true)
-JAXGEN_MATMUL(JaxgenMatmulNkS8, ffi::S8, false)
-JAXGEN_MATMUL(JaxgenMatmulKnBF16, ffi::BF16, true)
-JAXGEN_MATMUL(JaxgenMatmulNkBF16, ffi::BF16, false)
+JAXGEN_MATMUL(JaxgenMatmulKnS8, ffi::S8, Layout::kKn)
+JAXGEN_MATMUL(JaxgenMatmulNkS8, ffi::S8, Layout::kNk)
+JAXGEN_MATMUL(JaxgenMatmulKnTilesS8, ffi::S8, Layout::kKnTiles)
+JAXGEN_MATMUL(JaxgenMatmulKnBF16, ffi::BF16, Layout::kKn)
+JAXGEN_MATMUL(JaxgenMatmulNkBF16, ffi::BF16, Layout::kNk)
+JAXGEN_MATMUL(JaxgenMatmulKnTilesBF16, ffi::BF16, Layout::kKnTiles)
 
 // Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0).
 extern "C" int JaxgenTiledKernels() {
