@@ -35,7 +35,10 @@ def main(dtype: str, rows: list[int]) -> None:
     weights = [make(shape) for _ in range(12) for shape in layer] + [make((50257, 768))]
     layouts = ["kn"] * (len(weights) - 1) + ["nk"]
     if dtype != "f32" and cpu_kernels.reads_tiles():  # the layout decoding stores them in (model/quant.py)
-        weights = [cpu_kernels.to_tiles(w) if layout == "kn" else w for w, layout in zip(weights, layouts)]
+        weights = [
+            cpu_kernels.to_tiles(w) if layout == "kn" else w
+            for w, layout in zip(weights, layouts, strict=True)
+        ]
         layouts = ["kn_tiles" if layout == "kn" else layout for layout in layouts]
     total_bytes = sum(w.nbytes for w in weights)
 

@@ -155,3 +155,18 @@ def test_tiled_kernel_with_activations_the_cpu_kernel_does_not_take():
     tiles = cpu_kernels.to_tiles(kernel)
     got = weight_einsum("BTD,DF->BTF", x, tiles, None, tiles=True)
     np.testing.assert_array_equal(got, weight_einsum("BTD,DF->BTF", x, kernel, None))
+
+
+def test_no_tiles_for_a_model_computing_in_bfloat16(wide):
+    from jaxgen.runtime import cpu_kernels
+
+    # The kernel takes float32 activations; tiles for a bfloat16 model would be reordered
+    # back by XLA on every call.
+    cfg, params = wide
+    names = jax.tree_util.tree_leaves_with_path(quant.serving_weights(params, "bfloat16", tiles=False))
+    assert not any("kernel_tiles" in jax.tree_util.keystr(path) for path, _ in names)
+    names = jax.tree_util.tree_leaves_with_path(quant.serving_weights(params, "bfloat16"))
+    assert (
+        any("kernel_tiles" in jax.tree_util.keystr(path) for path, _ in names)
+        or not cpu_kernels.reads_tiles()
+    )

@@ -112,10 +112,13 @@ def plain_layout(params):
     return _map_projections(params, _plain, key="kernel_tiles")
 
 
-def serving_weights(params, weights: str):
+def serving_weights(params, weights: str, tiles: bool = True):
     """The serving tree `params` with its weights stored as `weights` (see the module doc).
 
-    Runs under jit when called from one (shardings follow the inputs).
+    `tiles`: narrow block kernels in the CPU kernel's tiles where it reads them; pass False
+    when the model computes in another dtype than float32 (the kernel takes float32
+    activations; XLA's dot would reorder tiles back on every call). Runs under jit when
+    called from one (shardings follow the inputs).
     """
     if weights not in WEIGHTS:
         raise JaxgenError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
@@ -129,7 +132,7 @@ def serving_weights(params, weights: str):
     else:
         out = {**params, "layers": _map_projections(params["layers"], _quantized, path=("layers",))}
         out = _quantize_head(out) if weights == "int8-head" else out
-    if not cpu_kernels.reads_tiles():
+    if not (tiles and cpu_kernels.reads_tiles()):
         return out
     return {**out, "layers": _map_projections(out["layers"], _tiled)}
 
