@@ -19,7 +19,6 @@ from jaxgen.config import Config, GenerateConfig
 from jaxgen.decode import beam, loop, request, sampling
 from jaxgen.errors import JaxgenError
 from jaxgen.model import quant
-from jaxgen.model.layers import compute_dtype
 from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
 
@@ -175,9 +174,9 @@ def run(
         yield common | _decode_line(config, serving, batches[0], prompt_len, new_tokens, strategy)
     if num_beams > 1:
         yield common | _beam_line(config, serving, batches[0], prompt_len, new_tokens, num_beams)
+    convert = jax.jit(quant.serving_weights, static_argnums=(1, 2))
     for r, name in enumerate(list(weights) + list(reversed(weights))):  # each twice, order alternating
-        tiles = compute_dtype(cfg) == jnp.float32  # the CPU kernel's tiles take float32 activations
-        converted = jax.jit(quant.serving_weights, static_argnums=(1, 2))(serving, name, tiles)
+        converted = convert(serving, name, quant.tiles_for(cfg))
         line = _decode_line(config, converted, batches[0], prompt_len, new_tokens, sampling.Greedy())
         _, floor_s = _timed(_weight_pass, converted)
         floor_ms = 1e3 * floor_s

@@ -27,7 +27,6 @@ from jaxgen.decode import loop, refill, request, sampling, speculative
 from jaxgen.decode.request import Prompt
 from jaxgen.errors import JaxgenError
 from jaxgen.model import quant
-from jaxgen.model.layers import compute_dtype
 from jaxgen.model.serving import ServingTransformer, stack_layers, unstack_layers
 from jaxgen.runtime.mesh import make_mesh, mesh_context
 from jaxgen.tokenizer.text import continuation, cut_at_stop, stop_prefix
@@ -84,7 +83,9 @@ class LanguageModel:
         self.weights = weights or config.generate.weights
         self.serving_params = unstack_layers(params, config.model)
         if self.weights is not None:
-            self.serving_params = _convert_weights(self.serving_params, self.weights, _float32(config))
+            self.serving_params = _convert_weights(
+                self.serving_params, self.weights, quant.tiles_for(config.model)
+            )
         self._other_weights: dict[str, object] = {}
 
     def params_for(self, weights: str | None):
@@ -93,9 +94,8 @@ class LanguageModel:
         if weights is None or weights == (self.weights or "float32"):
             return self.serving_params
         if weights not in self._other_weights:
-            self._other_weights[weights] = _convert_weights(
-                self.serving_params, weights, _float32(self.config)
-            )
+            tiles = quant.tiles_for(self.config.model)
+            self._other_weights[weights] = _convert_weights(self.serving_params, weights, tiles)
         return self._other_weights[weights]
 
     @property
@@ -377,11 +377,6 @@ def _check_control(control: dict[str, str], known: dict[str, list[str]] | None) 
 
 
 _convert_weights = jax.jit(quant.serving_weights, static_argnums=(1, 2))
-
-
-def _float32(config: Config) -> bool:
-    """Whether the model computes in float32: the CPU kernel's tiles are for that (model/quant.py)."""
-    return compute_dtype(config.model) == jnp.float32
 
 
 def _check_same_tokenizer(ours, theirs, path) -> None:

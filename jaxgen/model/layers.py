@@ -80,8 +80,7 @@ def weight_einsum(
     y = _streamed_einsum(eq, x, kernel, scale, tiles)
     if y is None:
         if tiles:  # not streamed after all (activations not float32): back to plain, each call
-            k = math.prod(kernel.shape[: adapter_input_dims(eq)])
-            kernel = cpu_kernels.from_tiles(kernel.reshape(k, -1)).reshape(kernel.shape)
+            kernel = cpu_kernels.from_tiles(kernel, math.prod(kernel.shape[: adapter_input_dims(eq)]))
         y = kernel_einsum(eq, x, kernel.astype(x.dtype))
         y = y if scale is None else y * scale.astype(x.dtype)
     return y

@@ -38,7 +38,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxgen.config import ModelConfig
 from jaxgen.errors import JaxgenError
+from jaxgen.model.layers import compute_dtype
 from jaxgen.runtime import cpu_kernels
 
 WEIGHTS = ("float32", "bfloat16", "int8", "int8-head")
@@ -81,30 +83,29 @@ def _quantized(name, module, where):
     return {**module, "kernel": q, "scale": scale}
 
 
-def _kn_shape(name, kernel) -> tuple[int, int]:
-    """The [K, N] view of a block projection's kernel (see INPUT_DIMS)."""
-    n_in = INPUT_DIMS[name]
-    return math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
+def _rows(name, kernel) -> int:
+    """K of a block projection kernel's [K, N] view: the size of its input dims (INPUT_DIMS)."""
+    return math.prod(kernel.shape[: INPUT_DIMS[name]])
+
+
+def _relaid(module, old: str, new: str, relayout):
+    """`module` with its kernel moved from `old` to `new`, passed through `relayout`."""
+    rest = {key: value for key, value in module.items() if key != old}
+    return {**rest, new: relayout(module[old])}
 
 
 def _tiled(name, module, where):
     kernel = module["kernel"]
     if name not in INPUT_DIMS or kernel.dtype not in (jnp.int8, jnp.bfloat16):
         return module
-    k, n = _kn_shape(name, kernel)
-    if not cpu_kernels.tileable(k, n):
+    k = _rows(name, kernel)
+    if not cpu_kernels.tileable(k, kernel.size // k):
         return module
-    rest = {key: value for key, value in module.items() if key != "kernel"}
-    return {**rest, "kernel_tiles": cpu_kernels.to_tiles(kernel.reshape(k, n)).reshape(kernel.shape)}
+    return _relaid(module, "kernel", "kernel_tiles", lambda w: cpu_kernels.to_tiles(w, k))
 
 
 def _plain(name, module, where):
-    tiles = module["kernel_tiles"]
-    rest = {key: value for key, value in module.items() if key != "kernel_tiles"}
-    return {
-        **rest,
-        "kernel": cpu_kernels.from_tiles(tiles.reshape(_kn_shape(name, tiles))).reshape(tiles.shape),
-    }
+    return _relaid(module, "kernel_tiles", "kernel", lambda w: cpu_kernels.from_tiles(w, _rows(name, w)))
 
 
 def plain_layout(params):
@@ -112,13 +113,19 @@ def plain_layout(params):
     return _map_projections(params, _plain, key="kernel_tiles")
 
 
+def tiles_for(config: ModelConfig) -> bool:
+    """`serving_weights`' `tiles` for a model computing as `config` says: the CPU kernel
+    takes float32 activations only."""
+    return compute_dtype(config) == jnp.float32
+
+
 def serving_weights(params, weights: str, tiles: bool = True):
     """The serving tree `params` with its weights stored as `weights` (see the module doc).
 
-    `tiles`: narrow block kernels in the CPU kernel's tiles where it reads them; pass False
-    when the model computes in another dtype than float32 (the kernel takes float32
-    activations; XLA's dot would reorder tiles back on every call). Runs under jit when
-    called from one (shardings follow the inputs).
+    `tiles`: narrow block kernels in the CPU kernel's tiles where it reads them; False
+    (`tiles_for`) when the model computes in another dtype than float32, where XLA's dot
+    would reorder tiles back on every call. Runs under jit when called from one
+    (shardings follow the inputs).
     """
     if weights not in WEIGHTS:
         raise JaxgenError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")

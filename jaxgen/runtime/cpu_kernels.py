@@ -149,16 +149,19 @@ def tileable(k: int, n: int) -> bool:
     return k % TILE[0] == 0 and n % TILE[1] == 0
 
 
-def to_tiles(w: jax.Array) -> jax.Array:
-    """[K, N] -> the same shape holding the "kn_tiles" order (see TILE)."""
-    (k, n), (r, c) = w.shape, TILE
-    return w.reshape(k // r, r, n // c, c).transpose(0, 2, 1, 3).reshape(k, n)
+def to_tiles(w: jax.Array, k: int | None = None) -> jax.Array:
+    """`w` read as [K, N] (K: the size of its leading input dims, default its first dim) ->
+    the same shape holding the "kn_tiles" order (see TILE)."""
+    k = w.shape[0] if k is None else k
+    (r, c), n = TILE, w.size // k
+    return w.reshape(k // r, r, n // c, c).transpose(0, 2, 1, 3).reshape(w.shape)
 
 
-def from_tiles(w: jax.Array) -> jax.Array:
+def from_tiles(w: jax.Array, k: int | None = None) -> jax.Array:
     """The inverse of `to_tiles`."""
-    (k, n), (r, c) = w.shape, TILE
-    return w.reshape(k // r, n // c, r, c).transpose(0, 2, 1, 3).reshape(k, n)
+    k = w.shape[0] if k is None else k
+    (r, c), n = TILE, w.size // k
+    return w.reshape(k // r, n // c, r, c).transpose(0, 2, 1, 3).reshape(w.shape)
 
 
 def unavailable_reason() -> str:
