@@ -94,6 +94,24 @@ def test_prefill_and_decode_with_cache_equal_stacked_apply(family):
     assert int(cache.index) == p + STEPS
 
 
+def test_logits_at_one_position_per_row_equal_the_full_logits_there(family):
+    """A prefill's head over each row's last position only (`logits_at`) gives exactly
+    those rows of the full [B, T, V] logits, stacked and unstacked."""
+    cfg, params, unstacked = family
+    batch = gen.make_batch(PROMPTS, range(len(PROMPTS)))
+    b, p = batch.prompt.shape
+    positions = np.broadcast_to(np.arange(p, dtype=np.int32), (b, p))
+    at = ((np.arange(b) * 3 + 2) % p).astype(np.int32)  # a different position per row
+    full, _ = Transformer(cfg).apply({"params": params}, batch.prompt, positions)
+    want = np.asarray(full)[np.arange(b), at][:, None]
+    got, _ = Transformer(cfg).apply({"params": params}, batch.prompt, positions, logits_at=jnp.asarray(at))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    got, _ = serving.ServingTransformer(cfg).apply(
+        {"params": unstacked}, batch.prompt, positions, logits_at=jnp.asarray(at)
+    )
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_unstacking_keeps_shardings(tiny_llama_config):
     cfg = tiny_llama_config.model
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))

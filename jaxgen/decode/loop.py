@@ -117,8 +117,9 @@ def prefill(
     slots = jnp.arange(p)[None]  # [1, P]
     segment = (slots >= start).astype(jnp.int32)
     positions = jnp.maximum(slots - start, 0)  # 0 at each row's first real token
-    logits, cache = model.apply({"params": params}, prompt, positions, segment, cache=cache)
-    return logits[:, -1].astype(jnp.float32), cache
+    last = jnp.full(lengths.shape, p - 1, jnp.int32)  # left-padded: every prompt ends at P - 1
+    logits, cache = model.apply({"params": params}, prompt, positions, segment, cache=cache, logits_at=last)
+    return logits[:, 0].astype(jnp.float32), cache
 
 
 def decode_step(

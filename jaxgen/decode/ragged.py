@@ -81,9 +81,9 @@ def prefill_rows(model, params, prompt: jax.Array, lengths: jax.Array, cache: KV
     p = prompt.shape[1]
     segment = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.minimum(jnp.arange(p), model.config.max_len - 1), prompt.shape)
-    logits, cache = model.apply({"params": params}, prompt, positions, segment, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last.astype(jnp.float32), cache.replace(index=lengths.astype(jnp.int32))
+    last = (lengths - 1).astype(jnp.int32)
+    logits, cache = model.apply({"params": params}, prompt, positions, segment, cache=cache, logits_at=last)
+    return logits[:, 0].astype(jnp.float32), cache.replace(index=lengths.astype(jnp.int32))
 
 
 def start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec, cache_room: int = 0):

@@ -80,6 +80,7 @@ class ServingTransformer:
         cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Same arguments and results as `Transformer(config).apply`."""
         return apply_unstacked(
@@ -90,6 +91,7 @@ class ServingTransformer:
             segment_ids,
             cache,
             return_hidden=return_hidden,
+            logits_at=logits_at,
         )
 
 
@@ -102,6 +104,7 @@ def apply_unstacked(
     cache: KVCache | None = None,
     *,
     return_hidden: bool = False,
+    logits_at: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """`Transformer(config).apply({'params': params}, ...)` with the layers run one by one.
 
@@ -122,6 +125,6 @@ def apply_unstacked(
     for i, layer in enumerate(params["layers"]):
         # A Python int layer index: the cache write and read at [i] are static slices.
         (x, kv), _ = block.apply({"params": layer}, (x, kv), i, positions, segment_ids, kv_segment, index)
-    return model.apply(outer, x, return_hidden, method=Transformer.head), cache_outputs(
+    return model.apply(outer, x, return_hidden, logits_at, method=Transformer.head), cache_outputs(
         kv, kv_segment, index, tokens
     )

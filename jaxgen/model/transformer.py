@@ -111,13 +111,14 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
+        logits_at: jax.Array | None = None,  # [B] int32: one position per row (see `head`)
     ) -> tuple[jax.Array, KVCache | None]:
         """Returns logits [B, T, V] in the compute dtype (or final hidden states [B, T, D])."""
         x = self.embed_inputs(tokens, positions)
         kv, kv_segment, index, segment_ids = cache_inputs(cache, segment_ids, tokens)
         layer_ids = jnp.arange(self.config.num_layers)
         (x, kv), _ = self.layers((x, kv), layer_ids, positions, segment_ids, kv_segment, index)
-        return self.head(x, return_hidden), cache_outputs(kv, kv_segment, index, tokens)
+        return self.head(x, return_hidden, logits_at), cache_outputs(kv, kv_segment, index, tokens)
 
     def embed_inputs(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         """Token (+ learned position) embeddings: [B, T] ids -> [B, T, D] in the compute dtype."""
@@ -129,8 +130,17 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions).astype(x.dtype)
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def head(self, x: jax.Array, return_hidden: bool = False) -> jax.Array:
-        """The last block's output [B, T, D] -> logits [B, T, V] (or normed hidden states)."""
+    def head(
+        self, x: jax.Array, return_hidden: bool = False, logits_at: jax.Array | None = None
+    ) -> jax.Array:
+        """The last block's output [B, T, D] -> logits [B, T, V] (or normed hidden states).
+
+        `logits_at` [B] keeps one position per row first ([B, 1, V] out): a prefill needs
+        only each prompt's last logits, and the head over every position was ~20-40% of
+        a prefill's FLOPs (vocab x width per token) and a [B, P, V] buffer.
+        """
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
         return x if return_hidden else self.project(x)
 
