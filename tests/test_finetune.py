@@ -339,6 +339,20 @@ def test_bad_inputs_are_one_line_errors(base_run, tmp_path):
 # ----------------------------------------------------------------------------- attribute control
 
 
+def test_context_length_changes_only_for_rotary_positions(tiny_config, tiny_llama_config):
+    """A llama run may fine-tune at a longer context (no parameter depends on it); GPT-2's
+    position table would change shape, so the same change is one clear line."""
+    from jaxgen.train.finetune import finetuned_model
+
+    longer = lambda base: load_config(None, [f"model.preset={base}", "model.max_len=512"])  # noqa: E731
+    grown = finetuned_model(tiny_llama_config.model, longer("tiny-llama"), tiny_llama_config.model.vocab_size)
+    assert grown.max_len == 512 and grown.d_model == tiny_llama_config.model.d_model
+    with pytest.raises(
+        JaxgenError, match=r"model.max_len: 512 differs from .* would change parameter shapes"
+    ):
+        finetuned_model(tiny_config.model, longer("tiny"), tiny_config.model.vocab_size)
+
+
 def _case_rates(lm, samples: int) -> dict[str, float]:
     """Per attribute value: the share of sampled lines written in that case."""
     rates = {}

@@ -42,6 +42,9 @@ from jaxgen.train.tuning import Tuning
 FINETUNE_FILE = "finetune.json"
 # Model fields a fine-tuning run may change: they leave every parameter's shape alone.
 SHAPE_FREE = frozenset({"dropout", "remat", "dtype", "param_dtype", "attention_impl", "scan_layers"})
+# ... and for rotary positions (llama), the context length: no parameter depends on it, so a
+# run may fine-tune at a longer context than it was pretrained at (GPT-2 has a position table).
+ROTARY_SHAPE_FREE = SHAPE_FREE | {"max_len"}
 # Beside the tokenizer files that `checkpoint.copy_tokenizer` copies: HF generation defaults.
 _SIDE_FILES = ("generation_config.json",)
 
@@ -86,14 +89,15 @@ def finetuned_model(source: ModelConfig, config: Config, vocab_size: int) -> Mod
     """The source's model with the config's shape-free fields; a one-line error naming
     the first field whose change would alter parameter shapes."""
     asked = config.model
-    for key in sorted(asked.model_fields_set - SHAPE_FREE - {"preset", "vocab_size"}):
+    free = ROTARY_SHAPE_FREE if source.family == "llama" else SHAPE_FREE
+    for key in sorted(asked.model_fields_set - free - {"preset", "vocab_size"}):
         if getattr(asked, key) != getattr(source, key):
             raise JaxgenError(
                 f"model.{key}: {getattr(asked, key)!r} differs from the fine-tuned model's"
                 f" {getattr(source, key)!r} and would change parameter shapes (only"
-                f" {', '.join(sorted(SHAPE_FREE))} may be changed)"
+                f" {', '.join(sorted(free))} may be changed)"
             )
-    changes = {key: getattr(asked, key) for key in asked.model_fields_set & SHAPE_FREE}
+    changes = {key: getattr(asked, key) for key in asked.model_fields_set & free}
     return source.model_copy(update={**changes, "vocab_size": vocab_size, "preset": None})
 
 
