@@ -167,18 +167,25 @@ def test_tiles_are_16_by_128_blocks_in_row_major_order():
     np.testing.assert_array_equal(cpu_kernels.from_tiles(cpu_kernels.to_tiles(jnp.asarray(w))), w)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
-@pytest.mark.parametrize("m", [1, 5, 11])
-@pytest.mark.parametrize("k, n", [(768, 384), (48, 256)])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize(
+    "m, k, n",
+    [(1, 768, 384), (5, 768, 384), (11, 768, 384), (1, 48, 256), (5, 48, 256), (11, 48, 256),
+     (64, 48, 8192), (5, 256, 8192)],
+)  # fmt: skip
 def test_tiled_weights_give_the_plain_layouts_result(dtype, m, k, n):
     # The same sums in the same order, only read from elsewhere: equal to the last bit.
     # 768 x 384 int8 (295 KB) brings in the pool's helpers; K = 48 splits into a 32-row and
-    # a 16-row task; m = 11 splits by columns (whole 128-column tiles per task).
+    # a 16-row task; m = 11 splits by columns (whole 128-column tiles per task). The last
+    # two take the GEMM order (a task's sums over 128 KB) over several 16-row blocks, with
+    # the 2 to 8 threads of this suite's pool: split by columns, and by rows into partial sums.
     assert cpu_kernels.reads_tiles() or cpu_kernels._compiler() is None  # the suite's CPUs have AVX-512
     rng = np.random.default_rng(1)
     x = rng.normal(size=(m, k)).astype(np.float32)
     w = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
-    w = jnp.asarray(w if dtype == "int8" else rng.normal(size=(k, n)).astype(ml_dtypes.bfloat16))
+    if dtype != "int8":
+        w = rng.normal(size=(k, n)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    w = jnp.asarray(w)
     scale = rng.uniform(0.5, 2.0, size=(n,)).astype(np.float32)
     matmul = jax.jit(cpu_kernels.weight_matmul, static_argnums=3)
     plain = np.asarray(matmul(x, w, scale, "kn"))

@@ -142,8 +142,29 @@ def test_tiled_kernels_change_the_layout_not_the_logits(wide, weights, monkeypat
     jax.tree.map(np.testing.assert_array_equal, quant.plain_layout(tiled), plain)
     # A second conversion starts from the plain layout.
     jax.tree.map(
-        np.testing.assert_array_equal, quant.serving_weights(tiled, "float32"), quant.plain_layout(tiled)
+        np.testing.assert_array_equal,
+        quant.serving_weights(tiled, "float32", tiles=False),
+        quant.plain_layout(tiled),
     )
+
+
+def test_float32_weights_in_tiles_give_xlas_logits(wide):
+    """Float32 block kernels in tiles go through the CPU kernel (the serving layout); XLA's
+    dot on the plain tree sums the same products in another order, so the logits agree to
+    float32 reordering."""
+    cfg, params = wide
+    tiled = quant.serving_weights(params, "float32")
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tiled)]
+    # Only the 128 x 512 MLP kernels (256 KB) reach FLOAT32_TILES_MIN_BYTES: up and down
+    # (and gate) in each of the 2 layers; the 64 KB attention kernels stay with XLA.
+    assert sum("kernel_tiles" in name for name in names) == (4 if cfg.family == "gpt2" else 6)
+    for tokens in (jax.random.randint(jax.random.key(6), (8, 12), 0, cfg.vocab_size), jnp.array([[7]])):
+        # 96 activation rows (the kernel's GEMM order for the MLP) and 1.
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        want = apply_unstacked(cfg, params, tokens, positions)[0]
+        got = apply_unstacked(cfg, tiled, tokens, positions)[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+    jax.tree.map(np.testing.assert_array_equal, quant.plain_layout(tiled), params)
 
 
 def test_tiled_kernel_with_activations_the_cpu_kernel_does_not_take():

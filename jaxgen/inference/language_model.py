@@ -81,11 +81,12 @@ class LanguageModel:
         # per layer, jaxgen/model/serving.py) that decoding needs and scoring accepts,
         # stored as `weights` (model/quant.py; None: as given).
         self.weights = weights or config.generate.weights
+        # None keeps the weights' dtypes; "float32" does too (model/quant.py), and both put
+        # block kernels in the CPU kernel's tiles where it reads them.
         self.serving_params = unstack_layers(params, config.model)
-        if self.weights is not None:
-            self.serving_params = _convert_weights(
-                self.serving_params, self.weights, quant.tiles_for(config.model)
-            )
+        tiles = quant.tiles_for(config.model)
+        if quant.converts(self.weights, tiles):
+            self.serving_params = _convert_weights(self.serving_params, self.weights or "float32", tiles)
         self._other_weights: dict[str, object] = {}
 
     def params_for(self, weights: str | None):

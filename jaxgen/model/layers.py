@@ -75,7 +75,8 @@ def weight_einsum(
 
     On a CPU, int8 and bfloat16 kernels with float32 activations go through the
     weight-streaming kernel (runtime/cpu_kernels.py), where XLA's dot would convert them
-    slower than it reads float32; everything else is XLA's dot on the widened kernel.
+    slower than it reads float32, and so do float32 kernels in its tiles (the serving
+    layout); everything else is XLA's dot on the widened kernel.
     """
     y = _streamed_einsum(eq, x, kernel, scale, tiles)
     if y is None:
@@ -97,7 +98,8 @@ def _streamed_einsum(
     projection does ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), or (tied output head,
     "BTD,VD->BTV") its trailing dim.
     """
-    if kernel.dtype not in (jnp.int8, jnp.bfloat16) or x.dtype != jnp.float32 or not cpu_kernels.available():
+    streamed = kernel.dtype in (jnp.int8, jnp.bfloat16) or (tiles and kernel.dtype == jnp.float32)
+    if not streamed or x.dtype != jnp.float32 or not cpu_kernels.available():
         return None
     inputs, out = eq.split("->")
     lhs, rhs = inputs.split(",")

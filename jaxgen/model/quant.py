@@ -18,12 +18,15 @@ tree (jaxgen/model/serving.py) when a model is loaded; checkpoints keep their dt
 
 On a CPU the narrow formats reach the matmuls through a weight-streaming kernel
 (runtime/cpu_kernels.py); XLA's own dots convert them slower than they read float32.
-Where that kernel is the AVX-512 build, each block projection's narrow kernel is stored
-as `kernel_tiles` instead: the same shape and elements, in the kernel's 16 x 128 tiles
-(`cpu_kernels.to_tiles` of its [K, N] view), so that a block of rows is one contiguous
-stream (GPT-2 124M int8-head: a decode step at 1.1x of the bare weight pass instead of
-1.4-1.6x, benchmarks/RESULTS.md). A different name, so that nothing reads tiles as a
-plain kernel; `plain_layout` turns them back.
+Where that kernel is the AVX-512 build, each block projection's kernel (float32 too) is
+stored as `kernel_tiles` instead: the same shape and elements, in the kernel's 16 x 128
+tiles (`cpu_kernels.to_tiles` of its [K, N] view), so that a block of rows is one
+contiguous stream (GPT-2 124M int8-head: a decode step at 1.1x of the bare weight pass
+instead of 1.4-1.6x; float32 at 6 x 512 to 124M: 1.0-1.1x instead of XLA's 1.3-1.4x,
+benchmarks/RESULTS.md). Float32 goes through the kernel only in tiles, i.e. for serving:
+with many rows (prefill, scoring) it runs a GEMM's loop order and keeps up with XLA's dot.
+A different name, so that nothing reads tiles as a plain kernel; `plain_layout` turns
+them back.
 
 Plain XLA ops were chosen over qwix: qwix quantizes by intercepting Flax module calls
 at trace time, while jaxgen's serving path applies per-layer trees through
@@ -94,9 +97,17 @@ def _relaid(module, old: str, new: str, relayout):
     return {**rest, new: relayout(module[old])}
 
 
+# Float32 kernels smaller than this stay with XLA's dot: they sit in cache, where its dot
+# costs less per call than the kernel's custom call (the quickstart's 4 x 128 model, 64 KB
+# projections: 0.096-0.106 ms per decode step through the kernel, 0.077-0.093 without).
+FLOAT32_TILES_MIN_BYTES = 256 << 10
+
+
 def _tiled(name, module, where):
     kernel = module["kernel"]
-    if name not in INPUT_DIMS or kernel.dtype not in (jnp.int8, jnp.bfloat16):
+    if name not in INPUT_DIMS or kernel.dtype not in (jnp.int8, jnp.bfloat16, jnp.float32):
+        return module
+    if kernel.dtype == jnp.float32 and kernel.size * 4 < FLOAT32_TILES_MIN_BYTES:
         return module
     k = _rows(name, kernel)
     if not cpu_kernels.tileable(k, kernel.size // k):
@@ -119,10 +130,17 @@ def tiles_for(config: ModelConfig) -> bool:
     return compute_dtype(config) == jnp.float32
 
 
+def converts(weights: str | None, tiles: bool) -> bool:
+    """Whether `serving_weights(params, weights or "float32", tiles)` changes anything: a
+    format other than as loaded, or tiles the CPU kernel reads (a conversion copies every
+    array, so as-loaded weights are left alone where it would not)."""
+    return weights not in (None, "float32") or (tiles and cpu_kernels.reads_tiles())
+
+
 def serving_weights(params, weights: str, tiles: bool = True):
     """The serving tree `params` with its weights stored as `weights` (see the module doc).
 
-    `tiles`: narrow block kernels in the CPU kernel's tiles where it reads them; False
+    `tiles`: block kernels in the CPU kernel's tiles where it reads them; False
     (`tiles_for`) when the model computes in another dtype than float32, where XLA's dot
     would reorder tiles back on every call. Runs under jit when called from one
     (shardings follow the inputs).
@@ -130,9 +148,9 @@ def serving_weights(params, weights: str, tiles: bool = True):
     if weights not in WEIGHTS:
         raise JaxgenError(f"weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
     params = plain_layout(params)
-    if weights == "float32":
-        return params
-    if weights == "bfloat16":
+    if weights == "float32":  # as stored (float32 unless loaded otherwise)
+        out = params
+    elif weights == "bfloat16":
         out = jax.tree.map(
             lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
         )

@@ -34,6 +34,8 @@ _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
     ("kn", "bfloat16"): "JaxgenMatmulKnBF16",
     ("nk", "bfloat16"): "JaxgenMatmulNkBF16",
     ("kn_tiles", "bfloat16"): "JaxgenMatmulKnTilesBF16",
+    ("kn", "float32"): "JaxgenMatmulKnF32",
+    ("kn_tiles", "float32"): "JaxgenMatmulKnTilesF32",
 }
 # The "kn_tiles" layout of a [K, N] weight: its 16 x 128 tiles, each row-major, the tiles
 # row-major (weight_matmul.cc's kTileRows, kTileCols). The AVX-512 kernels then read a block
@@ -170,7 +172,8 @@ def unavailable_reason() -> str:
 
 def weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layout: str) -> jax.Array:
     """x [M, K] float32 @ w (int8 or bfloat16; [K, N] for layout "kn", the same in tiles for
-    "kn_tiles" (`to_tiles`, where `reads_tiles()`), [N, K] for "nk"), times `scale` [N]
+    "kn_tiles" (`to_tiles`, where `reads_tiles()`), [N, K] for "nk"; float32 [K, N] in
+    either of the first two), times `scale` [N]
     (None: 1), as float32 [M, N], where `available()`."""
     if not available():  # also what hands the kernels to XLA in this process
         raise RuntimeError(f"weight_matmul: {unavailable_reason()}")

@@ -1,5 +1,5 @@
 // Weight-streaming matmul for CPUs: y [M, N] = x [M, K] (float32) @ w * scale [N], with w
-// stored as int8 or bfloat16, [K, N] ("kn": contracts the weight's leading dim, as every
+// stored as int8, bfloat16 or float32 ([K, N] only), [K, N] ("kn": contracts the weight's leading dim, as every
 // projection kernel does) or [N, K] ("nk": its trailing dim, as a tied embedding used as
 // the output head does), or [K, N] in 16 x 128 tiles ("kn_tiles", below). Registered
 // with XLA as FFI custom calls by
@@ -16,9 +16,10 @@
 // head multiplies narrow activations (int16 rows for int8 weights, two bfloat16 parts for
 // bfloat16 weights) with the dot-product instructions: results then differ from float32
 // arithmetic by well under the weights' own rounding (tests/test_cpu_kernels.py holds both
-// paths to the same bound against float64). float32 weights are not streamed here: XLA's
-// own matvec reads them faster than this kernel does (benchmarks/cpu_kernel_step.py f32:
-// 1.21x vs 1.60x of a max pass over the same arrays, one run).
+// paths to the same bound against float64). float32 weights come here in tiles only (the
+// serving layout, model/quant.py): in the plain layout XLA's own matvec read them faster
+// (benchmarks/cpu_kernel_step.py f32: 1.21x vs 1.60x of a max pass, one run), and in tiles
+// a decode step runs at 1.0-1.1x of the bare pass where XLA's took 1.3-1.4x (RESULTS.md).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -43,6 +44,7 @@ namespace {
 // A weight as float32: int8 is exact, bfloat16 is the high half of a float32. Plain
 // code the compiler vectorizes (sign/zero extend, shift, convert).
 inline float Wide(int8_t v) { return static_cast<float>(v); }
+inline float Wide(float v) { return v; }
 inline float Wide(uint16_t v) {
   const uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;
@@ -151,6 +153,7 @@ void NkRows(const float* x, const W* w, const float* scale, float* y, int64_t m,
 constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activation rows: split by rows
 constexpr int64_t kRowBlock = kTileRows;  // [K, N] tiles: weight rows per sweep of the columns
 constexpr int64_t kPrefetchBytes = 32768;  // how far ahead in the weight stream to fetch
+constexpr int64_t kGemmBytes = 128 << 10;  // [K, N]: a task's sums past this size: a GEMM's order
 // Where the weights of rows k0.. at column j start, and how far apart their rows are: in
 // the plain layout w[k0, j] and n; in tiles the [16, 128] tile holding (k0, j), rows
 // kTileCols apart (k0 a multiple of kRowBlock).
@@ -166,13 +169,15 @@ inline __mmask16 Lanes(int64_t count) {  // the first min(count, 16) lanes
 inline __m512 Load16(const int8_t* p, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
+inline __m512 Load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
 
 // Rows k0..k1 of y[i0:i0+MB, j0:j0+cols] (+)= x [M, K] @ w [K, N], cols <= 16C, the
-// weights of row k0 from `tile` on and each next row `stride` further (TileAt): one weight
-// row's C vectors are widened once and multiplied into the MB x C sums held in registers.
+// weights of row k0 from `tile` on and each next row `stride` further within a block of
+// kRowBlock rows (TileAt; k0 a block's first row): one weight row's C vectors are widened
+// once and multiplied into the MB x C sums held in registers.
 // `start` begins the sums at 0, else they add to y; a `scale` (or nullptr) multiplies them.
 // `ahead`: how far down the weights (in elements) to prefetch.
 template <typename W, int C, int MB>
@@ -185,7 +190,9 @@ void KnTile(const float* x, const W* tile, int64_t stride, int64_t ahead, const 
     JAXGEN_UNROLL for (int c = 0; c < C; ++c)
       acc[i][c] = start ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], y + (i0 + i) * n + j0 + 16 * c);
   for (int64_t kk = k0; kk < k1; ++kk) {
-    const W* row = tile + (kk - k0) * stride;
+    // Blocks of kRowBlock rows lie kRowBlock * n elements apart in both layouts.
+    const int64_t r = kk - k0;
+    const W* row = tile + r / kRowBlock * kRowBlock * n + r % kRowBlock * stride;
     JAXGEN_UNROLL for (int line = 0; line < C * 16 * static_cast<int>(sizeof(W)); line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(row + ahead) + line, _MM_HINT_T0);
     __m512 wide[C];
@@ -371,6 +378,19 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
   const int64_t blocks = (kPrefetchBytes + kRowBlock * row_bytes - 1) / (kRowBlock * row_bytes);
   const int64_t ahead = blocks * kRowBlock * n;
   const int64_t stride = tiles ? kTileCols : n;
+  // Many rows: a GEMM's order. Each group of 6 rows x 64 columns takes all of r0..r1 in
+  // registers and is stored once; the 64 columns' weights (K x 64) stay in L2 across the
+  // row groups. Sweeping blocks of rows across all of y instead re-read and re-wrote y
+  // once per 16 weight rows, from L3 once y outgrew L2 (float32 768 x 3072 at M = 512:
+  // 1.43x XLA's dot).
+  if (m > 1 && m * (n1 - n0) * static_cast<int64_t>(sizeof(float)) > kGemmBytes) {
+    for (int64_t j = n0; j < n1; j += 64)
+      RowGroups<6>(m, [&]<int MB>(int64_t i0) {
+        KnTile<W, 4, MB>(x, TileAt(w, n, r0, j, tiles), stride, ahead, scale, y, k, n, i0, j,
+                         std::min<int64_t>(64, n1 - j), r0, r1, true);
+      });
+    return;
+  }
   for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
     const int64_t k1 = std::min(r1, k0 + kRowBlock);
     const float* s = k1 == r1 ? scale : nullptr;
@@ -442,7 +462,7 @@ enum class Layout { kKn, kNk, kKnTiles };
 template <ffi::DataType T, Layout L>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ffi::F32> scale,
                   ffi::ResultBuffer<ffi::F32> y) {
-  using W = std::conditional_t<T == ffi::S8, int8_t, uint16_t>;
+  using W = std::conditional_t<T == ffi::S8, int8_t, std::conditional_t<T == ffi::F32, float, uint16_t>>;
   constexpr bool kKn = L != Layout::kNk, kTiles = L == Layout::kKnTiles;
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("weight_matmul: 2-d operands only");
@@ -491,7 +511,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const void* narrow = nullptr;
 #ifdef JAXGEN_NARROW_ROWS
   NarrowRows rows;
-  if (!kKn && MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
+  if constexpr (!kKn)
+    if (MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
 #endif
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
@@ -523,6 +544,8 @@ JAXGEN_MATMUL(JaxgenMatmulKnTilesS8, ffi::S8, Layout::kKnTiles)
 JAXGEN_MATMUL(JaxgenMatmulKnBF16, ffi::BF16, Layout::kKn)
 JAXGEN_MATMUL(JaxgenMatmulNkBF16, ffi::BF16, Layout::kNk)
 JAXGEN_MATMUL(JaxgenMatmulKnTilesBF16, ffi::BF16, Layout::kKnTiles)
+JAXGEN_MATMUL(JaxgenMatmulKnF32, ffi::F32, Layout::kKn)
+JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 
 // Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0).
 extern "C" int JaxgenTiledKernels() {
