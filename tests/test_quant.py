@@ -122,6 +122,13 @@ def wide(request):
     return cfg, unstack_layers(params, cfg)
 
 
+def _tiled_count(tree) -> int:
+    """How many projections of a serving tree hold their kernel in the CPU kernel's tiles."""
+    return sum(
+        "kernel_tiles" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    )
+
+
 @pytest.mark.parametrize("weights", ["int8-head", "bfloat16"])
 def test_tiled_kernels_change_the_layout_not_the_logits(wide, weights, monkeypatch):
     from jaxgen.runtime import cpu_kernels
@@ -131,9 +138,8 @@ def test_tiled_kernels_change_the_layout_not_the_logits(wide, weights, monkeypat
     monkeypatch.setattr(cpu_kernels, "reads_tiles", lambda: False)
     plain = quant.serving_weights(params, weights)
     monkeypatch.undo()
-    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tiled)]
     assert cpu_kernels.reads_tiles() or cpu_kernels._compiler() is None  # the suite's CPUs have AVX-512
-    assert sum("kernel_tiles" in name for name in names) == (12 if cfg.family == "gpt2" else 10)
+    assert _tiled_count(tiled) == (12 if cfg.family == "gpt2" else 10)
     for tokens in (jax.random.randint(jax.random.key(6), (2, 12), 0, cfg.vocab_size), jnp.array([[7]])):
         # 24 activation rows (split by columns in the kernel) and 1 (split by rows).
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -154,10 +160,9 @@ def test_float32_weights_in_tiles_give_xlas_logits(wide):
     float32 reordering."""
     cfg, params = wide
     tiled = quant.serving_weights(params, "float32")
-    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tiled)]
     # Only the 128 x 512 MLP kernels (256 KB) reach FLOAT32_TILES_MIN_BYTES: up and down
     # (and gate) in each of the 2 layers; the 64 KB attention kernels stay with XLA.
-    assert sum("kernel_tiles" in name for name in names) == (4 if cfg.family == "gpt2" else 6)
+    assert _tiled_count(tiled) == (4 if cfg.family == "gpt2" else 6)
     for tokens in (jax.random.randint(jax.random.key(6), (8, 12), 0, cfg.vocab_size), jnp.array([[7]])):
         # 96 activation rows (the kernel's GEMM order for the MLP) and 1.
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -184,10 +189,5 @@ def test_no_tiles_for_a_model_computing_in_bfloat16(wide):
     # The kernel takes float32 activations; tiles for a bfloat16 model would be reordered
     # back by XLA on every call.
     cfg, params = wide
-    names = jax.tree_util.tree_leaves_with_path(quant.serving_weights(params, "bfloat16", tiles=False))
-    assert not any("kernel_tiles" in jax.tree_util.keystr(path) for path, _ in names)
-    names = jax.tree_util.tree_leaves_with_path(quant.serving_weights(params, "bfloat16"))
-    assert (
-        any("kernel_tiles" in jax.tree_util.keystr(path) for path, _ in names)
-        or not cpu_kernels.reads_tiles()
-    )
+    assert _tiled_count(quant.serving_weights(params, "bfloat16", tiles=False)) == 0
+    assert _tiled_count(quant.serving_weights(params, "bfloat16")) > 0 or not cpu_kernels.reads_tiles()

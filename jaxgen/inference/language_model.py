@@ -84,9 +84,11 @@ class LanguageModel:
         # None keeps the weights' dtypes; "float32" does too (model/quant.py), and both put
         # block kernels in the CPU kernel's tiles where it reads them.
         self.serving_params = unstack_layers(params, config.model)
-        tiles = quant.tiles_for(config.model)
-        if quant.converts(self.weights, tiles):
-            self.serving_params = _convert_weights(self.serving_params, self.weights or "float32", tiles)
+        self._tiles = quant.tiles_for(config.model)
+        if quant.converts(self.weights, self._tiles):
+            self.serving_params = _convert_weights(
+                self.serving_params, self.weights or "float32", self._tiles
+            )
         self._other_weights: dict[str, object] = {}
 
     def params_for(self, weights: str | None):
@@ -95,8 +97,7 @@ class LanguageModel:
         if weights is None or weights == (self.weights or "float32"):
             return self.serving_params
         if weights not in self._other_weights:
-            tiles = quant.tiles_for(self.config.model)
-            self._other_weights[weights] = _convert_weights(self.serving_params, weights, tiles)
+            self._other_weights[weights] = _convert_weights(self.serving_params, weights, self._tiles)
         return self._other_weights[weights]
 
     @property

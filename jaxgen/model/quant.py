@@ -107,7 +107,7 @@ def _tiled(name, module, where):
     kernel = module["kernel"]
     if name not in INPUT_DIMS or kernel.dtype not in (jnp.int8, jnp.bfloat16, jnp.float32):
         return module
-    if kernel.dtype == jnp.float32 and kernel.size * 4 < FLOAT32_TILES_MIN_BYTES:
+    if kernel.dtype == jnp.float32 and kernel.size * kernel.dtype.itemsize < FLOAT32_TILES_MIN_BYTES:
         return module
     k = _rows(name, kernel)
     if not cpu_kernels.tileable(k, kernel.size // k):

@@ -172,9 +172,8 @@ def unavailable_reason() -> str:
 
 def weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layout: str) -> jax.Array:
     """x [M, K] float32 @ w (int8 or bfloat16; [K, N] for layout "kn", the same in tiles for
-    "kn_tiles" (`to_tiles`, where `reads_tiles()`), [N, K] for "nk"; float32 [K, N] in
-    either of the first two), times `scale` [N]
-    (None: 1), as float32 [M, N], where `available()`."""
+    "kn_tiles" (`to_tiles`, where `reads_tiles()`), [N, K] for "nk"; float32 in the first
+    two), times `scale` [N] (None: 1), as float32 [M, N], where `available()`."""
     if not available():  # also what hands the kernels to XLA in this process
         raise RuntimeError(f"weight_matmul: {unavailable_reason()}")
     dtype = jnp.dtype(w.dtype).name

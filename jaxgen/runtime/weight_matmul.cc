@@ -1,8 +1,8 @@
 // Weight-streaming matmul for CPUs: y [M, N] = x [M, K] (float32) @ w * scale [N], with w
-// stored as int8, bfloat16 or float32 ([K, N] only), [K, N] ("kn": contracts the weight's leading dim, as every
+// stored as int8 or bfloat16, [K, N] ("kn": contracts the weight's leading dim, as every
 // projection kernel does) or [N, K] ("nk": its trailing dim, as a tied embedding used as
-// the output head does), or [K, N] in 16 x 128 tiles ("kn_tiles", below). Registered
-// with XLA as FFI custom calls by
+// the output head does), or [K, N] in 16 x 128 tiles ("kn_tiles", below); float32 w in
+// the two [K, N] layouts. Registered with XLA as FFI custom calls by
 // jaxgen/runtime/cpu_kernels.py, which compiles this file on first use.
 //
 // Why: batch-1 decoding reads every weight once per token, so int8 / bfloat16 weights
@@ -379,17 +379,20 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
   const int64_t blocks = (kPrefetchBytes + kRowBlock * row_bytes - 1) / (kRowBlock * row_bytes);
   const int64_t ahead = blocks * kRowBlock * n;
   const int64_t stride = tiles ? kTileCols : n;
+  // Rows k0..k1 of every activation row, 64 columns at a time from column j, 6 rows at a time.
+  auto row_groups = [&](int64_t j, int64_t k0, int64_t k1, int64_t fetch, const float* s, bool start) {
+    RowGroups<6>(m, [&]<int MB>(int64_t i0) {
+      KnTile<W, 4, MB>(x, TileAt(w, n, k0, j, tiles), stride, fetch, s, y, k, n, i0, j, std::min<int64_t>(64, n1 - j),
+                       k0, k1, start);
+    });
+  };
   // Many rows: a GEMM's order. Each group of 6 rows x 64 columns takes all of r0..r1 in
   // registers and is stored once; the 64 columns' weights (K x 64) stay in L2 across the
   // row groups. Sweeping blocks of rows across all of y instead re-read and re-wrote y
   // once per 16 weight rows, from L3 once y outgrew L2 (float32 768 x 3072 at M = 512:
   // 1.43x XLA's dot).
   if (m > 1 && m * (n1 - n0) * static_cast<int64_t>(sizeof(float)) > kGemmBytes) {
-    for (int64_t j = n0; j < n1; j += 64)
-      RowGroups<6>(m, [&]<int MB>(int64_t i0) {
-        KnTile<W, 4, MB>(x, TileAt(w, n, r0, j, tiles), stride, ahead, scale, y, k, n, i0, j,
-                         std::min<int64_t>(64, n1 - j), r0, r1, true);
-      });
+    for (int64_t j = n0; j < n1; j += 64) row_groups(j, r0, r1, ahead, scale, true);
     return;
   }
   // Float32 tiles swept block by block are one sequential stream of whole cache lines,
@@ -406,11 +409,7 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
                         k0, k1, k0 == r0);
       continue;
     }
-    for (int64_t j = n0; j < n1; j += 64)
-      RowGroups<6>(m, [&]<int MB>(int64_t i0) {
-        KnTile<W, 4, MB>(x, TileAt(w, n, k0, j, tiles), stride, sweep_ahead, s, y, k, n, i0, j,
-                         std::min<int64_t>(64, n1 - j), k0, k1, k0 == r0);
-      });
+    for (int64_t j = n0; j < n1; j += 64) row_groups(j, k0, k1, sweep_ahead, s, k0 == r0);
   }
 }
 
