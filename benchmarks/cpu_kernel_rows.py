@@ -1,9 +1,11 @@
 """The CPU kernel on [K, N] weights in its tiles against XLA's dot on the same weights as
-float32, per number of activation rows M: 8 distinct matrices (so that they stream from
-memory), ms per matrix, median of 5 rounds alternating the order; and the largest
-difference relative to the largest output.
+float32, per number of activation rows M: COUNT distinct matrices (8 by default; enough
+that together they outgrow the 32 MB L3 and stream from memory), ms per matrix, median of
+5 rounds of 10 calls alternating the order; and the largest difference relative to the
+largest output.
 
-    .venv/bin/python benchmarks/cpu_kernel_rows.py int8|bf16|f32 1,5,64,512 [768x3072]
+    .venv/bin/python benchmarks/cpu_kernel_rows.py int8|bf16|f32 1,5,64,512 [768x3072 [COUNT]]
+    .venv/bin/python benchmarks/cpu_kernel_rows.py f32 1,2,3,5,6,9 512x1408 24
 """
 
 import json
@@ -20,6 +22,7 @@ from jaxgen.runtime import cpu_kernels
 dtype = sys.argv[1]
 ms = [int(a) for a in sys.argv[2].split(",")]
 shape = tuple(int(a) for a in sys.argv[3].split("x")) if len(sys.argv) > 3 else (768, 3072)
+count = int(sys.argv[4]) if len(sys.argv) > 4 else 8
 rng = np.random.default_rng(0)
 
 
@@ -30,7 +33,7 @@ def make():
     return jnp.asarray(w).astype(jnp.bfloat16) if dtype == "bf16" else jnp.asarray(w)
 
 
-ws = [make() for _ in range(8)]
+ws = [make() for _ in range(count)]
 tiles = [cpu_kernels.to_tiles(w) for w in ws]
 wf = [w.astype(jnp.float32) for w in ws]
 scale = jnp.ones((shape[1],), jnp.float32)
@@ -52,8 +55,10 @@ for m in ms:
         for name in ("kernel", "xla") if r % 2 == 0 else ("xla", "kernel"):
             f, arg = (kern, tiles) if name == "kernel" else (xla, wf)
             s = time.perf_counter()
-            jax.block_until_ready(f(x, arg))
-            t[name].append((time.perf_counter() - s) / 8 * 1e3)
+            for _ in range(10):
+                got = f(x, arg)
+            jax.block_until_ready(got)
+            t[name].append((time.perf_counter() - s) / (10 * count) * 1e3)
     out[m] = (statistics.median(t["kernel"]), statistics.median(t["xla"]), err)
 print(
     json.dumps(

@@ -196,11 +196,11 @@ void KnTile(const float* x, const W* tile, int64_t stride, int64_t ahead, const 
     if (ahead)
       JAXGEN_UNROLL for (int line = 0; line < C * 16 * static_cast<int>(sizeof(W)); line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(row + ahead) + line, _MM_HINT_T0);
-    __m512 wide[C];
-    JAXGEN_UNROLL for (int c = 0; c < C; ++c) wide[c] = Load16(row + 16 * c, mask[c]);
-    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
-      const __m512 a = _mm512_set1_ps(x[(i0 + i) * k + kk]);
-      JAXGEN_UNROLL for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(wide[c], a, acc[i][c]);
+    __m512 a[MB];
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) a[i] = _mm512_set1_ps(x[(i0 + i) * k + kk]);
+    JAXGEN_UNROLL for (int c = 0; c < C; ++c) {
+      const __m512 wide = Load16(row + 16 * c, mask[c]);
+      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[i][c] = _mm512_fmadd_ps(wide, a[i], acc[i][c]);
     }
   }
   JAXGEN_UNROLL for (int c = 0; c < C; ++c) {
@@ -403,10 +403,19 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
   for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
     const int64_t k1 = std::min(r1, k0 + kRowBlock);
     const float* s = k1 == r1 ? scale : nullptr;
-    if (m == 1) {  // 8 vectors of columns: enough independent sums to hide the multiply-add latency
+    // Whole 128-column tile rows, up to 3 activation rows at a time (3 x 8 sums in registers):
+    // 8 vectors of sums per row hide the multiply-add latency, and float32 tiles are read
+    // as one sequential stream. Several rows of narrow weights take 64 columns and 6 rows
+    // instead, so that each weight is widened once for all of them. (Float32 in 64-column
+    // halves, 6 rows at a time: 141-159 us per streamed 512 x 1408 matrix at M = 2-5, XLA's
+    // dots 119-138; like this 78-117, against 82-89 at M = 1: benchmarks/cpu_kernel_rows.py,
+    // RESULTS.md "Speculative decoding at a shape bound by its weights".)
+    if (m == 1 || sweep_ahead == 0) {
       for (int64_t j = n0; j < n1; j += 128)
-        KnTile<W, 8, 1>(x, TileAt(w, n, k0, j, tiles), stride, sweep_ahead, s, y, k, n, 0, j, std::min<int64_t>(128, n1 - j),
-                        k0, k1, k0 == r0);
+        RowGroups<3>(m, [&]<int MB>(int64_t i0) {
+          KnTile<W, 8, MB>(x, TileAt(w, n, k0, j, tiles), stride, sweep_ahead, s, y, k, n, i0, j,
+                           std::min<int64_t>(128, n1 - j), k0, k1, k0 == r0);
+        });
       continue;
     }
     for (int64_t j = n0; j < n1; j += 64) row_groups(j, k0, k1, sweep_ahead, s, k0 == r0);
