@@ -29,7 +29,7 @@ def _check_against_float64(dtype, layout, m, k, n):
     if dtype == "int8":
         w = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
     else:
-        w = rng.normal(size=(k, n)).astype(ml_dtypes.bfloat16)
+        w = rng.normal(size=(k, n)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     scale = rng.uniform(0.5, 2.0, size=(n,)).astype(np.float32)
     expected = (x.astype(np.float64) @ w.astype(np.float64)) * scale
     stored = w if layout == "kn" else np.ascontiguousarray(w.T)
@@ -37,7 +37,7 @@ def _check_against_float64(dtype, layout, m, k, n):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("m", [1, 5, 11])
 def test_weight_matmul_equals_float32_matmul(dtype, layout, m):
@@ -47,7 +47,7 @@ def test_weight_matmul_equals_float32_matmul(dtype, layout, m):
     _check_against_float64(dtype, layout, m, k=512, n=1100)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("m", [1, 3])
 def test_long_rows_and_ragged_tails(dtype, layout, m):

@@ -172,6 +172,28 @@ def test_float32_weights_in_tiles_give_xlas_logits(wide):
     jax.tree.map(np.testing.assert_array_equal, quant.plain_layout(tiled), params)
 
 
+@pytest.mark.parametrize("length", [1, 5, 9])
+def test_float32_head_scores_a_few_rows_through_the_kernel(wide, length):
+    """Serving scores 2-8 rows of a float32 tied head (a speculative verify pass) through
+    the CPU kernel, and 1 or more than 8 with XLA's dot: the same logits either way, to
+    float32 reordering. (tiny-llama's head is untied, [D, V]: XLA's dot.)"""
+    from jaxgen.model.transformer import Transformer
+    from jaxgen.runtime import cpu_kernels
+
+    cfg, params = wide
+    tokens = jax.random.randint(jax.random.key(9), (1, length), 0, cfg.vocab_size)
+    positions = jnp.arange(length)[None]
+    serve = jax.jit(lambda p, t: apply_unstacked(cfg, p, t, positions)[0])
+    hlo = serve.lower(params, tokens).as_text()
+    few = length == 5 and cfg.tie_embeddings and cpu_kernels.reads_tiles()
+    assert ("JaxgenMatmulNkF32" in hlo) == few
+    assert cpu_kernels.reads_tiles() or cpu_kernels._compiler() is None  # the suite's CPUs have AVX-512
+    stacked = {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
+    want = Transformer(cfg).apply({"params": stacked}, tokens, positions)[0]  # training's path: XLA
+    got = serve(params, tokens)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
 def test_tiled_kernel_with_activations_the_cpu_kernel_does_not_take():
     from jaxgen.model.layers import weight_einsum
     from jaxgen.runtime import cpu_kernels

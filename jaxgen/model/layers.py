@@ -67,7 +67,12 @@ def kernel_einsum(eq: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def weight_einsum(
-    eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None, tiles: bool = False
+    eq: str,
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array | None,
+    tiles: bool = False,
+    few_rows: bool = False,
 ) -> jax.Array:
     """`kernel_einsum(eq, x, kernel)` times `scale` (an int8 kernel's per-output scale, or
     None), in x's dtype, for a kernel stored in any format (model/quant.py); `tiles`: the
@@ -77,8 +82,15 @@ def weight_einsum(
     weight-streaming kernel (runtime/cpu_kernels.py), where XLA's dot would convert them
     slower than it reads float32, and so do float32 kernels in its tiles (the serving
     layout); everything else is XLA's dot on the widened kernel.
+
+    `few_rows` (serving only: the kernel has no gradient): a float32 [N, K] kernel (the
+    tied head) with FEW_ROWS[0]..FEW_ROWS[1] input rows goes through the kernel too. XLA's
+    dot reads one row's head fastest, but for 2-8 rows it runs a YNN fusion that took
+    1.4-2x as long as the kernel (4096 x 512 at 5 rows: 0.60 vs 0.40 ms; GPT-2's 50304 x
+    768: 10.9 vs 7.0 ms; benchmarks/RESULTS.md, "Speculative decoding at a shape bound by
+    its weights"), and a speculative verify pass is 5 rows.
     """
-    y = _streamed_einsum(eq, x, kernel, scale, tiles)
+    y = _streamed_einsum(eq, x, kernel, scale, tiles, few_rows)
     if y is None:
         if tiles:  # not streamed after all (activations not float32): back to plain, each call
             kernel = cpu_kernels.from_tiles(kernel, math.prod(kernel.shape[: adapter_input_dims(eq)]))
@@ -87,8 +99,16 @@ def weight_einsum(
     return y
 
 
+FEW_ROWS = (2, 8)
+
+
 def _streamed_einsum(
-    eq: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None, tiles: bool = False
+    eq: str,
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array | None,
+    tiles: bool = False,
+    few_rows: bool = False,
 ) -> jax.Array | None:
     """`weight_einsum` through the CPU kernel, or None where it does not apply (other
     dtypes or backend, no compiler, a layout whose output is not the input's free dims
@@ -98,12 +118,20 @@ def _streamed_einsum(
     projection does ("BTD,DNH->BTNH", "BTNH,NHD->BTD"), or (tied output head,
     "BTD,VD->BTV") its trailing dim.
     """
-    streamed = kernel.dtype in (jnp.int8, jnp.bfloat16) or (tiles and kernel.dtype == jnp.float32)
-    if not streamed or x.dtype != jnp.float32 or not cpu_kernels.available():
-        return None
     inputs, out = eq.split("->")
     lhs, rhs = inputs.split(",")
-    if len(rhs) == 2 and rhs[1] == lhs[-1] and out == lhs[:-1] + rhs[0]:  # [N, K]: contracts its last dim
+    nk = len(rhs) == 2 and rhs[1] == lhs[-1] and out == lhs[:-1] + rhs[0]  # [N, K]: contracts its last dim
+    rows = math.prod(x.shape[:-1])
+    streamed = (
+        kernel.dtype in (jnp.int8, jnp.bfloat16)
+        or (tiles and kernel.dtype == jnp.float32)
+        or (few_rows and nk and kernel.dtype == jnp.float32 and FEW_ROWS[0] <= rows <= FEW_ROWS[1])
+    )
+    if not streamed or x.dtype != jnp.float32 or not cpu_kernels.available():
+        return None
+    if few_rows and kernel.dtype == jnp.float32 and not cpu_kernels.reads_tiles():
+        return None  # measured with the AVX-512 kernels only
+    if nk:
         layout, n_in = "nk", 1
     else:
         try:

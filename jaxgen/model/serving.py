@@ -125,6 +125,5 @@ def apply_unstacked(
     for i, layer in enumerate(params["layers"]):
         # A Python int layer index: the cache write and read at [i] are static slices.
         (x, kv), _ = block.apply({"params": layer}, (x, kv), i, positions, segment_ids, kv_segment, index)
-    return model.apply(outer, x, return_hidden, logits_at, method=Transformer.head), cache_outputs(
-        kv, kv_segment, index, tokens
-    )
+    logits = model.apply(outer, x, return_hidden, logits_at, True, method=Transformer.head)
+    return logits, cache_outputs(kv, kv_segment, index, tokens)

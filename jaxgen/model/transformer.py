@@ -131,21 +131,31 @@ class Transformer(nn.Module):
         return constrain(x, ("batch", "length", "act_embed"))
 
     def head(
-        self, x: jax.Array, return_hidden: bool = False, logits_at: jax.Array | None = None
+        self,
+        x: jax.Array,
+        return_hidden: bool = False,
+        logits_at: jax.Array | None = None,
+        serving: bool = False,
     ) -> jax.Array:
         """The last block's output [B, T, D] -> logits [B, T, V] (or normed hidden states).
 
         `logits_at` [B] keeps one position per row first ([B, 1, V] out): a prefill needs
         only each prompt's last logits, and the head over every position was ~20-40% of
         a prefill's FLOPs (vocab x width per token) and a [B, P, V] buffer.
+        `serving`: see `project`.
         """
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
         x = self.final_norm(x)
-        return x if return_hidden else self.project(x)
+        return x if return_hidden else self.project(x, serving)
 
-    def project(self, x: jax.Array) -> jax.Array:
-        """Final hidden states [B, T, D] -> logits [B, T, V]."""
+    def project(self, x: jax.Array, serving: bool = False) -> jax.Array:
+        """Final hidden states [B, T, D] -> logits [B, T, V].
+
+        `serving` (decoding, never differentiated): a float32 tied head scoring a few rows
+        at once (a speculative verify pass, a small batch) may go through the CPU kernel
+        (`layers.weight_einsum`'s `few_rows`).
+        """
         eq, kernel = (
             ("BTD,VD->BTV", self.embed.embedding)
             if self.config.tie_embeddings
@@ -154,7 +164,7 @@ class Transformer(nn.Module):
         scale = None
         if kernel.dtype == jnp.int8:
             scale = self._scale("embed" if self.config.tie_embeddings else "lm_head")
-        logits = weight_einsum(eq, x, kernel, scale)
+        logits = weight_einsum(eq, x, kernel, scale, few_rows=serving)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def _scale(self, table: str) -> jax.Array:

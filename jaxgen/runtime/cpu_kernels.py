@@ -35,6 +35,7 @@ _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
     ("nk", "bfloat16"): "JaxgenMatmulNkBF16",
     ("kn_tiles", "bfloat16"): "JaxgenMatmulKnTilesBF16",
     ("kn", "float32"): "JaxgenMatmulKnF32",
+    ("nk", "float32"): "JaxgenMatmulNkF32",
     ("kn_tiles", "float32"): "JaxgenMatmulKnTilesF32",
 }
 # The "kn_tiles" layout of a [K, N] weight: its 16 x 128 tiles, each row-major, the tiles

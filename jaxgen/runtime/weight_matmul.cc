@@ -525,7 +525,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const void* narrow = nullptr;
 #ifdef JAXGEN_NARROW_ROWS
   NarrowRows rows;
-  if constexpr (!kKn)
+  if constexpr (!kKn && !std::is_same_v<W, float>)
     if (MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
 #endif
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
@@ -559,6 +559,7 @@ JAXGEN_MATMUL(JaxgenMatmulKnBF16, ffi::BF16, Layout::kKn)
 JAXGEN_MATMUL(JaxgenMatmulNkBF16, ffi::BF16, Layout::kNk)
 JAXGEN_MATMUL(JaxgenMatmulKnTilesBF16, ffi::BF16, Layout::kKnTiles)
 JAXGEN_MATMUL(JaxgenMatmulKnF32, ffi::F32, Layout::kKn)
+JAXGEN_MATMUL(JaxgenMatmulNkF32, ffi::F32, Layout::kNk)
 JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 
 // Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0).
