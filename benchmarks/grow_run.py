@@ -15,7 +15,8 @@ trained model of that shape, not a padded copy (benchmarks/RESULTS.md, "Speculat
 decoding at a shape bound by its weights").
 
 How the function is kept: the old model occupies the first d_model residual dims, its
-heads the first heads (head_dim and the rotary frequencies unchanged), its MLP units the
+heads the first heads (head_dim, the rotary frequencies and the query heads per kv head
+unchanged), its MLP units the
 first units, its layers the first layers. Every weight that *writes* into the residual
 stream outside the old dims (embedding columns, attention output and MLP down projections),
 and every new head's output and new unit's down projection, starts at zero, so the new
@@ -42,7 +43,7 @@ from jaxgen.checkpoint import load_params, local_tokenizer, save_params
 from jaxgen.model.transformer import Transformer, init_params
 
 
-def grow(old: dict, new: dict, d: int, heads: int, units: int, layers: int) -> dict:
+def grow(old: dict, new: dict, d: int, heads: int, kv_heads: int, units: int, layers: int) -> dict:
     """`new` (a random init of the grown shape) with `old` in its leading block and every
     write into what the old model did not have set to zero."""
     g = jax.tree.map(np.array, new)
@@ -50,8 +51,8 @@ def grow(old: dict, new: dict, d: int, heads: int, units: int, layers: int) -> d
     attn, mlp = g["layers"]["attn"], g["layers"]["mlp"]
     g["embed"]["embedding"][:, :d] = o["embed"]["embedding"]
     g["embed"]["embedding"][:, d:] = 0.0
-    for name in ("query", "key", "value"):
-        attn[name]["kernel"][:layers, :d, :heads] = o["layers"]["attn"][name]["kernel"]
+    for name, count in (("query", heads), ("key", kv_heads), ("value", kv_heads)):
+        attn[name]["kernel"][:layers, :d, :count] = o["layers"]["attn"][name]["kernel"]
     attn["out"]["kernel"][:] = 0.0  # [L, H, hd, D]
     attn["out"]["kernel"][:layers, :heads, :, :d] = o["layers"]["attn"]["out"]["kernel"]
     for name in ("gate", "up"):
@@ -87,19 +88,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     config, old = load_params(args.run_dir)
     m = config.model
-    if m.family != "llama" or not m.tie_embeddings or m.kv_heads != m.num_heads:
-        sys.exit(f"{args.run_dir}: growing covers llama runs with tied embeddings and no grouped kv heads")
+    if m.family != "llama" or not m.tie_embeddings:
+        sys.exit(f"{args.run_dir}: growing covers llama runs with tied embeddings (this is {m.family})")
     if args.layers < m.num_layers or args.d_model < m.d_model or args.mlp_dim < m.mlp_dim:
         sys.exit("--layers, --d-model and --mlp-dim must each be at least the run's own")
     if args.d_model % m.dim_per_head:
         sys.exit(f"--d-model must be a multiple of the run's head_dim ({m.dim_per_head})")
     heads = args.d_model // m.dim_per_head
+    group = (
+        m.num_heads // m.kv_heads
+    )  # query heads per kv head: kept, so head h still reads kv head h // group
+    if heads % group:
+        sys.exit(
+            f"--d-model / head_dim ({heads} heads) must be a multiple of the run's {group} heads per kv head"
+        )
     model = m.model_copy(
         update={
             "num_layers": args.layers,
             "d_model": args.d_model,
             "num_heads": heads,
-            "num_kv_heads": heads,
+            "num_kv_heads": heads // group,
             "head_dim": m.dim_per_head,
             "mlp_dim": args.mlp_dim,
             "norm_eps": m.norm_eps * m.d_model / args.d_model,
@@ -107,7 +115,7 @@ def main(argv=None) -> int:
     )
     grown_config = config.model_copy(update={"model": model, "name": pathlib.Path(args.out_dir).name})
     new = jax.jit(init_params, static_argnums=0)(model, jax.random.key(args.seed))
-    grown = grow(old, new, m.d_model, m.num_heads, m.mlp_dim, m.num_layers)
+    grown = grow(old, new, m.d_model, m.num_heads, m.kv_heads, m.mlp_dim, m.num_layers)
 
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, (2, min(64, m.max_len)), dtype=np.int32)
     a, b = logits(m, old, tokens), logits(model, grown, tokens)
