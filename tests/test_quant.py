@@ -172,17 +172,18 @@ def test_float32_weights_in_tiles_give_xlas_logits(wide):
     jax.tree.map(np.testing.assert_array_equal, quant.plain_layout(tiled), params)
 
 
-@pytest.mark.parametrize("length", [1, 5, 9])
-def test_float32_head_scores_a_few_rows_through_the_kernel(wide, length):
-    """Serving scores 2-8 rows of a float32 tied head (a speculative verify pass) through
-    the CPU kernel, and 1 or more than 8 with XLA's dot: the same logits either way, to
-    float32 reordering. (tiny-llama's head is untied, [D, V]: XLA's dot.)"""
+@pytest.mark.parametrize("batch, length", [(1, 1), (1, 5), (1, 9), (5, 1)])
+def test_float32_head_scores_a_few_rows_through_the_kernel(wide, batch, length):
+    """Serving scores 2-8 positions of a row of a float32 tied head (a speculative verify
+    pass) through the CPU kernel, and 1 or more than 8 with XLA's dot, as it does a batch
+    of one position per row (a row's logits must not depend on its batch): the same logits
+    either way, to float32 reordering. (tiny-llama's head is untied, [D, V]: XLA's dot.)"""
     from jaxgen.model.transformer import Transformer
     from jaxgen.runtime import cpu_kernels
 
     cfg, params = wide
-    tokens = jax.random.randint(jax.random.key(9), (1, length), 0, cfg.vocab_size)
-    positions = jnp.arange(length)[None]
+    tokens = jax.random.randint(jax.random.key(9), (batch, length), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
     serve = jax.jit(lambda p, t: apply_unstacked(cfg, p, t, positions)[0])
     hlo = serve.lower(params, tokens).as_text()
     few = length == 5 and cfg.tie_embeddings and cpu_kernels.reads_tiles()

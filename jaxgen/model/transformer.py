@@ -152,9 +152,11 @@ class Transformer(nn.Module):
     def project(self, x: jax.Array, serving: bool = False) -> jax.Array:
         """Final hidden states [B, T, D] -> logits [B, T, V].
 
-        `serving` (decoding, never differentiated): a float32 tied head scoring a few rows
-        at once (a speculative verify pass, a small batch) may go through the CPU kernel
-        (`layers.weight_einsum`'s `few_rows`).
+        `serving` (decoding, never differentiated): a float32 tied head scoring a few
+        positions of a row at once (a speculative verify pass) may go through the CPU
+        kernel (`layers.weight_einsum`'s `few_rows`). One position per row (decode steps,
+        prefills, whatever the batch) stays with XLA's dot, so that a row's logits do not
+        depend on how many rows share its batch (refill's "same ids as decoding it alone").
         """
         eq, kernel = (
             ("BTD,VD->BTV", self.embed.embedding)
@@ -164,7 +166,7 @@ class Transformer(nn.Module):
         scale = None
         if kernel.dtype == jnp.int8:
             scale = self._scale("embed" if self.config.tie_embeddings else "lm_head")
-        logits = weight_einsum(eq, x, kernel, scale, few_rows=serving)
+        logits = weight_einsum(eq, x, kernel, scale, few_rows=serving and x.shape[1] > 1)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def _scale(self, table: str) -> jax.Array:
