@@ -40,7 +40,7 @@ _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
 }
 # The "kn_tiles" layout of a [K, N] weight: its 16 x 128 tiles, each row-major, the tiles
 # row-major (weight_matmul.cc's kTileRows, kTileCols). The AVX-512 kernels then read a block
-# of 16 rows as one stream (a 768-wide int8 weight: 9-10 -> 17-18 GB/s on one core here).
+# of 16 rows as one stream (a 768-wide int8 weight: 9-10 -> 17-18 GB/s on one core there).
 TILE = (16, 128)
 _registered = False  # whether this process has handed the kernels to XLA
 _FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp-simd", "-w"]
@@ -143,7 +143,10 @@ def available() -> bool:
 
 
 def reads_tiles() -> bool:
-    """Whether the kernel is the AVX-512 build, which reads "kn_tiles" weights."""
+    """Whether serving stores weights in "kn_tiles": where the kernel is the AVX-512 build,
+    whose register tiles read them as one stream. (The portable loops read tiles too, the
+    same sums as the plain layout, so that tiled weights run anywhere; the layout was
+    measured to pay off with the AVX-512 kernels only.)"""
     return available() and bool(_load()[0].JaxgenTiledKernels())
 
 
@@ -173,8 +176,8 @@ def unavailable_reason() -> str:
 
 def weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layout: str) -> jax.Array:
     """x [M, K] float32 @ w (int8 or bfloat16; [K, N] for layout "kn", the same in tiles for
-    "kn_tiles" (`to_tiles`, where `reads_tiles()`), [N, K] for "nk"; float32 in the first
-    two), times `scale` [N] (None: 1), as float32 [M, N], where `available()`."""
+    "kn_tiles" (`to_tiles`), [N, K] for "nk"; or float32 in any of them), times `scale`
+    [N] (None: 1), as float32 [M, N], where `available()`."""
     if not available():  # also what hands the kernels to XLA in this process
         raise RuntimeError(f"weight_matmul: {unavailable_reason()}")
     dtype = jnp.dtype(w.dtype).name

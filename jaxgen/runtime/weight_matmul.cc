@@ -65,23 +65,42 @@ constexpr int64_t kMaxK = 16384;       // [N, K] kernels: longest weight row hel
 // kTileCols tiles, each row-major, the tiles row-major. A block of 16 rows swept across the
 // columns is then one contiguous stream. In the plain layout a 768-wide weight read at
 // 9-10 GB/s on one core (16 row pieces 768 bytes apart), tiled at 17-18
-// (benchmarks/RESULTS.md). The AVX-512 kernels read it; the portable loops do not.
+// (benchmarks/RESULTS.md). Every build reads it; serving stores it where the AVX-512
+// kernels run (the portable loops read it so that one serving layout runs anywhere).
 constexpr int64_t kTileRows = 16;
 constexpr int64_t kTileCols = 128;
+
+// Where the weights of rows k0.. at column j start, and how far apart their rows are: in
+// the plain layout w[k0, j] and n; in tiles the [16, 128] tile holding (k0, j), rows
+// kTileCols apart (k0 a multiple of kTileRows).
+template <typename W>
+inline const W* TileAt(const W* w, int64_t n, int64_t k0, int64_t j, bool tiles) {
+  return tiles ? w + k0 * n + (j / kTileCols) * kTileCols * kTileRows + j % kTileCols : w + k0 * n + j;
+}
 
 // y[:, n0:n1] = x [M, K] @ w[K, N][:, n0:n1] * scale[n0:n1]: one pass over the weights.
 // Four weight rows per sweep of the sums: each load and store of a sum then serves four
 // multiply-adds (measured here: 9 vs 6 GB/s of int8 weights on one core). One activation
 // row widens the weights inside the multiply-add and keeps its sums in L1; several first
 // widen the four row pieces once and reuse them for every activation row.
+// With `tiles` (n0 a multiple of kTileCols) each tile column is its own sweep: the same
+// sums in the same order as the plain layout's.
 template <typename W>
-void KnColumns(const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
-               int64_t n0, int64_t n1) {
+void KnColumns(const float* x, const W* w, bool tiles, const float* scale, float* y, int64_t m, int64_t k,
+               int64_t n, int64_t n0, int64_t n1) {
+  if (tiles && n1 - n0 > kTileCols) {
+    for (int64_t j = n0; j < n1; j += kTileCols)
+      KnColumns(x, w, tiles, scale, y, m, k, n, j, std::min(n1, j + kTileCols));
+    return;
+  }
   const int64_t width = n1 - n0;
   const W* r[4];
+  auto at = [&](int64_t row) {  // w[row, n0:n1], contiguous in either layout
+    return tiles ? TileAt(w, n, row / kTileRows * kTileRows, n0, true) + row % kTileRows * kTileCols : w + row * n + n0;
+  };
   auto rows_from = [&](int64_t kk) {  // a short last sweep repeats its last row; its a[] are 0
     const int64_t rows = std::min<int64_t>(4, k - kk);
-    for (int64_t q = 0; q < 4; ++q) r[q] = w + (kk + std::min(q, rows - 1)) * n + n0;
+    for (int64_t q = 0; q < 4; ++q) r[q] = at(kk + std::min(q, rows - 1));
     return rows;
   };
   if (m == 1) {
@@ -154,13 +173,6 @@ constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activatio
 constexpr int64_t kRowBlock = kTileRows;  // [K, N] tiles: weight rows per sweep of the columns
 constexpr int64_t kPrefetchBytes = 32768;  // how far ahead in the weight stream to fetch
 constexpr int64_t kGemmBytes = 128 << 10;  // [K, N]: a task's sums past this size: a GEMM's order
-// Where the weights of rows k0.. at column j start, and how far apart their rows are: in
-// the plain layout w[k0, j] and n; in tiles the [16, 128] tile holding (k0, j), rows
-// kTileCols apart (k0 a multiple of kRowBlock).
-template <typename W>
-inline const W* TileAt(const W* w, int64_t n, int64_t k0, int64_t j, bool tiles) {
-  return tiles ? w + k0 * n + (j / kTileCols) * kTileCols * kRowBlock + j % kTileCols : w + k0 * n + j;
-}
 
 inline __mmask16 Lanes(int64_t count) {  // the first min(count, 16) lanes
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count, 0)) - 1);
@@ -518,7 +530,6 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const int64_t align = kTiles ? kTileCols : 16;
   const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + align - 1) / align * align : kRowChunk;
 #else
-  if (kTiles) return ffi::Error::InvalidArgument("weight_matmul: tiles need the AVX-512 build");
   const int64_t chunk = kKn ? kColumnChunk : kRowChunk;
 #endif
   const int64_t count = (n + chunk - 1) / chunk;
@@ -534,7 +545,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
     if constexpr (kKn) KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
     else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
 #else
-    if constexpr (kKn) KnColumns(xp, wp, sp, yp, m, k, n, n0, n1);
+    if constexpr (kKn) KnColumns(xp, wp, kTiles, sp, yp, m, k, n, n0, n1);
     else NkRows(xp, wp, sp, yp, m, k, n, n0, n1);
 #endif
   });
@@ -562,7 +573,8 @@ JAXGEN_MATMUL(JaxgenMatmulKnF32, ffi::F32, Layout::kKn)
 JAXGEN_MATMUL(JaxgenMatmulNkF32, ffi::F32, Layout::kNk)
 JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 
-// Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0).
+// Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0):
+// where serving stores the "kn_tiles" layout (jaxgen/model/quant.py; both builds read it).
 extern "C" int JaxgenTiledKernels() {
 #ifdef JAXGEN_AVX512
   return 1;
