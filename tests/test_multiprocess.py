@@ -74,6 +74,10 @@ def setup(tmp_path_factory):
     return config, config_file, reference.losses, _params(root / "reference")
 
 
+def _leaves(tree) -> list[tuple[str, np.ndarray]]:
+    return [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
 def _params(run_dir):
     return jax.device_get(checkpoint.load_params(run_dir)[1])
 
@@ -178,9 +182,20 @@ def _assert_matches_reference(run_dir, setup, losses=None) -> None:
     losses = _train_losses(run_dir) if losses is None else losses
     assert sorted(losses) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([losses[s] for s in sorted(losses)], ref_losses, atol=1e-5, rtol=0)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), _params(run_dir), ref_params
-    )
+
+    # GPT-2's key bias adds q . b to every logit of a query row, which the softmax ignores:
+    # its true gradient is 0, so what it holds is rounding noise that Adam scales by lr / eps
+    # (1e-5 after 8 steps, differing between reduction orders: seen at 1.1e-5 apart on an
+    # AVX2 machine). It is held to that noise level; every learnt weight to 1e-5.
+    def learnt(tree):
+        (key_bias,) = [x for path, x in _leaves(tree) if path == "['layers']['attn']['key']['bias']"]
+        np.testing.assert_array_less(np.abs(key_bias), 1e-3)
+        return {path: x for path, x in _leaves(tree) if path != "['layers']['attn']['key']['bias']"}
+
+    got, want = learnt(_params(run_dir)), learnt(ref_params)
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], atol=1e-5, rtol=0, err_msg=path)
 
 
 def _assert_only_process_0_reports(job: Job, run_dir) -> None:

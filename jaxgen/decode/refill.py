@@ -116,19 +116,22 @@ def refill_ids(
     seed: int = 0,
     row_ids: Sequence[int] | None = None,
     chunk: int = 64,
+    shape: tuple[int, int] = (0, 0),
 ) -> Iterator[tuple[int, loop.Completion]]:
     """Decodes every prompt (its own max new tokens in `limits`, each <= spec.buffer) with
     `batch_size` rows kept busy; yields (prompt index, Completion) as rows finish.
 
-    Greedy and sampling (a `Sample` strategy's knobs are shared by every row).
+    Greedy and sampling (a `Sample` strategy's knobs are shared by every row). `shape`:
+    at least this many prompts, this long, to size the rows for (a resumed job's rest,
+    decoded in the whole job's shapes).
     """
     for i, (prompt, limit) in enumerate(zip(prompts, limits, strict=True)):
         loop.check_room(config, len(prompt), limit, f"prompt {i}")
         if limit > spec.buffer:
             raise ValueError(f"prompt {i}: max_new_tokens={limit} exceeds DecodeSpec.buffer={spec.buffer}")
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-    p = loop.bucket(max(len(x) for x in prompts), cap=config.max_len)
-    b = min(batch_size, len(prompts))
+    p = loop.bucket(max(shape[1], *(len(x) for x in prompts)), cap=config.max_len)
+    b = min(batch_size, max(shape[0], len(prompts)))
     jit_insert, jit_advance = compiled(config, spec.program(), chunk)
     params = unstack_layers(params, config)
     state = empty_rows(config, b, p + spec.buffer, spec.buffer, sampling.knobs(spec.strategy, b))

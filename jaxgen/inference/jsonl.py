@@ -261,17 +261,19 @@ def _generate(lm, batch: list[dict], options: dict, bad: BadLines, chat: bool = 
     return [pair for r in batch for pair in _generate(lm, [r], options, bad, chat)]
 
 
-def _refilled(lm, group: list[dict], options: dict, chat: bool):
+def _refilled(lm, group: list[dict], whole: list[dict], options: dict, chat: bool):
     """(record, result) pairs of one option group in input order, decoded with continuous
-    refill (`LanguageModel.generate_each`); None when a record fails before decoding starts
-    (the caller then decodes the group in batches, which isolates the bad line)."""
+    refill (`LanguageModel.generate_each`) in the shapes of `whole` (the group's records
+    of the window, written or not); None when a record fails before decoding starts (the
+    caller then decodes the group in batches, which isolates the bad line)."""
     overrides = _overrides(group[0], _PER_ROW)
     default = options.get("max_new_tokens", lm.config.generate.max_new_tokens)
     limits = [r.get("max_new_tokens", default) for r in group]
     try:
         prompts = [_prompt(lm, r, chat) for r in group]
+        like = ([_prompt(lm, r, chat) for r in whole], [r.get("max_new_tokens", default) for r in whole])
         results = lm.generate_each(
-            prompts, row_ids=[r["id"] for r in group], limits=limits, **(options | overrides)
+            prompts, row_ids=[r["id"] for r in group], limits=limits, batch_like=like, **(options | overrides)
         )
         first = next(results, None)
     except JaxgenError:
@@ -288,11 +290,18 @@ def _refilled(lm, group: list[dict], options: dict, chat: bool):
     return in_order()
 
 
-def _written_chunks(lm, pending, options, opts: GenerateConfig, bad: BadLines, chat):
+def _written_chunks(lm, pending, window, options, opts: GenerateConfig, bad: BadLines, chat):
     """Lists of (record, result) to write: up to `batch_size` lines of a continuously refilled
-    group at a time, in input order, or one static batch of a group that needs batches."""
+    group at a time, in input order, or one static batch of a group that needs batches.
+
+    `window`: every good record of the window, written or not. A refilled group decodes in
+    the shapes its whole window group gives (rows, prompt and output widths): a resumed
+    run's rows then sum in the same order as the uninterrupted run's, and write the same
+    bits (XLA's reductions over a cache or batch of another size round differently)."""
+    key = lambda r: json.dumps(_overrides(r, _PER_ROW), sort_keys=True)  # noqa: E731
     for group in _option_groups(pending, ignore=_PER_ROW):
-        stream = _refilled(lm, group, options, chat)
+        whole = [r for r in window if key(r) == key(group[0])]
+        stream = _refilled(lm, group, whole, options, chat)
         if stream is None:
             for batch in _groups(group, opts.batch_size):
                 yield _generate(lm, batch, options, bad, chat)
@@ -350,7 +359,9 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
             lm, input_path, output_path, options, chat, bad, summary, max(window, 4 * opts.batch_size)
         )
         chunks = (
-            chunk for records in windows for chunk in _written_chunks(lm, records, options, opts, bad, chat)
+            chunk
+            for records, window in windows
+            for chunk in _written_chunks(lm, records, window, options, opts, bad, chat)
         )
         total = _count_lines(input_path) if progress else None
         _write(chunks, output_path, opts, summary, progress, on_batch, total)
@@ -377,7 +388,8 @@ def _pending(lm, input_path, output_path, options: dict, chat: bool, bad: BadLin
     return _not_done(records, done, size, summary)
 
 
-def _not_done(records: Iterator[dict], done: IdSet, size: int, summary: Summary) -> Iterator[list[dict]]:
+def _not_done(records: Iterator[dict], done: IdSet, size: int, summary: Summary):
+    """(records not yet written, all of the window) per window."""
     for window in _windows(records, size):
         # Group order comes from the whole window, so a group whose lines are all written
         # does not let a later group overtake the rest of an earlier one.
@@ -385,7 +397,7 @@ def _not_done(records: Iterator[dict], done: IdSet, size: int, summary: Summary)
         pending = [r for r in grouped if key(r["id"]) not in done]
         summary.skipped += len(window) - len(pending)
         if pending:
-            yield pending
+            yield pending, window
 
 
 def _windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
