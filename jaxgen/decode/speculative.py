@@ -298,7 +298,7 @@ def compiled(config: ModelConfig, spec: loop.DecodeSpec, speculation: Speculatio
         )
         return generate(model, params, draft, *args, speculation, spec)
 
-    return jax.jit(run)
+    return loop.loop_jit(run)  # one while-loop: a single GPU graph, like plain decoding
 
 
 @dataclasses.dataclass
