@@ -1,8 +1,10 @@
 // Standalone (no JAX): one thread, int8 [768, 3072] x 12 weights times one float row, the
 // portable kernel's m == 1 loop (V0, 4 weight rows per sweep) against 8 rows per sweep (V1) and
-// register accumulators over 32-column strips (V2). Measures how fast a core widens int8.
+// register accumulators over 32-column strips (V2), and int16 activations with integer
+// multiply-adds (V3, and V4 with 4 rows per sweep; maxdiff is then its rounding, relative to sums of ~|x| * 127 * 768). Measures how fast a core widens int8.
 //   g++ -O3 -march=native -std=c++20 -fopenmp-simd -o /tmp/kb benchmarks/cpu_int8_widen.cc && /tmp/kb
 #include <immintrin.h>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -56,15 +58,65 @@ void V2(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t
     _mm256_storeu_ps(y + j, c0); _mm256_storeu_ps(y + j + 8, c1); _mm256_storeu_ps(y + j + 16, c2); _mm256_storeu_ps(y + j + 24, c3);
   }
 }
+// int16 activations (one scale per row, as the AVX-512 head path) and integer multiply-adds:
+// rows k and k+1 interleaved byte by byte, widened to int16, vpmaddwd against the pair
+// (x[k], x[k+1]) broadcast: 16 columns x 2 rows per instruction, exact int32 sums.
+void V3(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t n0, int64_t n1) {
+  float top = 0; for (int64_t i = 0; i < k; ++i) top = std::max(top, std::abs(x[i]));
+  const float s = top > 0 ? top / 32767.0f : 1.0f;
+  alignas(64) int16_t q[16384];
+  for (int64_t i = 0; i < k; ++i) q[i] = (int16_t)std::nearbyint(x[i] / s);
+  alignas(32) int32_t acc[kColumnChunk];
+  std::fill(acc, acc + (n1 - n0), 0);
+  for (int64_t kk = 0; kk < k; kk += 2) {
+    int32_t pair; std::memcpy(&pair, q + kk, 4);
+    const __m256i a = _mm256_set1_epi32(pair);
+    const int8_t* r0 = w + kk * n + n0; const int8_t* r1 = r0 + n;
+    for (int64_t j = 0; j < n1 - n0; j += 16) {
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(r0 + j)), b1 = _mm_loadu_si128((const __m128i*)(r1 + j));
+      const __m256i lo = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b0, b1));  // columns j..j+7, pairs
+      const __m256i hi = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(b0, b1));  // columns j+8..j+15
+      __m256i* c = (__m256i*)(acc + j);
+      c[0] = _mm256_add_epi32(c[0], _mm256_madd_epi16(lo, a));
+      c[1] = _mm256_add_epi32(c[1], _mm256_madd_epi16(hi, a));
+    }
+  }
+  for (int64_t j = 0; j < n1 - n0; ++j) y[n0 + j] = acc[j] * s;
+}
+// V3 with 4 rows per sweep: two pairs' products summed before the accumulator is touched.
+void V4(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t n0, int64_t n1) {
+  float top = 0; for (int64_t i = 0; i < k; ++i) top = std::max(top, std::abs(x[i]));
+  const float s = top > 0 ? top / 32767.0f : 1.0f;
+  alignas(64) int16_t q[16384];
+  for (int64_t i = 0; i < k; ++i) q[i] = (int16_t)std::nearbyint(x[i] / s);
+  alignas(32) int32_t acc[kColumnChunk];
+  std::fill(acc, acc + (n1 - n0), 0);
+  for (int64_t kk = 0; kk < k; kk += 4) {
+    int32_t p0, p1; std::memcpy(&p0, q + kk, 4); std::memcpy(&p1, q + kk + 2, 4);
+    const __m256i a0 = _mm256_set1_epi32(p0), a1 = _mm256_set1_epi32(p1);
+    const int8_t* r0 = w + kk * n + n0;
+    for (int64_t j = 0; j < n1 - n0; j += 16) {
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(r0 + j)), b1 = _mm_loadu_si128((const __m128i*)(r0 + n + j));
+      const __m128i b2 = _mm_loadu_si128((const __m128i*)(r0 + 2 * n + j)), b3 = _mm_loadu_si128((const __m128i*)(r0 + 3 * n + j));
+      __m256i* c = (__m256i*)(acc + j);
+      c[0] = _mm256_add_epi32(c[0], _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b0, b1)), a0),
+                                                      _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b2, b3)), a1)));
+      c[1] = _mm256_add_epi32(c[1], _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpackhi_epi8(b0, b1)), a0),
+                                                      _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpackhi_epi8(b2, b3)), a1)));
+    }
+  }
+  for (int64_t j = 0; j < n1 - n0; ++j) y[n0 + j] = acc[j] * s;
+}
 int main(int argc, char** argv) {
   const int64_t k = 768, n = 3072, mats = 12;
   std::vector<int8_t> w(mats * k * n); for (size_t i = 0; i < w.size(); ++i) w[i] = (int8_t)((i * 2654435761u) >> 24);
   std::vector<float> x(k), y(n), y0(n);
   for (int i = 0; i < k; ++i) x[i] = (i % 7) * 0.1f - 0.3f;
   using F = void (*)(const float*, const int8_t*, float*, int64_t, int64_t, int64_t, int64_t);
-  F fs[] = {V0, V1, V2}; const char* names[] = {"V0 4rows", "V1 8rows", "V2 regs32"};
+  F fs[] = {V0, V1, V2, V3, V4};
+  const char* names[] = {"V0 4rows", "V1 8rows", "V2 regs32", "V3 int16", "V4 int16 4rows"};
   for (int round = 0; round < 3; ++round)
-  for (int v = 0; v < 3; ++v) {
+  for (int v = 0; v < 5; ++v) {
     auto t0 = std::chrono::steady_clock::now();
     int reps = 5;
     for (int r = 0; r < reps; ++r)
