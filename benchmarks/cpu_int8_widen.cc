@@ -58,14 +58,20 @@ void V2(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t
     _mm256_storeu_ps(y + j, c0); _mm256_storeu_ps(y + j + 8, c1); _mm256_storeu_ps(y + j + 16, c2); _mm256_storeu_ps(y + j + 24, c3);
   }
 }
+// x rounded to int16 with one scale (returned): |x| * 32767 / max|x|.
+float ToInt16(const float* x, int64_t k, int16_t* q) {
+  float top = 0;
+  for (int64_t i = 0; i < k; ++i) top = std::max(top, std::abs(x[i]));
+  const float s = top > 0 ? top / 32767.0f : 1.0f;
+  for (int64_t i = 0; i < k; ++i) q[i] = (int16_t)std::nearbyint(x[i] / s);
+  return s;
+}
 // int16 activations (one scale per row, as the AVX-512 head path) and integer multiply-adds:
 // rows k and k+1 interleaved byte by byte, widened to int16, vpmaddwd against the pair
 // (x[k], x[k+1]) broadcast: 16 columns x 2 rows per instruction, exact int32 sums.
 void V3(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t n0, int64_t n1) {
-  float top = 0; for (int64_t i = 0; i < k; ++i) top = std::max(top, std::abs(x[i]));
-  const float s = top > 0 ? top / 32767.0f : 1.0f;
   alignas(64) int16_t q[16384];
-  for (int64_t i = 0; i < k; ++i) q[i] = (int16_t)std::nearbyint(x[i] / s);
+  const float s = ToInt16(x, k, q);
   alignas(32) int32_t acc[kColumnChunk];
   std::fill(acc, acc + (n1 - n0), 0);
   for (int64_t kk = 0; kk < k; kk += 2) {
@@ -85,10 +91,8 @@ void V3(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t
 }
 // V3 with 4 rows per sweep: two pairs' products summed before the accumulator is touched.
 void V4(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t n0, int64_t n1) {
-  float top = 0; for (int64_t i = 0; i < k; ++i) top = std::max(top, std::abs(x[i]));
-  const float s = top > 0 ? top / 32767.0f : 1.0f;
   alignas(64) int16_t q[16384];
-  for (int64_t i = 0; i < k; ++i) q[i] = (int16_t)std::nearbyint(x[i] / s);
+  const float s = ToInt16(x, k, q);
   alignas(32) int32_t acc[kColumnChunk];
   std::fill(acc, acc + (n1 - n0), 0);
   for (int64_t kk = 0; kk < k; kk += 4) {

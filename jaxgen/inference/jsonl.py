@@ -261,19 +261,27 @@ def _generate(lm, batch: list[dict], options: dict, bad: BadLines, chat: bool = 
     return [pair for r in batch for pair in _generate(lm, [r], options, bad, chat)]
 
 
-def _refilled(lm, group: list[dict], whole: list[dict], options: dict, chat: bool):
+def _refilled(lm, group: list[dict], written: list[dict], options: dict, chat: bool):
     """(record, result) pairs of one option group in input order, decoded with continuous
-    refill (`LanguageModel.generate_each`) in the shapes of `whole` (the group's records
-    of the window, written or not); None when a record fails before decoding starts (the
-    caller then decodes the group in batches, which isolates the bad line)."""
+    refill (`LanguageModel.generate_each`) in rows sized for `written` too (the group's
+    records of the window already in the output); None when a record fails before
+    decoding starts (the caller then decodes the group in batches, which isolates the bad
+    line)."""
     overrides = _overrides(group[0], _PER_ROW)
     default = options.get("max_new_tokens", lm.config.generate.max_new_tokens)
     limits = [r.get("max_new_tokens", default) for r in group]
     try:
         prompts = [_prompt(lm, r, chat) for r in group]
-        like = ([_prompt(lm, r, chat) for r in whole], [r.get("max_new_tokens", default) for r in whole])
+        sized_for = (
+            [_prompt(lm, r, chat) for r in written],
+            [r.get("max_new_tokens", default) for r in written],
+        )
         results = lm.generate_each(
-            prompts, row_ids=[r["id"] for r in group], limits=limits, batch_like=like, **(options | overrides)
+            prompts,
+            row_ids=[r["id"] for r in group],
+            limits=limits,
+            sized_for=sized_for,
+            **(options | overrides),
         )
         first = next(results, None)
     except JaxgenError:
@@ -290,18 +298,17 @@ def _refilled(lm, group: list[dict], whole: list[dict], options: dict, chat: boo
     return in_order()
 
 
-def _written_chunks(lm, pending, window, options, opts: GenerateConfig, bad: BadLines, chat):
+def _written_chunks(lm, groups, options, opts: GenerateConfig, bad: BadLines, chat):
     """Lists of (record, result) to write: up to `batch_size` lines of a continuously refilled
     group at a time, in input order, or one static batch of a group that needs batches.
 
-    `window`: every good record of the window, written or not. A refilled group decodes in
-    the shapes its whole window group gives (rows, prompt and output widths): a resumed
-    run's rows then sum in the same order as the uninterrupted run's, and write the same
-    bits (XLA's reductions over a cache or batch of another size round differently)."""
-    key = lambda r: json.dumps(_overrides(r, _PER_ROW), sort_keys=True)  # noqa: E731
-    for group in _option_groups(pending, ignore=_PER_ROW):
-        whole = [r for r in window if key(r) == key(group[0])]
-        stream = _refilled(lm, group, whole, options, chat)
+    `groups`: one window's (pending, written) records per option group. A refilled group
+    decodes in the shapes its whole window group gives (rows, prompt and output widths):
+    a resumed run's rows then sum in the same order as the uninterrupted run's, and write
+    the same bits (XLA's reductions over a cache or batch of another size round
+    differently)."""
+    for group, written in groups:
+        stream = _refilled(lm, group, written, options, chat)
         if stream is None:
             for batch in _groups(group, opts.batch_size):
                 yield _generate(lm, batch, options, bad, chat)
@@ -359,9 +366,7 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
             lm, input_path, output_path, options, chat, bad, summary, max(window, 4 * opts.batch_size)
         )
         chunks = (
-            chunk
-            for records, window in windows
-            for chunk in _written_chunks(lm, records, window, options, opts, bad, chat)
+            chunk for groups in windows for chunk in _written_chunks(lm, groups, options, opts, bad, chat)
         )
         total = _count_lines(input_path) if progress else None
         _write(chunks, output_path, opts, summary, progress, on_batch, total)
@@ -371,9 +376,10 @@ def run(lm, input_path, output_path, options: dict | None = None, *, progress: b
 
 
 def _pending(lm, input_path, output_path, options: dict, chat: bool, bad: BadLines, summary,
-             size: int) -> Iterator[list[dict]]:  # fmt: skip
-    """Windows of the input's good records not yet in the output, each read when asked for
-    (those already written counted in `summary.skipped`); the bad ones go to `bad`.
+             size: int) -> Iterator[list[tuple[list[dict], list[dict]]]]:  # fmt: skip
+    """Windows of the input's good records, each read when asked for, as (not yet in the
+    output, already written) per option group (the written counted in `summary.skipped`);
+    the bad ones go to `bad`.
 
     Windows are cut and grouped over all good records, written or not, so a resumed run
     groups the rest of a window as the uninterrupted run did and writes the same file.
@@ -389,15 +395,19 @@ def _pending(lm, input_path, output_path, options: dict, chat: bool, bad: BadLin
 
 
 def _not_done(records: Iterator[dict], done: IdSet, size: int, summary: Summary):
-    """(records not yet written, all of the window) per window."""
+    """Per window, (records not yet written, records written) of each option group that
+    has any not yet written."""
     for window in _windows(records, size):
         # Group order comes from the whole window, so a group whose lines are all written
         # does not let a later group overtake the rest of an earlier one.
-        grouped = (r for group in _option_groups(window, ignore=_PER_ROW) for r in group)
-        pending = [r for r in grouped if key(r["id"]) not in done]
-        summary.skipped += len(window) - len(pending)
-        if pending:
-            yield pending, window
+        groups = []
+        for group in _option_groups(window, ignore=_PER_ROW):
+            pending = [r for r in group if key(r["id"]) not in done]
+            summary.skipped += len(group) - len(pending)
+            if pending:
+                groups.append((pending, [r for r in group if key(r["id"]) in done]))
+        if groups:
+            yield groups
 
 
 def _windows(records: Iterable[dict], size: int) -> Iterator[list[dict]]:

@@ -200,7 +200,7 @@ class LanguageModel:
         return results
 
     def generate_each(
-        self, prompts: Sequence[Prompt], *, row_ids=None, limits=None, batch_like=None, **options
+        self, prompts: Sequence[Prompt], *, row_ids=None, limits=None, sized_for=None, **options
     ):
         """Like `generate`, yielding (prompt index, result) as each prompt completes.
 
@@ -212,15 +212,15 @@ class LanguageModel:
 
         Args:
             limits: each prompt's own `max_new_tokens` (default: the option's, for all).
-            batch_like: (prompts, limits) of a superset of `prompts` whose shapes refill
-                decodes in (rows, prompt and output widths), e.g. a file's group with the
-                lines already written: a resumed job then rounds as the whole job did.
+            sized_for: (prompts, limits) decoded elsewhere that the rows are sized for too
+                (rows, prompt and output widths), e.g. the lines of a file's group already
+                written: a resumed job then rounds as the whole job did.
         """
-        like_limits = [] if batch_like is None else batch_like[1]
+        other_prompts, other_limits = ([], []) if sized_for is None else sized_for
         if limits is not None:
             limits = [request.validate(self.config.generate, max_new_tokens=n).max_new_tokens for n in limits]
             # the buffer every row fits in
-            options = options | {"max_new_tokens": max(limits + list(like_limits))}
+            options = options | {"max_new_tokens": max([*limits, *other_limits])}
         req = self.resolve(**options)
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         limits = [req.max_new_tokens] * len(prompts) if limits is None else limits
@@ -238,14 +238,14 @@ class LanguageModel:
             request.fit_prompt(model, self.encode_prompt(p, opts, f"prompt {r}"), n, opts, f"prompt {r}")
             for p, r, n in zip(prompts, row_ids, limits, strict=True)
         ]
-        like = encoded
-        if batch_like is not None:
-            like = [request.fit_prompt(model, self.encode_prompt(p, opts, "prompt"), n, opts, "prompt")
-                    for p, n in zip(*batch_like, strict=True)]  # fmt: skip
+        others = [
+            request.fit_prompt(model, self.encode_prompt(p, opts, "prompt"), n, opts, "prompt")
+            for p, n in zip(other_prompts, other_limits, strict=True)
+        ]
         rows = refill.refill_ids(
             model, self.params_for(opts.weights), encoded, limits, req.spec, batch_size=opts.batch_size,
             seed=opts.seed, row_ids=[request.row_id(r) for r in row_ids],
-            shape=(max(len(like), len(encoded)), max(len(x) for x in like + encoded)),
+            shape=(len(encoded) + len(others), max(len(x) for x in encoded + others)),
         )  # fmt: skip
         for i, completion in rows:
             yield i, self._result(encoded[i], [completion], req)
