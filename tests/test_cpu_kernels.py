@@ -35,6 +35,19 @@ def _check_against_float64(dtype, layout, m, k, n):
     stored = w if layout == "kn" else np.ascontiguousarray(w.T)
     got = jax.jit(cpu_kernels.weight_matmul, static_argnums=3)(x, jnp.asarray(stored), scale, layout)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-3 * np.abs(expected).max())
+    if dtype == "int8" and cpu_kernels.rounds_activations(layout):
+        check_int16_rows(np.asarray(got), x, w, scale)
+
+
+def check_int16_rows(got, x, w, scale):
+    """Where the build rounds activation rows to int16, its integer sums are exact: the
+    result is q @ w (in int64) times the row's and the column's scale, up to float32
+    rounding of partial sums (a few ulps of the terms' magnitudes summed)."""
+    q, s = cpu_kernels.int16_rows(x)
+    q, w, s = q.astype(np.int64), np.asarray(w, np.int64), s.astype(np.float64)
+    exact = (q @ w) * s * scale
+    size = (np.abs(q) @ np.abs(w)) * s * scale
+    assert np.all(np.abs(got - exact) <= 1e-6 * size), np.abs(got - exact).max()
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
@@ -56,13 +69,15 @@ def test_long_rows_and_ragged_tails(dtype, layout, m):
     _check_against_float64(dtype, layout, m, k=2100, n=70)
 
 
-def test_integer_sums_hold_the_worst_case_row():
-    # The worst case for the [N, K] int8 path at its longest row: every activation rounds
-    # to 32767 and every weight is 127 (kept below 2^31 only by splitting the sums).
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_integer_sums_hold_the_worst_case_row(layout):
+    # The worst case for the int8 paths that round activations to int16, at the [N, K]
+    # kernel's longest row: every activation rounds to 32767 and every weight is 127 (kept
+    # below 2^31 only by splitting the sums; [K, N] moves them to float32 every 512 rows).
     k = 16384
     x = np.ones((1, k), np.float32)
-    w = np.full((8, k), 127, np.int8)
-    got = jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))(x, jnp.asarray(w), None, "nk")
+    w = np.full((8, k) if layout == "nk" else (k, 8), 127, np.int8)
+    got = jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))(x, jnp.asarray(w), None, layout)
     np.testing.assert_allclose(np.asarray(got), np.full((1, 8), 127.0 * k), rtol=1e-6)
 
 
@@ -119,31 +134,37 @@ def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch):
         cpu_kernels._load.cache_clear()
 
 
-def test_the_portable_loops_build_and_match_numpy(tmp_path):
-    # On an AVX-512 machine the suite runs the register-tiled kernels; the portable loops
-    # (every other CPU) are built here in a child process by a compiler wrapper that asks
-    # for AVX2 at most, into a cache of their own, and checked against numpy.
+@pytest.mark.parametrize("march, rounds", [("x86-64-v3", True), ("x86-64-v2", False)])
+def test_the_portable_loops_build_and_match_numpy(tmp_path, march, rounds):
+    # On an AVX-512 machine the suite runs the register-tiled kernels; the portable build
+    # (every other CPU) is built here in a child process by a compiler wrapper that asks
+    # for AVX2 (x86-64-v3: int8 with int16 activations) or SSE4 only (x86-64-v2: the plain
+    # float loops), into a cache of its own, and checked against numpy.
     if cpu_kernels._compiler() is None:
         assert not cpu_kernels.available()
         return
     wrapper = tmp_path / "cxx"
     wrapper.write_text(
         "#!/bin/sh\n"
-        "# the machine's compiler with -march=native replaced by x86-64-v3 (AVX2)\n"
-        'for a in "$@"; do shift; [ "$a" = -march=native ] && a=-march=x86-64-v3; set -- "$@" "$a"; done\n'
+        f"# the machine's compiler with -march=native replaced by {march}\n"
+        f'for a in "$@"; do shift; [ "$a" = -march=native ] && a=-march={march}; set -- "$@" "$a"; done\n'
         f'exec {cpu_kernels._compiler()} "$@"\n'
     )
     wrapper.chmod(0o755)
     script = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxgen.runtime import cpu_kernels
+from test_cpu_kernels import check_int16_rows
 rng = np.random.default_rng(0)
 x = rng.normal(size=(3, 200)).astype(np.float32)
 w = rng.integers(-127, 128, size=(200, 70)).astype(np.int8)
 matmul = jax.jit(cpu_kernels.weight_matmul, static_argnums=(2, 3))
 for layout, stored in (("kn", w), ("nk", np.ascontiguousarray(w.T))):
     got = np.asarray(matmul(x, jnp.asarray(stored), None, layout))
-    np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
+    if cpu_kernels.rounds_activations(layout):
+        check_int16_rows(got, x, w, np.float32(1))
+    else:
+        np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
 # Tiles: the plain loops' sums, read from the tiles (a 1024-column task spans 8 tiles).
 x = rng.normal(size=(3, 48)).astype(np.float32)
 w = jnp.asarray(rng.integers(-127, 128, size=(48, 1280)).astype(np.int8))
@@ -152,14 +173,20 @@ for rows in (x[:1], x):
     np.testing.assert_array_equal(np.asarray(matmul(rows, cpu_kernels.to_tiles(w), None, "kn_tiles")), plain)
 import ctypes, glob, os
 (built,) = glob.glob(os.path.join(os.environ["JAXGEN_CACHE_DIR"], "kernels", "*.so"))
-print("tiled" if ctypes.CDLL(built).JaxgenTiledKernels() else "portable")
+build = "tiled" if ctypes.CDLL(built).JaxgenTiledKernels() else "portable"
+print(build, cpu_kernels.rounds_activations("kn"))
 """
-    env = {**os.environ, "CXX": str(wrapper), "JAXGEN_CACHE_DIR": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "CXX": str(wrapper),
+        "JAXGEN_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "portable"
+    assert done.stdout.strip().splitlines()[-1] == f"portable {rounds}"
 
 
 def test_tiles_are_16_by_128_blocks_in_row_major_order():

@@ -47,6 +47,30 @@ def test_logits_stay_close_to_float32(family, weights, bound):
     assert quant.weight_bytes(converted) < 0.6 * quant.weight_bytes(params)
 
 
+def head_rounding(params, hidden) -> np.ndarray:
+    """How far the CPU kernel's rounding of each final hidden row to int16 (at most half of
+    max|h| / 32767 per element) can move each logit through an int8 head: that times the
+    logit's absolute weight sum, [..., V]. 0 where the head is not int8 or this build does
+    not round its layout's activations (cpu_kernels.rounds_activations)."""
+    from jaxgen.runtime import cpu_kernels
+
+    if "lm_head_scale" in params:  # untied [D, V] head
+        weights, layout = (
+            np.abs(np.asarray(params["lm_head"], np.float64)).sum(0) * params["lm_head_scale"],
+            "kn",
+        )
+    elif "scale" in params["embed"]:  # tied: the [V, D] embedding
+        weights, layout = (
+            np.abs(np.asarray(params["embed"]["embedding"], np.float64)).sum(1) * params["embed"]["scale"],
+            "nk",
+        )
+    else:
+        return np.zeros(())
+    if not cpu_kernels.rounds_activations(layout):
+        return np.zeros(())
+    return 0.5 * np.abs(np.asarray(hidden)).max(-1, keepdims=True) / 32767 * np.asarray(weights)
+
+
 @pytest.mark.parametrize("weights", ["int8", "int8-head", "bfloat16"])
 def test_quantized_decode_through_the_cache_equals_its_full_forward(family, weights):
     cfg, params = family
@@ -54,14 +78,21 @@ def test_quantized_decode_through_the_cache_equals_its_full_forward(family, weig
     model = ServingTransformer(cfg)
     tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
-    full = apply_unstacked(cfg, params, tokens, positions)[0]
+    full = np.asarray(apply_unstacked(cfg, params, tokens, positions)[0], np.float64)
+    # Float32 sums in another order, and where the kernel rounds the head's activations to
+    # int16, each path's own rounding of hidden rows that differ by that noise: up to twice
+    # the head's rounding bound apart.
+    allowed = 1e-5 + 1e-5 * np.abs(full)
+    allowed = allowed + 2 * head_rounding(
+        params, apply_unstacked(cfg, params, tokens, positions, return_hidden=True)[0]
+    )
     cache = loop.new_cache(cfg, 2, 24)
     lengths = jnp.full((2,), 16)
     logits, cache = loop.prefill(model, params, tokens[:, :16], lengths, cache)
-    np.testing.assert_allclose(logits, full[:, 15], atol=1e-5, rtol=1e-5)
+    assert np.all(np.abs(logits - full[:, 15]) <= allowed[:, 15])
     for t in range(16, 24):
         logits, cache = loop.decode_step(model, params, tokens[:, t], positions[:, t], cache)
-        np.testing.assert_allclose(logits, full[:, t], atol=1e-5, rtol=1e-5)
+        assert np.all(np.abs(logits - full[:, t]) <= allowed[:, t]), t
 
 
 def test_bad_weights_are_one_line(family):
@@ -78,9 +109,12 @@ def test_bad_weights_are_one_line(family):
 @pytest.mark.parametrize("weights", ["int8-head", "bfloat16"])
 def test_cpu_kernel_path_equals_xla_path(family, weights, monkeypatch):
     # The same quantized model through the weight-streaming kernel (the default on CPU) and
-    # through XLA's dots (kernels turned off): float32 sums in another order, plus, for a
-    # tied int8 head, the kernel's rounding of each activation row to int16 (at most half
-    # of max|h| / 32767 per element, so at most that times sum_k |W[v, k]| per logit).
+    # through XLA's dots (kernels turned off): float32 sums in another order, plus, for an
+    # int8 head, the kernel's rounding of each activation row to int16 (head_rounding).
+    # The AVX2 build rounds the activations of every int8 projection too; the head's
+    # worst-case bound covers those here as well: measured on Zen 1, the largest difference
+    # is 0.45 (gpt2) and 0.33 (llama) of what is allowed (with the body's rounding alone,
+    # weights="int8", 2.2e-5 and 1.4e-5, against the 1e-5 of float32 reordering).
     from jaxgen.runtime import cpu_kernels
 
     cfg, params = family
@@ -93,20 +127,14 @@ def test_cpu_kernel_path_equals_xla_path(family, weights, monkeypatch):
 
     assert cpu_kernels.available() or cpu_kernels._compiler() is None  # else this compares XLA with XLA
     fast = logits()
+    rounding = head_rounding(params, apply_unstacked(cfg, params, tokens, positions, return_hidden=True)[0])
     monkeypatch.setenv("JAXGEN_CPU_KERNELS", "0")
     cpu_kernels._load.cache_clear()
     try:
         slow = logits()
-        hidden = np.asarray(apply_unstacked(cfg, params, tokens, positions, return_hidden=True)[0])
     finally:
         monkeypatch.undo()
         cpu_kernels._load.cache_clear()
-    rounding = 0.0
-    if weights == "int8-head" and cfg.tie_embeddings:
-        head = np.abs(np.asarray(params["embed"]["embedding"], np.float64)).sum(1) * np.asarray(
-            params["embed"]["scale"]
-        )
-        rounding = 0.5 * np.abs(hidden).max(-1, keepdims=True) / 32767 * head  # [B, T, V]
     fast, slow = np.asarray(fast, np.float64), np.asarray(slow, np.float64)
     assert np.all(np.abs(fast - slow) <= 1e-5 + 1e-5 * np.abs(slow) + rounding)
 

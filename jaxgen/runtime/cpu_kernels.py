@@ -25,6 +25,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("weight_matmul.cc")
 _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
@@ -148,6 +149,26 @@ def reads_tiles() -> bool:
     same sums as the plain layout, so that tiled weights run anywhere; the layout was
     measured to pay off with the AVX-512 kernels only.)"""
     return available() and bool(_load()[0].JaxgenTiledKernels())
+
+
+def rounds_activations(layout: str) -> bool:
+    """Whether int8 weights in `layout` ("kn", "kn_tiles", "nk") multiply activation rows
+    rounded to int16, each by its own max|x| / 32767, in this build: the AVX2 build for
+    every layout, the AVX-512 build for the [N, K] head (its dot-product instructions).
+    Results then differ from float32 arithmetic by at most half a step per activation,
+    times the weights' absolute sum."""
+    bit = 2 if layout == "nk" else 1
+    return available() and bool(_load()[0].JaxgenInt16Activations() & bit)
+
+
+def int16_rows(x):
+    """x [M, K] float32 as the kernel rounds it for `rounds_activations` layouts: (q, s),
+    int16-valued float32 q [M, K] and a scale s [M, 1] with x ~ q * s, computed with the
+    same float32 operations as weight_matmul.cc's MakeNarrowRows (numpy, for tests)."""
+    x = np.asarray(x, np.float32)
+    top = np.abs(x).max(-1, keepdims=True)
+    s = np.where(top > 0, top / np.float32(32767), np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(x * (np.float32(1) / s)), -32767, 32767).astype(np.float32), s
 
 
 def tileable(k: int, n: int) -> bool:

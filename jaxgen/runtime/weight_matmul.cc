@@ -31,7 +31,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -78,36 +78,51 @@ inline const W* TileAt(const W* w, int64_t n, int64_t k0, int64_t j, bool tiles)
   return tiles ? w + k0 * n + (j / kTileCols) * kTileCols * kTileRows + j % kTileCols : w + k0 * n + j;
 }
 
+// The rows of w[:, n0:n1] of a [K, N] weight in either layout, each contiguous (with
+// tiles, n0 a multiple of kTileCols and n1 - n0 <= kTileCols: one tile column).
+template <typename W>
+struct ColumnRows {
+  const W* w;
+  bool tiles;
+  int64_t k, n, n0;
+
+  const W* At(int64_t row) const {
+    return tiles ? TileAt(w, n, row / kTileRows * kTileRows, n0, true) + row % kTileRows * kTileCols
+                 : w + row * n + n0;
+  }
+  // Rows kk..kk+3 into r, for the kernels that take four weight rows per sweep; a short
+  // last sweep repeats its last row (the caller's activations there are 0). How many are real.
+  int64_t Four(int64_t kk, const W* r[4]) const {
+    const int64_t rows = std::min<int64_t>(4, k - kk);
+    for (int64_t q = 0; q < 4; ++q) r[q] = At(kk + std::min(q, rows - 1));
+    return rows;
+  }
+};
+
+// Calls f(c0, c1) for the columns n0..n1, one tile column at a time with `tiles`.
+template <typename F>
+void ByTileColumns(bool tiles, int64_t n0, int64_t n1, F&& f) {
+  if (!tiles) return f(n0, n1);
+  for (int64_t j = n0; j < n1; j += kTileCols) f(j, std::min(n1, j + kTileCols));
+}
+
 // y[:, n0:n1] = x [M, K] @ w[K, N][:, n0:n1] * scale[n0:n1]: one pass over the weights.
 // Four weight rows per sweep of the sums: each load and store of a sum then serves four
 // multiply-adds (measured here: 9 vs 6 GB/s of int8 weights on one core). One activation
 // row widens the weights inside the multiply-add and keeps its sums in L1; several first
 // widen the four row pieces once and reuse them for every activation row.
-// With `tiles` (n0 a multiple of kTileCols) each tile column is its own sweep: the same
-// sums in the same order as the plain layout's.
+// Tiles are read one tile column at a time (ByTileColumns): the same sums in the same
+// order as the plain layout's.
 template <typename W>
-void KnColumns(const float* x, const W* w, bool tiles, const float* scale, float* y, int64_t m, int64_t k,
-               int64_t n, int64_t n0, int64_t n1) {
-  if (tiles && n1 - n0 > kTileCols) {
-    for (int64_t j = n0; j < n1; j += kTileCols)
-      KnColumns(x, w, tiles, scale, y, m, k, n, j, std::min(n1, j + kTileCols));
-    return;
-  }
-  const int64_t width = n1 - n0;
+void KnColumns(const float* x, const ColumnRows<W>& w, const float* scale, float* y, int64_t m, int64_t n,
+               int64_t n1) {
+  const int64_t k = w.k, n0 = w.n0, width = n1 - n0;
   const W* r[4];
-  auto at = [&](int64_t row) {  // w[row, n0:n1], contiguous in either layout
-    return tiles ? TileAt(w, n, row / kTileRows * kTileRows, n0, true) + row % kTileRows * kTileCols : w + row * n + n0;
-  };
-  auto rows_from = [&](int64_t kk) {  // a short last sweep repeats its last row; its a[] are 0
-    const int64_t rows = std::min<int64_t>(4, k - kk);
-    for (int64_t q = 0; q < 4; ++q) r[q] = at(kk + std::min(q, rows - 1));
-    return rows;
-  };
   if (m == 1) {
     alignas(64) float acc[kColumnChunk];
     std::fill(acc, acc + width, 0.0f);
     for (int64_t kk = 0; kk < k; kk += 4) {
-      const int64_t rows = rows_from(kk);
+      const int64_t rows = w.Four(kk, r);
       float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int64_t q = 0; q < rows; ++q) a[q] = x[kk + q];
 #pragma omp simd aligned(acc : 64)
@@ -121,7 +136,7 @@ void KnColumns(const float* x, const W* w, bool tiles, const float* scale, float
   alignas(64) float wide[4][kColumnChunk];
   for (int64_t i = 0; i < m; ++i) std::fill(y + i * n + n0, y + i * n + n1, 0.0f);
   for (int64_t kk = 0; kk < k; kk += 4) {
-    const int64_t rows = rows_from(kk);
+    const int64_t rows = w.Four(kk, r);
     for (int64_t q = 0; q < 4; ++q) Widen(r[q], wide[q], width);
     for (int64_t i = 0; i < m; ++i) {
       float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -156,6 +171,73 @@ void NkRows(const float* x, const W* w, const float* scale, float* y, int64_t m,
       y[i * n + j] = acc * scale[j];
     }
   }
+}
+
+// Runs `tile.template operator()<MB>()` for the activation rows i0..m in groups of at most
+// kMaxRows (templates need the group size at compile time).
+template <int kMaxRows, typename Tile>
+void RowGroups(int64_t m, Tile&& tile) {
+  for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
+    switch (std::min<int64_t>(kMaxRows, m - i0)) {
+      case 1: tile.template operator()<1>(i0); break;
+      case 2: if constexpr (kMaxRows >= 2) tile.template operator()<2>(i0); break;
+      case 3: if constexpr (kMaxRows >= 3) tile.template operator()<3>(i0); break;
+      case 4: if constexpr (kMaxRows >= 4) tile.template operator()<4>(i0); break;
+      case 5: if constexpr (kMaxRows >= 5) tile.template operator()<5>(i0); break;
+      case 6: if constexpr (kMaxRows >= 6) tile.template operator()<6>(i0); break;
+    }
+  }
+}
+
+// Activations for the dot-product instructions, made once per call: for the AVX-512
+// head, and for the AVX2 int8 kernels further down.
+// int8 weights: each activation row rounded to int16 with a scale of its own (|error| <=
+// the row's max / 65534, some 250x below the weights' own int8 rounding), so one vpdpwssd
+// multiplies 32 weights (vpmaddwd 16) where the float path takes three instructions per 16
+// (per 8 on AVX2). bfloat16 weights: each activation as the sum of two bfloat16 numbers
+// (hi + lo: 16 significant bits of float32's 24), each used by vdpbf16ps against the
+// weights as stored. Either way the weights are read at the memory's pace instead of the
+// widening's (RESULTS.md).
+struct NarrowRows {
+  int64_t stride = 0;         // k rounded up to 64 (a step of the [N, K] kernels); the padding is 0
+  std::vector<int16_t> q;     // int8 weights: [M, stride]; bfloat16: [M, 2 (hi, lo), stride] bits
+  std::vector<float> scale;   // int8 weights: [M]
+};
+
+inline uint16_t Bf16Bits(float f) {  // round to nearest even
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The narrow rows of x [M, K], or false where x is not finite (the float path then gives
+// the same inf/NaN as XLA would).
+template <typename W>
+bool MakeNarrowRows(const float* x, int64_t m, int64_t k, NarrowRows& out) {
+  out.stride = (k + 63) / 64 * 64;
+  constexpr int64_t parts = std::is_same_v<W, int8_t> ? 1 : 2;
+  out.q.assign(m * parts * out.stride, 0);
+  out.scale.assign(m, 1.0f);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * k;
+    float top = 0.0f;
+    for (int64_t kk = 0; kk < k; ++kk) top = std::max(top, std::fabs(xi[kk]));
+    if (!std::isfinite(top)) return false;
+    int16_t* q = out.q.data() + i * parts * out.stride;
+    if constexpr (std::is_same_v<W, int8_t>) {
+      if (top > 0.0f) out.scale[i] = top / 32767.0f;
+      const float inv = 1.0f / out.scale[i];
+      for (int64_t kk = 0; kk < k; ++kk)
+        q[kk] = static_cast<int16_t>(std::clamp(std::nearbyint(xi[kk] * inv), -32767.0f, 32767.0f));
+    } else {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const uint16_t hi = Bf16Bits(xi[kk]);
+        q[kk] = static_cast<int16_t>(hi);
+        q[out.stride + kk] = static_cast<int16_t>(Bf16Bits(xi[kk] - Wide(hi)));
+      }
+    }
+  }
+  return true;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -248,57 +330,7 @@ void NkTile(const float* x, const W* w, const float* scale, float* y, int64_t k,
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-// Activations for the dot-product instructions, made once per call, for the [N, K] head.
-// int8 weights: each activation row rounded to int16 with a scale of its own (|error| <=
-// the row's max / 65534, some 250x below the weights' own int8 rounding), so one vpdpwssd
-// multiplies 32 weights where the float path takes three instructions per 16. bfloat16
-// weights: each activation as the sum of two bfloat16 numbers (hi + lo: 16 significant
-// bits of float32's 24), each used by vdpbf16ps against the weights as stored. Either way
-// the head is read at the memory's pace instead of the widening's (RESULTS.md).
-#define JAXGEN_NARROW_ROWS 1
-struct NarrowRows {
-  int64_t stride = 0;         // k rounded up to 32; the padding is 0
-  std::vector<int16_t> q;     // int8 weights: [M, stride]; bfloat16: [M, 2 (hi, lo), stride] bits
-  std::vector<float> scale;   // int8 weights: [M]
-};
-
-inline uint16_t Bf16Bits(float f) {  // round to nearest even
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-// The narrow rows of x [M, K], or false where x is not finite (the float path then gives
-// the same inf/NaN as XLA would).
-template <typename W>
-bool MakeNarrowRows(const float* x, int64_t m, int64_t k, NarrowRows& out) {
-  out.stride = (k + 31) / 32 * 32;
-  constexpr int64_t parts = std::is_same_v<W, int8_t> ? 1 : 2;
-  out.q.assign(m * parts * out.stride, 0);
-  out.scale.assign(m, 1.0f);
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xi = x + i * k;
-    float top = 0.0f;
-    for (int64_t kk = 0; kk < k; ++kk) top = std::max(top, std::fabs(xi[kk]));
-    if (!std::isfinite(top)) return false;
-    int16_t* q = out.q.data() + i * parts * out.stride;
-    if constexpr (std::is_same_v<W, int8_t>) {
-      if (top > 0.0f) out.scale[i] = top / 32767.0f;
-      const float inv = 1.0f / out.scale[i];
-      for (int64_t kk = 0; kk < k; ++kk)
-        q[kk] = static_cast<int16_t>(std::clamp(std::nearbyint(xi[kk] * inv), -32767.0f, 32767.0f));
-    } else {
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const uint16_t hi = Bf16Bits(xi[kk]);
-        q[kk] = static_cast<int16_t>(hi);
-        q[out.stride + kk] = static_cast<int16_t>(Bf16Bits(xi[kk] - Wide(hi)));
-      }
-    }
-  }
-  return true;
-}
-
-
+#define JAXGEN_NARROW_ROWS 1  // the [N, K] head takes NarrowRows
 // NkTile with narrow activations for one weight row: y[i0:i0+MB, j] of x [M, K] @ w [N, K]^T.
 // One row at a time, kUnroll pieces of 32 weights per step in independent sums: the head
 // is then one sequential stream, which this CPU reads at 17-19 GB/s on one core where four
@@ -354,22 +386,6 @@ void NkRowNarrow(const NarrowRows& xn, const W* w, const float* scale, float* y,
   }
 }
 #endif
-
-// Runs `tile.template operator()<MB>()` for the activation rows i0..m in groups of at most
-// kMaxRows (templates need the group size at compile time).
-template <int kMaxRows, typename Tile>
-void RowGroups(int64_t m, Tile&& tile) {
-  for (int64_t i0 = 0; i0 < m; i0 += kMaxRows) {
-    switch (std::min<int64_t>(kMaxRows, m - i0)) {
-      case 1: tile.template operator()<1>(i0); break;
-      case 2: if constexpr (kMaxRows >= 2) tile.template operator()<2>(i0); break;
-      case 3: if constexpr (kMaxRows >= 3) tile.template operator()<3>(i0); break;
-      case 4: if constexpr (kMaxRows >= 4) tile.template operator()<4>(i0); break;
-      case 5: if constexpr (kMaxRows >= 5) tile.template operator()<5>(i0); break;
-      case 6: if constexpr (kMaxRows >= 6) tile.template operator()<6>(i0); break;
-    }
-  }
-}
 
 // y[:, n0:n1] (+)= x[:, r0:r1] @ w[r0:r1, n0:n1] for [K, N] weights, times `scale` (or
 // nullptr) once the last row is in: blocks of kRowBlock weight rows, each swept across the
@@ -435,12 +451,12 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
 }
 
 template <typename W>
-void NkRowsTiled(const float* x, const void* narrow, const W* w, const float* scale, float* y, int64_t m, int64_t k,
+void NkRowsTiled(const float* x, const NarrowRows* narrow, const W* w, const float* scale, float* y, int64_t m, int64_t k,
                  int64_t n, int64_t n0, int64_t n1) {
   auto rows = [&]<int R>(int64_t j) {
 #ifdef JAXGEN_NARROW_ROWS
     if (narrow != nullptr) {
-      const auto& xn = *static_cast<const NarrowRows*>(narrow);
+      const NarrowRows& xn = *narrow;
       for (int64_t r = 0; r < R; ++r)
         RowGroups<4>(m, [&]<int MB>(int64_t i0) { NkRowNarrow<W, MB>(xn, w, scale, y, k, n, i0, j + r); });
       return;
@@ -451,6 +467,124 @@ void NkRowsTiled(const float* x, const void* narrow, const W* w, const float* sc
   int64_t j = n0;
   for (; j + 4 <= n1; j += 4) rows.template operator()<4>(j);
   for (; j < n1; ++j) rows.template operator()<1>(j);
+}
+#endif
+
+#if defined(__AVX2__) && !defined(JAXGEN_AVX512)
+// int8 weights on AVX2 CPUs without AVX-512 (Haswell to Alder Lake, Zen 1-3): activation
+// rows rounded to int16 (NarrowRows), weights sign-extended to int16 and multiplied in
+// pairs by vpmaddwd, 16 products per instruction, into exact int32 sums. The float loop
+// above spends an extension, a conversion and a multiply-add per 8 weights and read int8
+// at 3.8-4.1 GB/s on one Zen 1 core, which streams 13.5 from memory; four weight rows per
+// sweep this way read 6.65-6.67 (benchmarks/cpu_int8_widen.cc, V4; RESULTS.md). Every
+// activation row gets the same integer sums and the same float32 steps whatever M is, so
+// a decode step's logits are those of its full forward pass.
+#define JAXGEN_AVX2_INT8 1
+// Weight rows summed in int32 before the float32 sums take them: a lane adds at most
+// kIntRows products of an int16 (|q| <= 32767) and an int8.
+constexpr int64_t kIntRows = 512;
+static_assert(kIntRows * 32767LL * 128 < (1LL << 31), "int32 sums could overflow");
+
+// Activations kk..kk+3 of one narrow row as two broadcast int16 pairs, (kk, kk+1) and
+// (kk+2, kk+3): the operands vpmaddwd pairs with two interleaved weight rows. Past K the
+// row's padding is 0.
+inline void ActivationPairs(const int16_t* q, __m256i a[2]) {
+  int32_t pair[2];
+  std::memcpy(pair, q, sizeof pair);
+  a[0] = _mm256_set1_epi32(pair[0]);
+  a[1] = _mm256_set1_epi32(pair[1]);
+}
+
+// y[i0:i0+MB, n0:n1] = x @ w[K, N][:, n0:n1] * scale for int8 w and x as narrow rows
+// (n1 - n0 <= kColumnChunk). Four weight rows per sweep, as KnColumns: rows (kk, kk+1) and
+// (kk+2, kk+3) interleaved byte by byte and widened, so that each 32-bit lane holds one
+// column's pair; both pairs' products are summed before the int32 sums are touched.
+template <int MB>
+void KnColumnsNarrow(const NarrowRows& xn, const ColumnRows<int8_t>& w, const float* scale, float* y, int64_t n,
+                     int64_t n1, int64_t i0) {
+  const int64_t n0 = w.n0, width = n1 - n0, whole = width / 16 * 16;
+  alignas(32) int32_t sums[MB][kColumnChunk];
+  const int16_t* q[MB];
+  for (int i = 0; i < MB; ++i) q[i] = xn.q.data() + (i0 + i) * xn.stride;
+  for (int64_t kb = 0; kb < w.k; kb += kIntRows) {
+    for (int i = 0; i < MB; ++i) std::fill(sums[i], sums[i] + width, 0);
+    for (int64_t kk = kb; kk < std::min(w.k, kb + kIntRows); kk += 4) {
+      const int8_t* r[4];
+      w.Four(kk, r);
+      __m256i a[MB][2];
+      for (int i = 0; i < MB; ++i) ActivationPairs(q[i] + kk, a[i]);
+      for (int64_t j = 0; j < whole; j += 16) {
+        __m256i lo[2], hi[2];  // columns j..j+7 and j+8..j+15 of each pair of rows
+        for (int p = 0; p < 2; ++p) {
+          const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2 * p] + j));
+          const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2 * p + 1] + j));
+          lo[p] = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b0, b1));
+          hi[p] = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(b0, b1));
+        }
+        for (int i = 0; i < MB; ++i) {
+          __m256i* c = reinterpret_cast<__m256i*>(sums[i] + j);
+          c[0] = _mm256_add_epi32(c[0], _mm256_add_epi32(_mm256_madd_epi16(lo[0], a[i][0]), _mm256_madd_epi16(lo[1], a[i][1])));
+          c[1] = _mm256_add_epi32(c[1], _mm256_add_epi32(_mm256_madd_epi16(hi[0], a[i][0]), _mm256_madd_epi16(hi[1], a[i][1])));
+        }
+      }
+      for (int i = 0; i < MB; ++i)  // a ragged last piece: the same integer sums
+        for (int64_t j = whole; j < width; ++j)
+          sums[i][j] += q[i][kk] * r[0][j] + q[i][kk + 1] * r[1][j] + q[i][kk + 2] * r[2][j] + q[i][kk + 3] * r[3][j];
+    }
+    for (int i = 0; i < MB; ++i) {
+      float* out = y + (i0 + i) * n + n0;
+      if (kb == 0) std::copy(sums[i], sums[i] + width, out);  // int32 -> float32
+      else
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) out[j] += static_cast<float>(sums[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* out = y + (i0 + i) * n + n0;
+    const float row_scale = xn.scale[i0 + i];
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) out[j] = out[j] * row_scale * scale[n0 + j];
+  }
+}
+
+// y[i0:i0+MB, j] of x [M, K] @ w [N, K]^T for int8 w and x as narrow rows: 64 weights per
+// step, widened once for the MB rows, into four independent sums (each int32 lane then
+// adds at most kMaxK / 32 products), added as float32 at the end.
+static_assert(kMaxK / 32 * 32767LL * 128 < (1LL << 31), "int32 sums could overflow");
+template <int MB>
+void NkRowNarrow(const NarrowRows& xn, const int8_t* w, const float* scale, float* y, int64_t k, int64_t n,
+                 int64_t i0, int64_t j) {
+  const int8_t* row = w + j * k;
+  __m256i sums[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int u = 0; u < 4; ++u) sums[i][u] = _mm256_setzero_si256();
+  alignas(16) int8_t last[64];
+  for (int64_t kk = 0; kk < k; kk += 64) {
+    const int8_t* piece = row + kk;
+    if (k - kk < 64) {  // the row's end, padded with zeros (the activations' padding is 0 too)
+      std::memset(last, 0, sizeof last);
+      std::memcpy(last, piece, k - kk);
+      piece = last;
+    }
+    __m256i wide[4];
+    for (int u = 0; u < 4; ++u)
+      wide[u] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(piece + 16 * u)));
+    for (int i = 0; i < MB; ++i) {
+      const int16_t* q = xn.q.data() + (i0 + i) * xn.stride + kk;
+      for (int u = 0; u < 4; ++u)
+        sums[i][u] = _mm256_add_epi32(
+            sums[i][u], _mm256_madd_epi16(wide[u], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16 * u))));
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    __m256 total = _mm256_cvtepi32_ps(sums[i][0]);
+    for (int u = 1; u < 4; ++u) total = _mm256_add_ps(total, _mm256_cvtepi32_ps(sums[i][u]));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total);
+    float dot = 0.0f;
+    for (float lane : lanes) dot += lane;
+    y[(i0 + i) * n + j] = dot * xn.scale[i0 + i] * scale[j];
+  }
 }
 #endif
 
@@ -533,20 +667,46 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const int64_t chunk = kKn ? kColumnChunk : kRowChunk;
 #endif
   const int64_t count = (n + chunk - 1) / chunk;
-  const void* narrow = nullptr;
-#ifdef JAXGEN_NARROW_ROWS
+  // Activation rows as NarrowRows for the kernels that take them (int8 on the AVX2 build;
+  // the AVX-512 head), unless a row is not finite.
+  const NarrowRows* narrow = nullptr;
   NarrowRows rows;
-  if constexpr (!kKn && !std::is_same_v<W, float>)
-    if (MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
+#if defined(JAXGEN_NARROW_ROWS)
+  constexpr bool kNarrow = !kKn && !std::is_same_v<W, float>;
+#elif defined(JAXGEN_AVX2_INT8)
+  constexpr bool kNarrow = std::is_same_v<W, int8_t>;
+#else
+  constexpr bool kNarrow = false;
 #endif
+  if constexpr (kNarrow)
+    if (MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
 #ifdef JAXGEN_AVX512
     if constexpr (kKn) KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
     else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
 #else
-    if constexpr (kKn) KnColumns(xp, wp, kTiles, sp, yp, m, k, n, n0, n1);
-    else NkRows(xp, wp, sp, yp, m, k, n, n0, n1);
+    if constexpr (kKn) {
+      ByTileColumns(kTiles, n0, n1, [&](int64_t c0, int64_t c1) {
+        const ColumnRows<W> columns{wp, kTiles, k, n, c0};
+#ifdef JAXGEN_AVX2_INT8
+        if constexpr (kNarrow)
+          if (narrow != nullptr)
+            return RowGroups<4>(m, [&]<int MB>(int64_t i0) { KnColumnsNarrow<MB>(*narrow, columns, sp, yp, n, c1, i0); });
+#endif
+        KnColumns(xp, columns, sp, yp, m, n, c1);
+      });
+    } else {
+#ifdef JAXGEN_AVX2_INT8
+      if constexpr (kNarrow)
+        if (narrow != nullptr) {
+          for (int64_t j = n0; j < n1; ++j)
+            RowGroups<2>(m, [&]<int MB>(int64_t i0) { NkRowNarrow<MB>(*narrow, wp, sp, yp, k, n, i0, j); });
+          return;
+        }
+#endif
+      NkRows(xp, wp, sp, yp, m, k, n, n0, n1);
+    }
 #endif
   });
   return ffi::Error::Success();
@@ -578,6 +738,19 @@ JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 extern "C" int JaxgenTiledKernels() {
 #ifdef JAXGEN_AVX512
   return 1;
+#else
+  return 0;
+#endif
+}
+
+// Which layouts of int8 weights multiply activation rows rounded to int16 (NarrowRows) in
+// this build: bit 0 [K, N] (plain and tiles), bit 1 [N, K]. Tests bound their results by
+// that rounding (jaxgen/runtime/cpu_kernels.py, rounds_activations).
+extern "C" int JaxgenInt16Activations() {
+#if defined(JAXGEN_AVX2_INT8)
+  return 3;
+#elif defined(JAXGEN_NARROW_ROWS)
+  return 2;
 #else
   return 0;
 #endif
