@@ -1,7 +1,7 @@
 // Standalone (no JAX): one thread, int8 [768, 3072] x 12 weights times one float row, the
 // portable kernel's m == 1 loop (V0, 4 weight rows per sweep) against 8 rows per sweep (V1) and
 // register accumulators over 32-column strips (V2), and int16 activations with integer
-// multiply-adds (V3, V4 with 4 rows per sweep, V5 with 8; maxdiff is then its rounding,
+// multiply-adds (V3, V4 with 4 rows per sweep, V5 = V6<0> with 8; maxdiff is then its rounding,
 // relative to sums of ~|x| * 127 * 768). Measures how fast a core widens int8.
 // With an argument: two threads, half the columns each, V4, V5 and V6 (V5 with the next
 // sweep's rows prefetched 8, 16 or 32 rows ahead: what jaxgen's AVX2 kernel does).
@@ -116,31 +116,8 @@ void V4(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t
   }
   for (int64_t j = 0; j < n1 - n0; ++j) y[n0 + j] = acc[j] * s;
 }
-// V4 with 8 rows per sweep: four pairs' products summed before the accumulator is touched.
-void V5(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t n0, int64_t n1) {
-  alignas(64) int16_t q[16384];
-  const float s = ToInt16(x, k, q);
-  alignas(32) int32_t acc[kColumnChunk];
-  std::fill(acc, acc + (n1 - n0), 0);
-  for (int64_t kk = 0; kk < k; kk += 8) {
-    __m256i a[4];
-    for (int p = 0; p < 4; ++p) { int32_t v; std::memcpy(&v, q + kk + 2 * p, 4); a[p] = _mm256_set1_epi32(v); }
-    const int8_t* r0 = w + kk * n + n0;
-    for (int64_t j = 0; j < n1 - n0; j += 16) {
-      __m256i lo = _mm256_setzero_si256(), hi = lo;
-      for (int p = 0; p < 4; ++p) {
-        const __m128i b0 = _mm_loadu_si128((const __m128i*)(r0 + 2 * p * n + j)), b1 = _mm_loadu_si128((const __m128i*)(r0 + (2 * p + 1) * n + j));
-        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(b0, b1)), a[p]));
-        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpackhi_epi8(b0, b1)), a[p]));
-      }
-      __m256i* c = (__m256i*)(acc + j);
-      c[0] = _mm256_add_epi32(c[0], lo);
-      c[1] = _mm256_add_epi32(c[1], hi);
-    }
-  }
-  for (int64_t j = 0; j < n1 - n0; ++j) y[n0 + j] = acc[j] * s;
-}
-
+// V4 with 8 rows per sweep: four pairs' products summed before the accumulator is touched;
+// AHEAD > 0 (V6) also fetches the rows AHEAD rows further down as it reads.
 template <int AHEAD>
 void V6(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t n0, int64_t n1) {
   alignas(64) int16_t q[16384];
@@ -152,7 +129,7 @@ void V6(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t
     for (int p = 0; p < 4; ++p) { int32_t v; std::memcpy(&v, q + kk + 2 * p, 4); a[p] = _mm256_set1_epi32(v); }
     const int8_t* r0 = w + kk * n + n0;
     for (int64_t j = 0; j < n1 - n0; j += 16) {
-      if ((j & 63) == 0) for (int p = 0; p < 8; ++p) _mm_prefetch((const char*)(r0 + (AHEAD + p) * n + j), _MM_HINT_T0);
+      if (AHEAD > 0 && (j & 63) == 0) for (int p = 0; p < 8; ++p) _mm_prefetch((const char*)(r0 + (AHEAD + p) * n + j), _MM_HINT_T0);
       __m256i lo = _mm256_setzero_si256(), hi = lo;
       for (int p = 0; p < 4; ++p) {
         const __m128i b0 = _mm_loadu_si128((const __m128i*)(r0 + 2 * p * n + j)), b1 = _mm_loadu_si128((const __m128i*)(r0 + (2 * p + 1) * n + j));
@@ -166,44 +143,45 @@ void V6(const float* x, const int8_t* w, float* y, int64_t k, int64_t n, int64_t
   }
   for (int64_t j = 0; j < n1 - n0; ++j) y[n0 + j] = acc[j] * s;
 }
-int main2() {
-  const int64_t k = 768, n = 3072, mats = 12;
-  std::vector<int8_t> w(mats * k * n); for (size_t i = 0; i < w.size(); ++i) w[i] = (int8_t)((i * 2654435761u) >> 24);
-  std::vector<float> x(k), y(n);
-  for (int i = 0; i < k; ++i) x[i] = (i % 7) * 0.1f - 0.3f;
-  using F = void (*)(const float*, const int8_t*, float*, int64_t, int64_t, int64_t, int64_t);
-  F fs[] = {V4, V5, V6<8>, V6<16>, V6<32>};
-  for (int round = 0; round < 3; ++round) for (int v = 0; v < 5; ++v) {
-    auto t0 = std::chrono::steady_clock::now();
-    for (int r = 0; r < 5; ++r) for (int m = 0; m < mats; ++m) {
-      std::thread t([&] { for (int64_t c = 0; c < n / 2; c += kColumnChunk) fs[v](x.data(), w.data() + m * k * n, y.data(), k, n, c, c + kColumnChunk); });
-      for (int64_t c = n / 2; c < n; c += kColumnChunk) fs[v](x.data(), w.data() + m * k * n, y.data(), k, n, c, c + kColumnChunk);
-      t.join();
-    }
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const char* names[] = {"V4 int16 4rows", "V5 int16 8rows", "V6 8rows ahead 8", "V6 ahead 16", "V6 ahead 32"};
-    printf("2 threads %s: %.2f GB/s\n", names[v], 5 * mats * k * n / s / 1e9);
-  }
-  return 0;
-}
-int main(int argc, char** argv) {
-  if (argc > 1) return main2();
-  const int64_t k = 768, n = 3072, mats = 12;
-  std::vector<int8_t> w(mats * k * n); for (size_t i = 0; i < w.size(); ++i) w[i] = (int8_t)((i * 2654435761u) >> 24);
+using F = void (*)(const float*, const int8_t*, float*, int64_t, int64_t, int64_t, int64_t);
+constexpr int64_t k = 768, n = 3072, mats = 12, reps = 5;
+
+// Three rounds of each kernel over the same weights and row; `threads` 1 or 2 (half the
+// columns each); one thread also prints each result's largest difference from the first's.
+void Run(const F* fs, const char* const* names, int count, int threads) {
+  std::vector<int8_t> w(mats * k * n);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = (int8_t)((i * 2654435761u) >> 24);
   std::vector<float> x(k), y(n), y0(n);
   for (int i = 0; i < k; ++i) x[i] = (i % 7) * 0.1f - 0.3f;
-  using F = void (*)(const float*, const int8_t*, float*, int64_t, int64_t, int64_t, int64_t);
-  F fs[] = {V0, V1, V2, V3, V4, V5};
-  const char* names[] = {"V0 4rows", "V1 8rows", "V2 regs32", "V3 int16", "V4 int16 4rows", "V5 int16 8rows"};
   for (int round = 0; round < 3; ++round)
-  for (int v = 0; v < 6; ++v) {
-    auto t0 = std::chrono::steady_clock::now();
-    int reps = 5;
-    for (int r = 0; r < reps; ++r)
-      for (int m = 0; m < mats; ++m)
-        for (int64_t c = 0; c < n; c += kColumnChunk) fs[v](x.data(), w.data() + m * k * n, y.data(), k, n, c, c + kColumnChunk);
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (v == 0) y0 = y; double err = 0; for (int j = 0; j < n; ++j) err = std::max(err, (double)std::abs(y[j] - y0[j]));
-    printf("%s: %.2f GB/s  maxdiff %.3g\n", names[v], reps * mats * k * n / s / 1e9, err);
+    for (int v = 0; v < count; ++v) {
+      auto columns = [&](int m, int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; c += kColumnChunk) fs[v](x.data(), w.data() + m * k * n, y.data(), k, n, c, c + kColumnChunk);
+      };
+      auto t0 = std::chrono::steady_clock::now();
+      for (int r = 0; r < reps; ++r)
+        for (int m = 0; m < mats; ++m) {
+          if (threads == 1) { columns(m, 0, n); continue; }
+          std::thread t([&] { columns(m, 0, n / 2); });
+          columns(m, n / 2, n);
+          t.join();
+        }
+      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (v == 0) y0 = y;
+      double err = 0;
+      for (int j = 0; j < n; ++j) err = std::max(err, (double)std::abs(y[j] - y0[j]));
+      printf("%d thread(s) %s: %.2f GB/s  maxdiff %.3g\n", threads, names[v], reps * mats * k * n / s / 1e9, err);
+    }
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1) {
+    const F fs[] = {V4, V6<0>, V6<8>, V6<16>, V6<32>};
+    const char* names[] = {"V4 int16 4rows", "V5 int16 8rows", "V6 8rows ahead 8", "V6 ahead 16", "V6 ahead 32"};
+    Run(fs, names, 5, 2);
+  } else {
+    const F fs[] = {V0, V1, V2, V3, V4, V6<0>};
+    const char* names[] = {"V0 4rows", "V1 8rows", "V2 regs32", "V3 int16", "V4 int16 4rows", "V5 int16 8rows"};
+    Run(fs, names, 6, 1);
   }
 }
