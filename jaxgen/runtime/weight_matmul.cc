@@ -476,8 +476,8 @@ void NkRowsTiled(const float* x, const NarrowRows* narrow, const W* w, const flo
 // rows rounded to int16 (NarrowRows), weights sign-extended to int16 and multiplied in
 // pairs by vpmaddwd, 16 products per instruction, into exact int32 sums. The float loop
 // above spends an extension, a conversion and a multiply-add per 8 weights and read int8
-// at 3.8-4.1 GB/s on one Zen 1 core, which streams 13.5 from memory; four weight rows per
-// sweep this way read 6.65-6.67 (benchmarks/cpu_int8_widen.cc, V4; RESULTS.md). Every
+// at 3.8-4.1 GB/s on one Zen 1 core, which streams 13.5 from memory; eight weight rows per
+// sweep this way read 7.1-7.4 (benchmarks/cpu_int8_widen.cc, V5; RESULTS.md). Every
 // activation row gets the same integer sums and the same float32 steps whatever M is, so
 // a decode step's logits are those of its full forward pass.
 #define JAXGEN_AVX2_INT8 1
@@ -500,8 +500,8 @@ inline void ActivationPairs(const int16_t* q, __m256i a[4]) {
 // byte and widened, so that each 32-bit lane holds one column's pair; the four pairs'
 // products are summed before the int32 sums are touched, and the next sweep's rows are
 // fetched as this one reads: the hardware prefetcher does not follow eight streams
-// n bytes apart (two Zen 1 cores, standalone: 4 rows unfetched 5.1-6.6 GB/s, 8 rows
-// 7.1-8.5, 8 rows fetched 8 ahead 9.1-10.1; benchmarks/cpu_int8_widen.cc).
+// n bytes apart (two Zen 1 cores, standalone: 4 rows unfetched 5.9-7.4 GB/s, 8 rows
+// 7.6-8.6, 8 rows fetched 8 ahead 9.9-10.2; benchmarks/cpu_int8_widen.cc, RESULTS.md).
 template <int MB>
 void KnColumnsNarrow(const NarrowRows& xn, const ColumnRows<int8_t>& w, const float* scale, float* y, int64_t n,
                      int64_t n1, int64_t i0) {
@@ -600,6 +600,20 @@ void NkRowNarrow(const NarrowRows& xn, const int8_t* w, const float* scale, floa
 }
 #endif
 
+// Whether weights W in a [K, N] (`kn`, plain or tiles) or [N, K] layout multiply
+// activation rows as NarrowRows in this build: the AVX-512 head (int8 and bfloat16), every
+// int8 layout on the AVX2 build.
+template <typename W>
+constexpr bool TakesNarrowRows(bool kn) {
+#if defined(JAXGEN_NARROW_ROWS)
+  return !kn && !std::is_same_v<W, float>;
+#elif defined(JAXGEN_AVX2_INT8)
+  return std::is_same_v<W, int8_t>;
+#else
+  return false;
+#endif
+}
+
 struct Tasks {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> finished{0};
@@ -690,13 +704,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   // the AVX-512 head), unless a row is not finite.
   const NarrowRows* narrow = nullptr;
   NarrowRows rows;
-#if defined(JAXGEN_NARROW_ROWS)
-  constexpr bool kNarrow = !kKn && !std::is_same_v<W, float>;
-#elif defined(JAXGEN_AVX2_INT8)
-  constexpr bool kNarrow = std::is_same_v<W, int8_t>;
-#else
-  constexpr bool kNarrow = false;
-#endif
+  constexpr bool kNarrow = TakesNarrowRows<W>(kKn);
   if constexpr (kNarrow)
     if (MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
@@ -766,11 +774,5 @@ extern "C" int JaxgenTiledKernels() {
 // this build: bit 0 [K, N] (plain and tiles), bit 1 [N, K]. Tests bound their results by
 // that rounding (jaxgen/runtime/cpu_kernels.py, rounds_activations).
 extern "C" int JaxgenInt16Activations() {
-#if defined(JAXGEN_AVX2_INT8)
-  return 3;
-#elif defined(JAXGEN_NARROW_ROWS)
-  return 2;
-#else
-  return 0;
-#endif
+  return (TakesNarrowRows<int8_t>(true) ? 1 : 0) | (TakesNarrowRows<int8_t>(false) ? 2 : 0);
 }
