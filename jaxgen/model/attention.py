@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxgen.config import LoraConfig, ModelConfig
 from jaxgen.model.layers import Einsum, constrain, projection_kwargs, rope
+from jaxgen.runtime import cpu_kernels
 
 
 def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, offset: jax.Array) -> jax.Array:
@@ -53,6 +54,17 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).reshape(b, kv, g * t, -1)
     out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+KERNEL_QUERIES = 16  # new tokens per row up to which CPU decoding attends through the kernel
+
+
+def reads_cache_in_place(q: jax.Array, cache: jax.Array) -> bool:
+    """Whether attention over the cache goes through the CPU kernel (runtime/cache_attention.cc),
+    which reads the layer in the stacked cache where it lies: XLA's dots copy each layer's
+    keys and values out of it first, on every decoded token. Decode steps and verify passes
+    (up to KERNEL_QUERIES new tokens), float32; longer prefills keep XLA's dots (GEMMs)."""
+    return q.shape[1] <= KERNEL_QUERIES and q.dtype == cache.dtype == jnp.float32 and cpu_kernels.available()
 
 
 def write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array) -> jax.Array:
@@ -144,9 +156,12 @@ class Attention(nn.Module):
             k_all = write_layer(k_all, kk, layer, index)
             v_all = write_layer(v_all, vv, layer, index)
             cache = (k_all, v_all, index)
-            keys, values = k_all[layer], v_all[layer]  # [B, K, S, H]
             mask = attention_mask(segment_ids, kv_segment, index)
-            out = cached_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+            if reads_cache_in_place(q, k_all):
+                out = cpu_kernels.cache_attention(q, k_all, v_all, mask[:, 0], layer)
+            else:
+                keys, values = k_all[layer], v_all[layer]  # [B, K, S, H]
+                out = cached_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
         else:
             mask = lengths = None
             if segment_ids is not None and self.prefix_segments:

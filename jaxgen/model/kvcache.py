@@ -7,7 +7,10 @@ writing whole per-layer slices instead would copy the cache every step. Heads co
 before slots so that each (row, head) is one contiguous [max_len, head_dim] matrix, the
 operand layout of the attention dots: with slots before heads, XLA on CPU transposed
 every layer's keys and values on every decoded token (benchmarks/RESULTS.md, "HF
-interop").
+interop"). XLA's attention dots still read a layer only after copying it out of the
+stacked cache (a slice is no dot operand on XLA:CPU), so CPU decoding attends through
+jaxgen/runtime/cache_attention.cc, which reads the layer where it lies
+(model/attention.py, `reads_cache_in_place`).
 
 Rows of different prompt lengths are *left-padded*: every row writes its next token
 at the same slot `index`, so one `dynamic_update_slice` serves the batch. `segment`

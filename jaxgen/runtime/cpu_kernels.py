@@ -1,8 +1,10 @@
-"""CPU kernels XLA lacks, as FFI custom calls: the weight-streaming matmul of weight_matmul.cc.
+"""CPU kernels XLA lacks, as FFI custom calls: the weight-streaming matmul of weight_matmul.cc
+and the decoding attention over the KV cache of cache_attention.cc.
 
 XLA:CPU multiplies by int8 or bfloat16 weights by converting them at ~1-1.5 GB/s inside
 its dots, so narrow weights decode no faster than float32 (benchmarks/RESULTS.md).
-`weight_matmul` reads each weight byte once instead. The C++ source ships with the
+`weight_matmul` reads each weight byte once instead. `cache_attention` reads a layer of
+the stacked KV cache in place, where XLA's dots copy it out first. The C++ sources ship with the
 package and is compiled on first use with the machine's C++ compiler (`CXX`, default
 g++, then c++ and clang++) against jaxlib's FFI headers, tuned for this CPU
 (`-march=native`), into a cache directory (`JAXGEN_CACHE_DIR`, default
@@ -27,7 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_SOURCE = pathlib.Path(__file__).with_name("weight_matmul.cc")
+_SOURCES = tuple(
+    pathlib.Path(__file__).with_name(name) for name in ("weight_matmul.cc", "cache_attention.cc")
+)
+_HEADERS = (pathlib.Path(__file__).with_name("parallel.h"),)
+_ATTENTION = "JaxgenCacheAttention"  # cache_attention.cc
 _TARGETS = {  # (layout, weight dtype) -> FFI symbol in weight_matmul.cc
     ("kn", "int8"): "JaxgenMatmulKnS8",
     ("nk", "int8"): "JaxgenMatmulNkS8",
@@ -79,11 +85,10 @@ def _writable(folder: pathlib.Path) -> bool:
 
 def _build(compiler: str) -> pathlib.Path:
     """The compiled library, built once per (source, jaxlib, CPU); raises on failure."""
-    source = _SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
             [
-                source,
+                *(path.read_bytes() for path in _SOURCES + _HEADERS),
                 importlib.metadata.version("jaxlib").encode(),
                 _cpu_signature().encode(),
                 compiler.encode(),
@@ -105,7 +110,7 @@ def _build(compiler: str) -> pathlib.Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        base = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        base = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
         done = subprocess.run([*base[:1], "-march=native", *base[1:]], capture_output=True, text=True)
         if done.returncode != 0:  # a compiler without -march=native (some clang builds)
             done = subprocess.run(base, capture_output=True, text=True)
@@ -129,10 +134,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"weight_matmul.cc did not build: {e}"
+        return None, f"the CPU kernels did not build: {e}"
     global _registered
     if not _registered:  # XLA keeps a process's first registration (a second one is an error)
-        for symbol in _TARGETS.values():
+        for symbol in (*_TARGETS.values(), _ATTENTION):
             jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
         _registered = True
     return library, ""
@@ -208,3 +213,18 @@ def weight_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layout: s
     scale = jnp.ones((n,), jnp.float32) if scale is None else scale.astype(jnp.float32)
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(_TARGETS[layout, dtype], out)(x.astype(jnp.float32), w, scale)
+
+
+def cache_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, layer: jax.Array | int
+) -> jax.Array:
+    """Attention of q [B, T, N, H] over layer `layer` of the stacked cache `keys`, `values`
+    [L, B, K, S, H] (N = K * G), where mask [B, T, S] (bool) lets a query see a slot: float32
+    [B, T, N, H], as `jaxgen.model.attention.cached_attention` computes from that layer's
+    slices (scores scaled by 1/sqrt(H), softmax, masked slots weighing nothing), where
+    `available()`. All of q, keys and values float32."""
+    if not available():
+        raise RuntimeError(f"cache_attention: {unavailable_reason()}")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    layer = jnp.asarray(layer, jnp.int32)
+    return jax.ffi.ffi_call(_ATTENTION, out)(q, keys, values, mask.astype(bool), layer)
