@@ -47,14 +47,22 @@ def test_logits_stay_close_to_float32(family, weights, bound):
     assert quant.weight_bytes(converted) < 0.6 * quant.weight_bytes(params)
 
 
-def _head_weights(params) -> tuple[np.ndarray, str]:
-    """Each logit's absolute weight sum [V] (int8 weights times their scales), and the head's
-    layout: "nk" (tied: the [V, D] embedding) or "kn" (an untied [D, V] head)."""
+def _head(params) -> tuple[jax.Array, np.ndarray, str]:
+    """The stored output head, each logit's absolute weight sum [V] (int8 weights times their
+    scales), and its layout: "nk" (tied: the [V, D] embedding) or "kn" (an untied [D, V] head)."""
     if "lm_head" in params:
-        weights, layout = np.abs(np.asarray(params["lm_head"], np.float64)).sum(0), "kn"
-        return weights * np.asarray(params.get("lm_head_scale", 1.0)), layout
-    weights = np.abs(np.asarray(params["embed"]["embedding"], np.float64)).sum(1)
-    return weights * np.asarray(params["embed"].get("scale", 1.0)), "nk"
+        head = params["lm_head"]
+        return (
+            head,
+            np.abs(np.asarray(head, np.float64)).sum(0) * np.asarray(params.get("lm_head_scale", 1.0)),
+            "kn",
+        )
+    head = params["embed"]["embedding"]
+    return (
+        head,
+        np.abs(np.asarray(head, np.float64)).sum(1) * np.asarray(params["embed"].get("scale", 1.0)),
+        "nk",
+    )
 
 
 def _step(hidden) -> np.ndarray:
@@ -69,8 +77,7 @@ def head_rounding(params, hidden) -> np.ndarray:
     not round its layout's activations (cpu_kernels.rounds_activations)."""
     from jaxgen.runtime import cpu_kernels
 
-    weights, layout = _head_weights(params)
-    head = params["lm_head"] if "lm_head" in params else params["embed"]["embedding"]
+    head, weights, layout = _head(params)
     if head.dtype != jnp.int8 or not cpu_kernels.rounds_activations(layout):
         return np.zeros(())
     return 0.5 * _step(hidden) * weights
@@ -90,7 +97,7 @@ def body_rounding(params, hidden) -> np.ndarray:
     int8_body = any(leaf.dtype == jnp.int8 for leaf in jax.tree.leaves(params["layers"]))
     if not int8_body or not cpu_kernels.rounds_activations("kn"):  # "kn" and "kn_tiles" alike
         return np.zeros(())
-    return _step(hidden) * _head_weights(params)[0]
+    return _step(hidden) * _head(params)[1]
 
 
 @pytest.mark.parametrize("weights", ["int8", "int8-head", "bfloat16"])

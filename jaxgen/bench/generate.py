@@ -23,27 +23,24 @@ from jaxgen.model.serving import unstack_layers
 from jaxgen.model.transformer import Transformer, init_params, param_count
 
 
+def _seconds(fn, *args) -> float:
+    """One call's wall seconds, waited until the result is ready."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
 def _timed(fn, *args) -> tuple[float, float]:
-    """(first call seconds, second call seconds), each waited until the result is ready."""
-    times = []
-    for _ in range(2):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return times[0], times[1]
+    """(first call seconds, second call seconds)."""
+    return _seconds(fn, *args), _seconds(fn, *args)
 
 
 def _median_seconds(fn, *args, calls: int = 5) -> float:
     """The median of `calls` timed calls after a first (compiling) one. For the bare weight
     pass: one pass moved between 8.5 and 15.7 ms within a run (GPT-2 124M int8-head, a
     shared 2-core machine), as much as the decode step it is the floor of."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    _seconds(fn, *args)
+    return float(np.median([_seconds(fn, *args) for _ in range(calls)]))
 
 
 def _prompts(batch: int, length: int, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -74,7 +74,7 @@ ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < h; ++j) dot += qr[j] * krow[j];
         score[r * end + si] = dot * scale;
-        top[r] = std::max(top[r], dot * scale);
+        top[r] = std::max(top[r], score[r * end + si]);
       }
     }
     std::vector<float> acc(h);

@@ -4,9 +4,9 @@ and the decoding attention over the KV cache of cache_attention.cc.
 XLA:CPU multiplies by int8 or bfloat16 weights by converting them at ~1-1.5 GB/s inside
 its dots, so narrow weights decode no faster than float32 (benchmarks/RESULTS.md).
 `weight_matmul` reads each weight byte once instead. `cache_attention` reads a layer of
-the stacked KV cache in place, where XLA's dots copy it out first. The C++ sources ship with the
-package and is compiled on first use with the machine's C++ compiler (`CXX`, default
-g++, then c++ and clang++) against jaxlib's FFI headers, tuned for this CPU
+the stacked KV cache in place, where XLA's dots copy it out first. The C++ sources ship
+with the package and are compiled into one library on first use with the machine's C++
+compiler (`CXX`, default g++, then c++ and clang++) against jaxlib's FFI headers, tuned for this CPU
 (`-march=native`), into a cache directory (`JAXGEN_CACHE_DIR`, default
 ~/.cache/jaxgen): one compile of ~10 s per jaxlib version and CPU, shared by every
 later process. Without a compiler `available()` is False and callers keep XLA's dots.
