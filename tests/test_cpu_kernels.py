@@ -134,12 +134,14 @@ def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(monkeypatch):
         cpu_kernels._load.cache_clear()
 
 
-@pytest.mark.parametrize("march, rounds", [("x86-64-v3", True), ("x86-64-v2", False)])
-def test_the_portable_loops_build_and_match_numpy(tmp_path, march, rounds):
-    # On an AVX-512 machine the suite runs the register-tiled kernels; the portable build
-    # (every other CPU) is built here in a child process by a compiler wrapper that asks
-    # for AVX2 (x86-64-v3: int8 with int16 activations) or SSE4 only (x86-64-v2: the plain
-    # float loops), into a cache of its own, and checked against numpy.
+@pytest.mark.parametrize(
+    "march, build, rounds", [("x86-64-v3", "tiled", True), ("x86-64-v2", "portable", False)]
+)
+def test_the_other_builds_match_numpy(tmp_path, march, build, rounds):
+    # The suite runs the build of its machine's CPU; the others are built here in a child
+    # process by a compiler wrapper that asks for AVX2 (x86-64-v3: int8 with int16
+    # activations, float32 and bfloat16 in 8-lane register tiles) or SSE4 only (x86-64-v2:
+    # the plain loops), into a cache of its own, and checked against numpy.
     if cpu_kernels._compiler() is None:
         assert not cpu_kernels.available()
         return
@@ -171,6 +173,23 @@ w = jnp.asarray(rng.integers(-127, 128, size=(48, 1280)).astype(np.int8))
 for rows in (x[:1], x):
     plain = np.asarray(matmul(rows, w, None, "kn"))
     np.testing.assert_array_equal(np.asarray(matmul(rows, cpu_kernels.to_tiles(w), None, "kn_tiles")), plain)
+# float32 and bfloat16: tiles give the plain layout's bits (both in register tiles on
+# AVX2; N = 1280 is 16 tiles, N = 200 ends on a ragged 8), and numpy's result to float32
+# reordering; 1, 3 and 7 rows take 1 x 8, 3 x 4 and 6 x 2 + 1 x 8 vector tiles, 40 the GEMM
+# order; up to 6 rows split the weight rows between threads, more the columns.
+for dtype in (np.float32, jnp.bfloat16):
+    x = rng.normal(size=(40, 64)).astype(np.float32)
+    for n in (1280, 200):
+        w = jnp.asarray(rng.normal(size=(64, n)), dtype)
+        for rows in (x[:1], x[:3], x[:7], x):
+            plain = np.asarray(matmul(rows, w, None, "kn"))
+            want = rows.astype(np.float64) @ np.asarray(w, np.float64)
+            np.testing.assert_allclose(plain, want, rtol=1e-4, atol=1e-4)
+            if n % 128 == 0:
+                tiled = matmul(rows, cpu_kernels.to_tiles(w), None, "kn_tiles")
+                np.testing.assert_array_equal(np.asarray(tiled), plain)
+            for i in range(len(rows) if len(rows) <= 6 else 0):  # nor on its batch, up to 6 rows
+                np.testing.assert_array_equal(np.asarray(matmul(rows[i : i + 1], w, None, "kn"))[0], plain[i])
 import ctypes, glob, os
 (built,) = glob.glob(os.path.join(os.environ["JAXGEN_CACHE_DIR"], "kernels", "*.so"))
 build = "tiled" if ctypes.CDLL(built).JaxgenTiledKernels() else "portable"
@@ -186,7 +205,7 @@ print(build, cpu_kernels.rounds_activations("kn"))
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == f"portable {rounds}"
+    assert done.stdout.strip().splitlines()[-1] == f"{build} {rounds}"
 
 
 def test_tiles_are_16_by_128_blocks_in_row_major_order():

@@ -149,11 +149,18 @@ def available() -> bool:
 
 
 def reads_tiles() -> bool:
-    """Whether serving stores weights in "kn_tiles": where the kernel is the AVX-512 build,
-    whose register tiles read them as one stream. (The portable loops read tiles too, the
-    same sums as the plain layout, so that tiled weights run anywhere; the layout was
-    measured to pay off with the AVX-512 kernels only.)"""
-    return available() and bool(_load()[0].JaxgenTiledKernels())
+    """Whether serving stores weights in "kn_tiles": where the kernel has register tiles for
+    [K, N] weights (the AVX-512 build; float32 and bfloat16 on the AVX2 build), which read
+    a block of rows as one stream. (The portable loops read tiles too, the same sums as the
+    plain layout, so that tiled weights run anywhere.)"""
+    return available() and bool(_load()[0].JaxgenTiledKernels() & 1)
+
+
+def scores_few_rows() -> bool:
+    """Whether a float32 [N, K] head scoring a few rows (a verify pass) is faster through
+    the kernel than through XLA's dot: the AVX-512 build's register tiles only (on AVX2 the
+    portable loops measured slower at every row count, benchmarks/cpu_head_rows.py)."""
+    return available() and bool(_load()[0].JaxgenTiledKernels() & 2)
 
 
 def rounds_activations(layout: str) -> bool:

@@ -241,69 +241,112 @@ bool MakeNarrowRows(const float* x, int64_t m, int64_t k, NarrowRows& out) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// Register-tiled kernels for AVX-512 CPUs. The portable loops above leave the compiler to
-// keep sums in memory (L1) and to widen through a buffer; here a tile of sums lives in
-// registers and each widened weight vector serves every activation row of the tile, so
-// the loads are the weight stream and little else (measured in benchmarks/RESULTS.md:
-// "A register-tiled AVX-512 kernel").
 #define JAXGEN_AVX512 1
+#endif
+#if !defined(JAXGEN_AVX512) && defined(__AVX2__) && defined(__FMA__)
+#define JAXGEN_AVX2_TILES 1  // float32 and bfloat16 weights in tiles: KnTile with 8 lanes
+#endif
+
+#if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
+// Register-tiled kernels for AVX-512 and AVX2 CPUs. The portable loops above leave the
+// compiler to keep sums in memory (L1) and to widen through a buffer; here a tile of sums
+// lives in registers and each widened weight vector serves every activation row of the
+// tile, so the loads are the weight stream and little else (measured in
+// benchmarks/RESULTS.md: "A register-tiled AVX-512 kernel", and "Register tiles on AVX2").
 // Fully unrolled tile loops: without it GCC 12 keeps the sums in a stack array and stores
 // every one of them on every step (one core, 5 activation rows: 3.6 -> 5.5 GB/s of int8).
 #define JAXGEN_UNROLL _Pragma("GCC unroll 16")
 
-constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activation rows: split by rows
 constexpr int64_t kRowBlock = kTileRows;  // [K, N] tiles: weight rows per sweep of the columns
 constexpr int64_t kPrefetchBytes = 32768;  // how far ahead in the weight stream to fetch
 constexpr int64_t kGemmBytes = 128 << 10;  // [K, N]: a task's sums past this size: a GEMM's order
+constexpr int64_t kSplitMaxRows = 6;  // [K, N] with at most this many activation rows: split by rows
 
-inline __mmask16 Lanes(int64_t count) {  // the first min(count, 16) lanes
-  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(count, 0)) - 1);
-}
-// 16 weights (those under `mask`; the rest 0) as float32 lanes.
-inline __m512 Load16(const int8_t* p, __mmask16 mask) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
-inline __m512 Load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 Load16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
+#ifdef JAXGEN_AVX512
+// One vector of float32 lanes and what KnTile does with it: 16 lanes, any count of them
+// (masked), so that the plain layout's ragged last columns take the same kernel.
+struct Vec {
+  using F = __m512;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static Mask First(int64_t count) {  // the first min(count, 16) lanes
+    return count >= 16 ? Mask(0xFFFF) : Mask((1u << std::max<int64_t>(count, 0)) - 1);
+  }
+  static F Zero() { return _mm512_setzero_ps(); }
+  static F Set1(float v) { return _mm512_set1_ps(v); }
+  static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static void Store(float* p, Mask mask, F v) { _mm512_mask_storeu_ps(p, mask, v); }
+  // 16 weights (those under `mask`; the rest 0) as float32 lanes.
+  static F Load(const float* p, Mask mask) { return _mm512_maskz_loadu_ps(mask, p); }
+  static F Load(const int8_t* p, Mask mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+  }
+  static F Load(const uint16_t* p, Mask mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+  }
+};
+#else
+// 8 lanes, always all of them: AVX2 has no masked widening loads, and KnTile is called
+// here on tiles only, whose 128-column rows split into whole vectors.
+struct Vec {
+  using F = __m256;
+  struct Mask {};
+  static constexpr int kLanes = 8;
+  static Mask First(int64_t) { return {}; }
+  static F Zero() { return _mm256_setzero_ps(); }
+  static F Set1(float v) { return _mm256_set1_ps(v); }
+  static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static void Store(float* p, Mask, F v) { _mm256_storeu_ps(p, v); }
+  static F Load(const float* p, Mask) { return _mm256_loadu_ps(p); }
+  static F Load(const uint16_t* p, Mask) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+};
+#endif
 
-// Rows k0..k1 of y[i0:i0+MB, j0:j0+cols] (+)= x [M, K] @ w [K, N], cols <= 16C, the
+// Rows k0..k1 of y[i0:i0+MB, j0:j0+cols] (+)= x [M, K] @ w [K, N], cols <= C vectors, the
 // weights of row k0 from `tile` on and each next row `stride` further within a block of
 // kRowBlock rows (TileAt; k0 a block's first row): one weight row's C vectors are widened
 // once and multiplied into the MB x C sums held in registers.
 // `start` begins the sums at 0, else they add to y; a `scale` (or nullptr) multiplies them.
 // `ahead`: how far down the weights (in elements) to prefetch (0: no prefetch).
+// Each sum is one chain of multiply-adds down the rows, whatever MB, C or the blocks are:
+// an activation row gets the same bits in a batch of any size.
 template <typename W, int C, int MB>
 void KnTile(const float* x, const W* tile, int64_t stride, int64_t ahead, const float* scale, float* y, int64_t k,
             int64_t n, int64_t i0, int64_t j0, int64_t cols, int64_t k0, int64_t k1, bool start) {
-  __mmask16 mask[C];
-  JAXGEN_UNROLL for (int c = 0; c < C; ++c) mask[c] = Lanes(cols - 16 * c);
-  __m512 acc[MB][C];
+  constexpr int L = Vec::kLanes;
+  typename Vec::Mask mask[C];
+  JAXGEN_UNROLL for (int c = 0; c < C; ++c) mask[c] = Vec::First(cols - L * c);
+  typename Vec::F acc[MB][C];
   JAXGEN_UNROLL for (int i = 0; i < MB; ++i)
     JAXGEN_UNROLL for (int c = 0; c < C; ++c)
-      acc[i][c] = start ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], y + (i0 + i) * n + j0 + 16 * c);
+      acc[i][c] = start ? Vec::Zero() : Vec::Load(y + (i0 + i) * n + j0 + L * c, mask[c]);
   for (int64_t kk = k0; kk < k1; ++kk) {
     // Blocks of kRowBlock rows lie kRowBlock * n elements apart in both layouts.
     const int64_t r = kk - k0;
     const W* row = tile + r / kRowBlock * kRowBlock * n + r % kRowBlock * stride;
     if (ahead)
-      JAXGEN_UNROLL for (int line = 0; line < C * 16 * static_cast<int>(sizeof(W)); line += 64)
+      JAXGEN_UNROLL for (int line = 0; line < C * L * static_cast<int>(sizeof(W)); line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(row + ahead) + line, _MM_HINT_T0);
-    __m512 a[MB];
-    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) a[i] = _mm512_set1_ps(x[(i0 + i) * k + kk]);
+    typename Vec::F a[MB];
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) a[i] = Vec::Set1(x[(i0 + i) * k + kk]);
     JAXGEN_UNROLL for (int c = 0; c < C; ++c) {
-      const __m512 wide = Load16(row + 16 * c, mask[c]);
-      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[i][c] = _mm512_fmadd_ps(wide, a[i], acc[i][c]);
+      const typename Vec::F wide = Vec::Load(row + L * c, mask[c]);
+      JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[i][c] = Vec::Fma(wide, a[i], acc[i][c]);
     }
   }
   JAXGEN_UNROLL for (int c = 0; c < C; ++c) {
-    const __m512 s = scale ? _mm512_maskz_loadu_ps(mask[c], scale + j0 + 16 * c) : _mm512_set1_ps(1.0f);
-    JAXGEN_UNROLL for (int i = 0; i < MB; ++i)
-      _mm512_mask_storeu_ps(y + (i0 + i) * n + j0 + 16 * c, mask[c], _mm512_mul_ps(acc[i][c], s));
+    const typename Vec::F s = scale ? Vec::Load(scale + j0 + L * c, mask[c]) : Vec::Set1(1.0f);
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) Vec::Store(y + (i0 + i) * n + j0 + L * c, mask[c], Vec::Mul(acc[i][c], s));
   }
 }
+#endif
 
+#ifdef JAXGEN_AVX512
 // y[i0:i0+MB, j0:j0+R] of x [M, K] @ w [N, K]^T: R weight rows, 16 k at a time, widened
 // once and multiplied into the R x MB sums; each sum is reduced across lanes at the end.
 template <typename W, int R, int MB>
@@ -315,7 +358,7 @@ void NkTile(const float* x, const W* w, const float* scale, float* y, int64_t k,
     __m512 wide[R];
     JAXGEN_UNROLL for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (j0 + r) * k + kk) + kPrefetchBytes, _MM_HINT_T0);
-      wide[r] = Load16(w + (j0 + r) * k + kk, mask);
+      wide[r] = Vec::Load(w + (j0 + r) * k + kk, mask);
     }
     JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
       const __m512 a = _mm512_maskz_loadu_ps(mask, x + (i0 + i) * k + kk);
@@ -324,7 +367,7 @@ void NkTile(const float* x, const W* w, const float* scale, float* y, int64_t k,
   };
   int64_t kk = 0;
   for (; kk + 16 <= k; kk += 16) step(kk, 0xFFFF);
-  if (kk < k) step(kk, Lanes(k - kk));
+  if (kk < k) step(kk, Vec::First(k - kk));
   JAXGEN_UNROLL for (int r = 0; r < R; ++r)
     JAXGEN_UNROLL for (int i = 0; i < MB; ++i) y[(i0 + i) * n + j0 + r] = _mm512_reduce_add_ps(acc[r][i]) * scale[j0 + r];
 }
@@ -599,6 +642,84 @@ void NkRowNarrow(const NarrowRows& xn, const int8_t* w, const float* scale, floa
 }
 #endif
 
+#ifdef JAXGEN_AVX2_TILES
+// KnTile for columns j0..j1 of fewer than 8 (the plain layout's ragged end), one lane at a
+// time: the same chain of multiply-adds (std::fma rounds once, as the vector's does).
+template <typename W, int MB>
+void KnTail(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0,
+            int64_t j0, int64_t j1, int64_t k0, int64_t k1, bool start) {
+  for (int i = 0; i < MB; ++i)
+    for (int64_t j = j0; j < j1; ++j) {
+      float acc = start ? 0.0f : y[(i0 + i) * n + j];
+      for (int64_t kk = k0; kk < k1; ++kk) acc = std::fma(Wide(w[kk * n + j]), x[(i0 + i) * k + kk], acc);
+      y[(i0 + i) * n + j] = scale ? acc * scale[j] : acc;
+    }
+}
+
+// y[:, n0:n1] (+)= x[:, r0:r1] @ w[r0:r1, n0:n1] for float32 or bfloat16 [K, N] weights on
+// AVX2, times `scale` (or nullptr) once the last row is in: the AVX-512 KnRange's contract
+// (r0 a multiple of kRowBlock; with `tiles`, n0 and n1 multiples of kTileCols), in KnTile's
+// register tiles: 16
+// registers hold MB x C vectors of sums, C weight vectors per row and MB broadcast
+// activations, so the tile narrows as the rows grow (1 x 8, 3 x 4, 6 x 2 vectors). A few
+// activation rows sweep each block of kRowBlock weight rows across the columns (one
+// sequential stream of tiles); many rows take a GEMM's order, as on AVX-512 (KnRange).
+// Both orders give each sum the same chain down r0..r1, so tiles and the plain layout
+// agree bit for bit, and an activation row's sums do not depend on M.
+template <typename W>
+void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
+             int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+  const int64_t stride = tiles ? kTileCols : n;
+  // The same columns ~kPrefetchBytes further down, in whole blocks of rows, fetched as each
+  // row is read (as on AVX-512). Unlike there, float32 tiles need it too on Zen 1: a
+  // streamed 512 x 1408 matrix at 5 rows took 0.435 ms without, 0.244 with (RESULTS.md).
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(W));
+  const int64_t ahead = (kPrefetchBytes + kRowBlock * row_bytes - 1) / (kRowBlock * row_bytes) * kRowBlock * n;
+  // Rows k0..k1 of activation rows i0.. (MB of them) over columns j0..j1.
+  auto columns = [&]<int MB>(int64_t i0, int64_t j0, int64_t j1, int64_t k0, int64_t k1, const float* s,
+                             bool start) {
+    constexpr int C = MB == 1 ? 8 : MB <= 3 ? 4 : 2;
+    auto tile = [&]<int CC>(int64_t j) {
+      KnTile<W, CC, MB>(x, TileAt(w, n, k0, j, tiles), stride, ahead, s, y, k, n, i0, j, CC * Vec::kLanes, k0, k1,
+                        start);
+    };
+    int64_t j = j0;
+    for (; j + C * Vec::kLanes <= j1; j += C * Vec::kLanes) tile.template operator()<C>(j);
+    for (; j + Vec::kLanes <= j1; j += Vec::kLanes) tile.template operator()<1>(j);
+    if (j < j1) KnTail<W, MB>(x, w, s, y, k, n, i0, j, j1, k0, k1, start);  // plain layout only
+  };
+  if (m > 1 && m * (n1 - n0) * static_cast<int64_t>(sizeof(float)) > kGemmBytes) {
+    ByTileColumns(tiles, n0, n1, [&](int64_t c0, int64_t c1) {
+      for (int64_t j = c0; j < c1; j += 2 * Vec::kLanes)  // the 6 x 2 tile's width: K x 16 weights stay in L2
+        RowGroups<6>(m, [&]<int MB>(int64_t i0) {
+          columns.template operator()<MB>(i0, j, std::min(c1, j + 2 * Vec::kLanes), r0, r1, scale, true);
+        });
+    });
+    return;
+  }
+  for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
+    const int64_t k1 = std::min(r1, k0 + kRowBlock);
+    const float* s = k1 == r1 ? scale : nullptr;
+    ByTileColumns(tiles, n0, n1, [&](int64_t c0, int64_t c1) {
+      RowGroups<6>(m, [&]<int MB>(int64_t i0) { columns.template operator()<MB>(i0, c0, c1, k0, k1, s, k0 == r0); });
+    });
+  }
+}
+#endif
+
+// Whether [K, N] weights W (plain or tiles) take the register-tiled KnRange in this build:
+// every dtype on AVX-512, float32 and bfloat16 on AVX2 (int8 there takes int16 rows).
+template <typename W>
+constexpr bool RegisterTiles() {
+#if defined(JAXGEN_AVX512)
+  return true;
+#elif defined(JAXGEN_AVX2_TILES)
+  return !std::is_same_v<W, int8_t>;
+#else
+  return false;
+#endif
+}
+
 // Whether weights W in a [K, N] (`kn`, plain or tiles) or [N, K] layout multiply
 // activation rows as NarrowRows in this build: the AVX-512 head (int8 and bfloat16), every
 // int8 layout on the AVX2 build.
@@ -631,44 +752,44 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-#ifdef JAXGEN_AVX512
-  // [K, N]: rows or columns in equal pieces, one per thread: each thread then reads one
-  // stream (512-column tasks left one of two threads idle for a third of a 768-wide
-  // projection; two pieces per thread measured slower).
-  const int64_t pieces = std::max<int64_t>(pool.num_threads(), 1);
-  if (kKn && m <= kSplitMaxRows) {  // weight rows split between tasks, partial sums added here
-    const int64_t rows = ((k + pieces - 1) / pieces + kRowBlock - 1) / kRowBlock * kRowBlock;
-    const int64_t tasks = (k + rows - 1) / rows;
-    std::vector<float> partial(tasks * m * n);
-    float* pp = partial.data();
-    Parallel(pool, tasks, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
-      KnRange(xp, wp, kTiles, nullptr, pp + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n);
-    });
-    for (int64_t i = 0; i < m; ++i) {
-      float* out = yp + i * n;
-      std::copy(pp + i * n, pp + (i + 1) * n, out);
-      for (int64_t t = 1; t < tasks; ++t) {
-        const float* part = pp + (t * m + i) * n;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) out[j] += part[j];
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] *= sp[j];
-    }
-    return ffi::Error::Success();
-  }
-  const int64_t align = kTiles ? kTileCols : 16;
-  const int64_t chunk = kKn ? ((n + pieces - 1) / pieces + align - 1) / align * align : kRowChunk;
-#else
-  // [K, N]: pieces of at most kColumnChunk columns, as many for each thread (a 768-wide
-  // projection in 512 + 256 columns left one of two threads idle a third of the time).
+  constexpr bool kTiled = kKn && RegisterTiles<W>();
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t align = kTiles ? kTileCols : 16;
-  const int64_t rounds = (n + threads * kColumnChunk - 1) / (threads * kColumnChunk);
-  const int64_t chunk =
-      kKn ? std::min(kColumnChunk, ((n + threads * rounds - 1) / (threads * rounds) + align - 1) / align * align)
-          : kRowChunk;
+#if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
+  // [K, N] in register tiles: rows or columns in equal pieces, one per thread: each thread
+  // then reads one stream (512-column tasks left one of two threads idle for a third of a
+  // 768-wide projection; two pieces per thread measured slower). A few activation rows
+  // split the weight rows, so that each task reads one contiguous stream, and the partial
+  // sums are added here: an activation row gets the same bits in any batch of up to
+  // kSplitMaxRows rows (decode steps, verify passes), and in any batch above it.
+  if constexpr (kTiled)
+    if (m <= kSplitMaxRows) {
+      const int64_t rows = ((k + threads - 1) / threads + kRowBlock - 1) / kRowBlock * kRowBlock;
+      const int64_t tasks = (k + rows - 1) / rows;
+      std::vector<float> partial(tasks * m * n);
+      float* pp = partial.data();
+      Parallel(pool, tasks, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
+        KnRange(xp, wp, kTiles, nullptr, pp + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n);
+      });
+      for (int64_t i = 0; i < m; ++i) {
+        float* out = yp + i * n;
+        std::copy(pp + i * n, pp + (i + 1) * n, out);
+        for (int64_t t = 1; t < tasks; ++t) {
+          const float* part = pp + (t * m + i) * n;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) out[j] += part[j];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[j] *= sp[j];
+      }
+      return ffi::Error::Success();
+    }
 #endif
+  // [K, N] otherwise: register tiles in one equal piece per thread; the portable loops in
+  // pieces of at most kColumnChunk columns (their sums' buffer), as many for each thread.
+  // [N, K]: kRowChunk weight rows per task.
+  const int64_t align = kTiles ? kTileCols : 16;
+  const int64_t rounds = kTiled ? 1 : (n + threads * kColumnChunk - 1) / (threads * kColumnChunk);
+  const int64_t chunk = kKn ? ((n + threads * rounds - 1) / (threads * rounds) + align - 1) / align * align : kRowChunk;
   const int64_t count = (n + chunk - 1) / chunk;
   // Activation rows as NarrowRows for the kernels that take them (int8 on the AVX2 build;
   // the AVX-512 head), unless a row is not finite.
@@ -679,11 +800,13 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
     if (MakeNarrowRows<W>(xp, m, k, rows)) narrow = &rows;
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
+#if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
+    if constexpr (kTiled) return KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
+#endif
 #ifdef JAXGEN_AVX512
-    if constexpr (kKn) KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
-    else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
+    if constexpr (!kKn) NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
 #else
-    if constexpr (kKn) {
+    if constexpr (kKn && !kTiled) {
       ByTileColumns(kTiles, n0, n1, [&](int64_t c0, int64_t c1) {
         const ColumnRows<W> columns{wp, kTiles, k, n, c0};
 #ifdef JAXGEN_AVX2_INT8
@@ -693,7 +816,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
 #endif
         KnColumns(xp, columns, sp, yp, m, n, c1);
       });
-    } else {
+    } else if constexpr (!kKn) {
 #ifdef JAXGEN_AVX2_INT8
       if constexpr (kNarrow)
         if (narrow != nullptr) {
@@ -730,10 +853,14 @@ JAXGEN_MATMUL(JaxgenMatmulKnF32, ffi::F32, Layout::kKn)
 JAXGEN_MATMUL(JaxgenMatmulNkF32, ffi::F32, Layout::kNk)
 JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 
-// Whether this build has the register-tiled AVX-512 kernels (1) or the portable loops (0):
-// where serving stores the "kn_tiles" layout (jaxgen/model/quant.py; both builds read it).
+// Which register-tiled kernels this build has: bit 0 [K, N] (AVX-512, and float32 and
+// bfloat16 on AVX2), where serving stores the "kn_tiles" layout (jaxgen/model/quant.py;
+// every build reads it); bit 1 the [N, K] head's (AVX-512 only: the portable loops took a
+// float32 head over 2-8 rows slower than XLA's dot on AVX2, RESULTS.md).
 extern "C" int JaxgenTiledKernels() {
-#ifdef JAXGEN_AVX512
+#if defined(JAXGEN_AVX512)
+  return 3;
+#elif defined(JAXGEN_AVX2_TILES)
   return 1;
 #else
   return 0;
