@@ -3,7 +3,8 @@ step's matmuls at GPT-2 124M: 12 layers of q/k/v, output, fc and projection weig
 in the kernel's tiles where it reads them, as decoding stores them)
 and the tied 50257 x 768 head ([N, K]), every array distinct so that they stream from memory
 as in decoding, against a max pass over the same arrays (the floor `jaxgen bench generate
---weights` uses); for float32, which the kernel does not take, XLA's dots instead. Each is one jitted call;
+--weights` uses); for float32, XLA's dots on the plain layout instead (the kernel's float32
+in tiles against XLA: `benchmarks/cpu_kernel_rows.py f32`). Each is one jitted call;
 the contenders take turns within each round (this machine is shared and noisy), and the
 ratios are taken per round. Random weights.
 
