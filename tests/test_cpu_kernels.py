@@ -190,6 +190,15 @@ for dtype in (np.float32, jnp.bfloat16):
                 np.testing.assert_array_equal(np.asarray(tiled), plain)
             for i in range(len(rows) if len(rows) <= 6 else 0):  # nor on its batch, up to 6 rows
                 np.testing.assert_array_equal(np.asarray(matmul(rows[i : i + 1], w, None, "kn"))[0], plain[i])
+# [N, K] (the head): K = 203 ends each row on a ragged 3 (summed one by one on AVX2);
+# numpy's result, and a row's bits in any batch.
+for dtype in (np.float32, jnp.bfloat16):
+    x = rng.normal(size=(7, 203)).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(70, 203)), dtype)
+    got = np.asarray(matmul(x, w, None, "nk"))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ np.asarray(w, np.float64).T, rtol=1e-4, atol=1e-4)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(np.asarray(matmul(x[i : i + 1], w, None, "nk"))[0], got[i])
 import ctypes, glob, os
 (built,) = glob.glob(os.path.join(os.environ["JAXGEN_CACHE_DIR"], "kernels", "*.so"))
 build = "tiled" if ctypes.CDLL(built).JaxgenTiledKernels() else "portable"

@@ -130,7 +130,7 @@ def _streamed_einsum(
     if not streamed or x.dtype != jnp.float32 or not cpu_kernels.available():
         return None
     if few_rows and kernel.dtype == jnp.float32 and not cpu_kernels.scores_few_rows():
-        return None  # faster than XLA's dot with the AVX-512 kernels only
+        return None  # faster than XLA's dot with register tiles only
     if nk:
         layout, n_in = "nk", 1
     else:

@@ -158,8 +158,9 @@ def reads_tiles() -> bool:
 
 def scores_few_rows() -> bool:
     """Whether a float32 [N, K] head scoring a few rows (a verify pass) is faster through
-    the kernel than through XLA's dot: the AVX-512 build's register tiles only (on AVX2 the
-    portable loops measured slower at every row count, benchmarks/cpu_head_rows.py)."""
+    the kernel than through XLA's dot: where the kernel has register tiles for the head
+    (AVX-512, AVX2); the portable loops measured slower at every row count
+    (benchmarks/cpu_head_rows.py, RESULTS.md)."""
     return available() and bool(_load()[0].JaxgenTiledKernels() & 2)
 
 

@@ -273,6 +273,8 @@ struct Vec {
   using F = __m512;
   using Mask = __mmask16;
   static constexpr int kLanes = 16;
+  static constexpr bool kMasked = true;  // a row's ragged end takes masked loads
+  static float Sum(F v) { return _mm512_reduce_add_ps(v); }
   static Mask First(int64_t count) {  // the first min(count, 16) lanes
     return count >= 16 ? Mask(0xFFFF) : Mask((1u << std::max<int64_t>(count, 0)) - 1);
   }
@@ -291,13 +293,20 @@ struct Vec {
   }
 };
 #else
-// 8 lanes, always all of them: AVX2 has no masked widening loads, and KnTile is called
-// here on tiles only, whose 128-column rows split into whole vectors.
+// 8 lanes, always all of them: AVX2 has no masked widening loads. KnTile is called here on
+// whole vectors only (KnRange sums a plain layout's ragged columns in KnTail), NkTile sums
+// a row's ragged end one by one.
 struct Vec {
   using F = __m256;
   struct Mask {};
   static constexpr int kLanes = 8;
+  static constexpr bool kMasked = false;  // a row's ragged end is summed one by one
   static Mask First(int64_t) { return {}; }
+  static float Sum(F v) {  // the lanes in a fixed order: halves, then pairs, then the last two
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
   static F Zero() { return _mm256_setzero_ps(); }
   static F Set1(float v) { return _mm256_set1_ps(v); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
@@ -348,34 +357,42 @@ void KnTile(const float* x, const W* tile, int64_t stride, int64_t ahead, const 
     JAXGEN_UNROLL for (int i = 0; i < MB; ++i) Vec::Store(y + (i0 + i) * n + j0 + L * c, mask[c], Vec::Mul(acc[i][c], s));
   }
 }
-#endif
 
-#ifdef JAXGEN_AVX512
-// y[i0:i0+MB, j0:j0+R] of x [M, K] @ w [N, K]^T: R weight rows, 16 k at a time, widened
-// once and multiplied into the R x MB sums; each sum is reduced across lanes at the end.
+// y[i0:i0+MB, j0:j0+R] of x [M, K] @ w [N, K]^T: R weight rows, a vector of k at a time, widened
+// once and multiplied into the R x MB sums; each sum is reduced across lanes at the end
+// (then, without masks, the row's last K % 8 products added one by one).
 template <typename W, int R, int MB>
 void NkTile(const float* x, const W* w, const float* scale, float* y, int64_t k, int64_t n, int64_t i0, int64_t j0) {
-  __m512 acc[R][MB];
+  constexpr int L = Vec::kLanes;
+  typename Vec::F acc[R][MB];
   JAXGEN_UNROLL for (int r = 0; r < R; ++r)
-    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[r][i] = _mm512_setzero_ps();
-  auto step = [&](int64_t kk, __mmask16 mask) {
-    __m512 wide[R];
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) acc[r][i] = Vec::Zero();
+  auto step = [&](int64_t kk, typename Vec::Mask mask) {
+    typename Vec::F wide[R];
     JAXGEN_UNROLL for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(w + (j0 + r) * k + kk) + kPrefetchBytes, _MM_HINT_T0);
       wide[r] = Vec::Load(w + (j0 + r) * k + kk, mask);
     }
     JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
-      const __m512 a = _mm512_maskz_loadu_ps(mask, x + (i0 + i) * k + kk);
-      JAXGEN_UNROLL for (int r = 0; r < R; ++r) acc[r][i] = _mm512_fmadd_ps(wide[r], a, acc[r][i]);
+      const typename Vec::F a = Vec::Load(x + (i0 + i) * k + kk, mask);
+      JAXGEN_UNROLL for (int r = 0; r < R; ++r) acc[r][i] = Vec::Fma(wide[r], a, acc[r][i]);
     }
   };
   int64_t kk = 0;
-  for (; kk + 16 <= k; kk += 16) step(kk, 0xFFFF);
-  if (kk < k) step(kk, Vec::First(k - kk));
+  for (; kk + L <= k; kk += L) step(kk, Vec::First(L));
+  if constexpr (Vec::kMasked)
+    if (kk < k) step(kk, Vec::First(k - kk));
   JAXGEN_UNROLL for (int r = 0; r < R; ++r)
-    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) y[(i0 + i) * n + j0 + r] = _mm512_reduce_add_ps(acc[r][i]) * scale[j0 + r];
+    JAXGEN_UNROLL for (int i = 0; i < MB; ++i) {
+      float sum = Vec::Sum(acc[r][i]);
+      if constexpr (!Vec::kMasked)
+        for (int64_t t = kk; t < k; ++t) sum = std::fma(Wide(w[(j0 + r) * k + t]), x[(i0 + i) * k + t], sum);
+      y[(i0 + i) * n + j0 + r] = sum * scale[j0 + r];
+    }
 }
+#endif
 
+#ifdef JAXGEN_AVX512
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #define JAXGEN_NARROW_ROWS 1  // the [N, K] head takes NarrowRows
 // NkTile with narrow activations for one weight row: y[i0:i0+MB, j] of x [M, K] @ w [N, K]^T.
@@ -497,24 +514,6 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
   }
 }
 
-template <typename W>
-void NkRowsTiled(const float* x, const NarrowRows* narrow, const W* w, const float* scale, float* y, int64_t m, int64_t k,
-                 int64_t n, int64_t n0, int64_t n1) {
-  auto rows = [&]<int R>(int64_t j) {
-#ifdef JAXGEN_NARROW_ROWS
-    if (narrow != nullptr) {
-      const NarrowRows& xn = *narrow;
-      for (int64_t r = 0; r < R; ++r)
-        RowGroups<4>(m, [&]<int MB>(int64_t i0) { NkRowNarrow<W, MB>(xn, w, scale, y, k, n, i0, j + r); });
-      return;
-    }
-#endif
-    RowGroups<4>(m, [&]<int MB>(int64_t i0) { NkTile<W, R, MB>(x, w, scale, y, k, n, i0, j); });
-  };
-  int64_t j = n0;
-  for (; j + 4 <= n1; j += 4) rows.template operator()<4>(j);
-  for (; j < n1; ++j) rows.template operator()<1>(j);
-}
 #endif
 
 #if defined(__AVX2__) && !defined(JAXGEN_AVX512)
@@ -711,6 +710,31 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
 }
 #endif
 
+#if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
+// y[:, n0:n1] of x [M, K] @ w [N, K]^T (the head): four weight rows at a time, each read
+// as one stream, times up to kNkRows activation rows in registers (4 x 4 vectors of sums
+// on AVX-512, 4 x 2 of AVX2's 16 registers); int8 rows on AVX-512 take NkRowNarrow.
+constexpr int kNkRows = Vec::kLanes == 16 ? 4 : 2;
+template <typename W>
+void NkRowsTiled(const float* x, const NarrowRows* narrow, const W* w, const float* scale, float* y, int64_t m, int64_t k,
+                 int64_t n, int64_t n0, int64_t n1) {
+  auto rows = [&]<int R>(int64_t j) {
+#ifdef JAXGEN_NARROW_ROWS
+    if (narrow != nullptr) {
+      const NarrowRows& xn = *narrow;
+      for (int64_t r = 0; r < R; ++r)
+        RowGroups<4>(m, [&]<int MB>(int64_t i0) { NkRowNarrow<W, MB>(xn, w, scale, y, k, n, i0, j + r); });
+      return;
+    }
+#endif
+    RowGroups<kNkRows>(m, [&]<int MB>(int64_t i0) { NkTile<W, R, MB>(x, w, scale, y, k, n, i0, j); });
+  };
+  int64_t j = n0;
+  for (; j + 4 <= n1; j += 4) rows.template operator()<4>(j);
+  for (; j < n1; ++j) rows.template operator()<1>(j);
+}
+#endif
+
 // Whether [K, N] weights W (plain or tiles) take the register-tiled KnRange in this build:
 // every dtype on AVX-512, float32 and bfloat16 on AVX2 (int8 there takes int16 rows).
 template <typename W>
@@ -829,6 +853,9 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
           return;
         }
 #endif
+#ifdef JAXGEN_AVX2_TILES
+      if constexpr (!std::is_same_v<W, int8_t>) return NkRowsTiled(xp, nullptr, wp, sp, yp, m, k, n, n0, n1);
+#endif
       NkRows(xp, wp, sp, yp, m, k, n, n0, n1);
     }
 #endif
@@ -859,13 +886,11 @@ JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 
 // Which register-tiled kernels this build has: bit 0 [K, N] (AVX-512, and float32 and
 // bfloat16 on AVX2), where serving stores the "kn_tiles" layout (jaxgen/model/quant.py;
-// every build reads it); bit 1 the [N, K] head's (AVX-512 only: the portable loops took a
-// float32 head over 2-8 rows slower than XLA's dot on AVX2, RESULTS.md).
+// every build reads it); bit 1 the [N, K] head's, which a float32 head scoring a few rows
+// takes instead of XLA's dot (the portable loops were slower than XLA there, RESULTS.md).
 extern "C" int JaxgenTiledKernels() {
-#if defined(JAXGEN_AVX512)
+#if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
   return 3;
-#elif defined(JAXGEN_AVX2_TILES)
-  return 1;
 #else
   return 0;
 #endif
