@@ -12,18 +12,17 @@
 // used by all M activation rows (M = batch x new tokens: a speculative verify pass of
 // 5 tokens reads the weights once, like a 1-token step).
 //
-// On AVX-512 CPUs register-tiled kernels below replace the portable loops (on AVX2 CPUs
-// for float32 and bfloat16 [K, N] weights; int8 there multiplies int16 activation rows by
-// vpmaddwd), and the AVX-512 [N, K]
-// head multiplies narrow activations (int16 rows for int8 weights, two bfloat16 parts for
-// bfloat16 weights) with the dot-product instructions: results then differ from float32
-// arithmetic by well under the weights' own rounding (tests/test_cpu_kernels.py holds both
-// paths to the same bound against float64). float32 weights come here in tiles only (the
-// serving layout, model/quant.py, where register tiles read them): in the plain layout
-// XLA's own matvec read them faster (benchmarks/cpu_kernel_step.py f32: 1.21x vs 1.60x of
-// a max pass, one run); in tiles a decode step runs at 1.0-1.1x of the bare pass where
-// XLA's took 1.3-1.4x on AVX-512, and a 5-row verify pass at half XLA's time on AVX2
-// (RESULTS.md).
+// Register-tiled kernels below replace the portable loops on AVX-512 CPUs, and on AVX2
+// CPUs for float32 and bfloat16 weights (int8 there multiplies int16 activation rows by
+// vpmaddwd). The AVX-512 [N, K] head multiplies narrow activations (int16 rows for int8
+// weights, two bfloat16 parts for bfloat16 weights) with the dot-product instructions:
+// results then differ from float32 arithmetic by well under the weights' own rounding
+// (tests/test_cpu_kernels.py holds both paths to the same bound against float64). float32
+// weights come here in tiles only (the serving layout, model/quant.py, where register
+// tiles read them): in the plain layout XLA's own matvec read them faster
+// (benchmarks/cpu_kernel_step.py f32: 1.21x vs 1.60x of a max pass, one run); in tiles a
+// decode step runs at 1.0-1.1x of the bare pass where XLA's took 1.3-1.4x on AVX-512, and
+// a 5-row verify pass at half XLA's time on AVX2 (RESULTS.md).
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
