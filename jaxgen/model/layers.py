@@ -129,7 +129,7 @@ def _streamed_einsum(
     )
     if not streamed or x.dtype != jnp.float32 or not cpu_kernels.available():
         return None
-    if few_rows and kernel.dtype == jnp.float32 and not cpu_kernels.scores_few_rows():
+    if few_rows and kernel.dtype == jnp.float32 and not cpu_kernels.reads_tiles():
         return None  # faster than XLA's dot with register tiles only
     if nk:
         layout, n_in = "nk", 1

@@ -149,19 +149,13 @@ def available() -> bool:
 
 
 def reads_tiles() -> bool:
-    """Whether serving stores weights in "kn_tiles": where the kernel has register tiles for
-    [K, N] weights (the AVX-512 build; float32 and bfloat16 on the AVX2 build), which read
-    a block of rows as one stream. (The portable loops read tiles too, the same sums as the
-    plain layout, so that tiled weights run anywhere.)"""
-    return available() and bool(_load()[0].JaxgenTiledKernels() & 1)
-
-
-def scores_few_rows() -> bool:
-    """Whether a float32 [N, K] head scoring a few rows (a verify pass) is faster through
-    the kernel than through XLA's dot: where the kernel has register tiles for the head
-    (AVX-512, AVX2); the portable loops measured slower at every row count
-    (benchmarks/cpu_head_rows.py, RESULTS.md)."""
-    return available() and bool(_load()[0].JaxgenTiledKernels() & 2)
+    """Whether the kernel has register tiles (the AVX-512 build; float32 and bfloat16 on the
+    AVX2 build): serving then stores weights in "kn_tiles", which they read as one stream,
+    and a float32 head scoring a few rows goes through the kernel, faster there than XLA's
+    dot (the portable loops were slower at every row count: benchmarks/cpu_head_rows.py).
+    (The portable loops read tiles too, the same sums as the plain layout, so that tiled
+    weights run anywhere.)"""
+    return available() and bool(_load()[0].JaxgenTiledKernels())
 
 
 def rounds_activations(layout: str) -> bool:

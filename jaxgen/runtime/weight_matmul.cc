@@ -661,13 +661,12 @@ void KnTail(const float* x, const W* w, const float* scale, float* y, int64_t k,
 // y[:, n0:n1] (+)= x[:, r0:r1] @ w[r0:r1, n0:n1] for float32 or bfloat16 [K, N] weights on
 // AVX2, times `scale` (or nullptr) once the last row is in: the AVX-512 KnRange's contract
 // (r0 a multiple of kRowBlock; with `tiles`, n0 and n1 multiples of kTileCols), in KnTile's
-// register tiles: 16
-// registers hold MB x C vectors of sums, C weight vectors per row and MB broadcast
-// activations, so the tile narrows as the rows grow (1 x 8, 3 x 4, 6 x 2 vectors). A few
+// register tiles: 16 registers hold MB x C vectors of sums, C weight vectors per row and MB
+// broadcast activations, so the tile narrows as the rows grow (1 x 8, 3 x 4, 6 x 2). A few
 // activation rows sweep each block of kRowBlock weight rows across the columns (one
 // sequential stream of tiles); many rows take a GEMM's order, as on AVX-512 (KnRange).
 // Both orders give each sum the same chain down r0..r1, so tiles and the plain layout
-// agree bit for bit, and an activation row's sums do not depend on M.
+// agree bit for bit, and an activation row's sums here do not depend on M.
 template <typename W>
 void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* y, int64_t m, int64_t k, int64_t n,
              int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
@@ -734,8 +733,9 @@ void NkRowsTiled(const float* x, const NarrowRows* narrow, const W* w, const flo
 }
 #endif
 
-// Whether [K, N] weights W (plain or tiles) take the register-tiled KnRange in this build:
-// every dtype on AVX-512, float32 and bfloat16 on AVX2 (int8 there takes int16 rows).
+// Whether weights W take the register-tiled kernels in this build (KnRange for [K, N],
+// plain or tiles; NkRowsTiled for [N, K]): every dtype on AVX-512, float32 and bfloat16
+// on AVX2 (int8 there takes int16 rows).
 template <typename W>
 constexpr bool RegisterTiles() {
 #if defined(JAXGEN_AVX512)
@@ -828,12 +828,14 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   Parallel(pool, count, static_cast<int64_t>(w.size_bytes()), [=](int64_t t) {
     const int64_t n0 = t * chunk, n1 = std::min(n, n0 + chunk);
 #if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
-    if constexpr (kTiled) return KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
+    if constexpr (RegisterTiles<W>()) {
+      if constexpr (kKn) KnRange(xp, wp, kTiles, sp, yp, m, k, n, 0, k, n0, n1);
+      else NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
+      return;
+    }
 #endif
-#ifdef JAXGEN_AVX512
-    if constexpr (!kKn) NkRowsTiled(xp, narrow, wp, sp, yp, m, k, n, n0, n1);
-#else
-    if constexpr (kKn && !kTiled) {
+#ifndef JAXGEN_AVX512
+    if constexpr (kKn) {
       ByTileColumns(kTiles, n0, n1, [&](int64_t c0, int64_t c1) {
         const ColumnRows<W> columns{wp, kTiles, k, n, c0};
 #ifdef JAXGEN_AVX2_INT8
@@ -843,7 +845,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
 #endif
         KnColumns(xp, columns, sp, yp, m, n, c1);
       });
-    } else if constexpr (!kKn) {
+    } else {
 #ifdef JAXGEN_AVX2_INT8
       if constexpr (kNarrow)
         if (narrow != nullptr) {
@@ -851,9 +853,6 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
             RowGroups<2>(m, [&]<int MB>(int64_t i0) { NkRowNarrow<MB>(*narrow, wp, sp, yp, k, n, i0, j); });
           return;
         }
-#endif
-#ifdef JAXGEN_AVX2_TILES
-      if constexpr (!std::is_same_v<W, int8_t>) return NkRowsTiled(xp, nullptr, wp, sp, yp, m, k, n, n0, n1);
 #endif
       NkRows(xp, wp, sp, yp, m, k, n, n0, n1);
     }
@@ -883,13 +882,13 @@ JAXGEN_MATMUL(JaxgenMatmulKnF32, ffi::F32, Layout::kKn)
 JAXGEN_MATMUL(JaxgenMatmulNkF32, ffi::F32, Layout::kNk)
 JAXGEN_MATMUL(JaxgenMatmulKnTilesF32, ffi::F32, Layout::kKnTiles)
 
-// Which register-tiled kernels this build has: bit 0 [K, N] (AVX-512, and float32 and
-// bfloat16 on AVX2), where serving stores the "kn_tiles" layout (jaxgen/model/quant.py;
-// every build reads it); bit 1 the [N, K] head's, which a float32 head scoring a few rows
-// takes instead of XLA's dot (the portable loops were slower than XLA there, RESULTS.md).
+// Whether this build has register-tiled kernels (1: AVX-512, and float32 and bfloat16 on
+// AVX2) or the portable loops only (0): where serving stores the "kn_tiles" layout
+// (jaxgen/model/quant.py; every build reads it) and a float32 head scoring a few rows
+// takes the kernel instead of XLA's dot (the portable loops were slower there, RESULTS.md).
 extern "C" int JaxgenTiledKernels() {
 #if defined(JAXGEN_AVX512) || defined(JAXGEN_AVX2_TILES)
-  return 3;
+  return 1;
 #else
   return 0;
 #endif
