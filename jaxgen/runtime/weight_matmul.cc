@@ -491,12 +491,15 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
                        k0, k1, start);
     });
   };
-  // Many rows: a GEMM's order. Each group of 6 rows x 64 columns takes all of r0..r1 in
-  // registers and is stored once; the 64 columns' weights (K x 64) stay in L2 across the
-  // row groups. Sweeping blocks of rows across all of y instead re-read and re-wrote y
-  // once per 16 weight rows, from L3 once y outgrew L2 (float32 768 x 3072 at M = 512:
-  // 1.43x XLA's dot).
-  if (m > 1 && m * (n1 - n0) * static_cast<int64_t>(sizeof(float)) > kGemmBytes) {
+  // More than one row from tiles, or many rows: a GEMM's order. Each group of 6 rows x 64
+  // columns takes all of r0..r1 in registers and is stored once; the 64 columns' weights
+  // (K x 64) stay in L2 across the row groups. Sweeping blocks of rows across all of y
+  // instead re-read and re-wrote y once per 16 weight rows, from L3 once y outgrew L2
+  // (float32 768 x 3072 at M = 512: 1.43x XLA's dot), and at 2-6 rows (verify passes) the
+  // y round trips and 3 + 2 row groups made a 5-row float32 pass of the 6 x 512 edit model
+  // 6.5 ms where a 1-row pass is 3.9; in this order 4.6 (a Xeon with AVX-512, RESULTS.md
+  // "Verify passes in a GEMM's order"). Zen 1's AVX2 build keeps its own measured order.
+  if (m > 1 && (tiles || m * (n1 - n0) * static_cast<int64_t>(sizeof(float)) > kGemmBytes)) {
     for (int64_t j = n0; j < n1; j += 64) row_groups(j, r0, r1, ahead, scale, true);
     return;
   }
@@ -508,19 +511,13 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
   for (int64_t k0 = r0; k0 < r1; k0 += kRowBlock) {
     const int64_t k1 = std::min(r1, k0 + kRowBlock);
     const float* s = k1 == r1 ? scale : nullptr;
-    // Whole 128-column tile rows, up to 3 activation rows at a time (3 x 8 sums in registers):
-    // 8 vectors of sums per row hide the multiply-add latency, and float32 tiles are read
-    // as one sequential stream. Several rows of narrow weights take 64 columns and 6 rows
-    // instead, so that each weight is widened once for all of them. (Float32 in 64-column
-    // halves, 6 rows at a time: 141-159 us per streamed 512 x 1408 matrix at M = 2-5, XLA's
-    // dots 119-138; like this 78-117, against 82-89 at M = 1: benchmarks/cpu_kernel_rows.py,
-    // RESULTS.md "Speculative decoding at a shape bound by its weights".)
-    if (m == 1 || sweep_ahead == 0) {
+    // One row: whole 128-column tile rows (8 vectors of sums hide the multiply-add latency),
+    // float32 tiles read as one sequential stream. A few rows of the plain layout take 64
+    // columns and 6 rows, so that each weight is widened once for all of them.
+    if (m == 1) {
       for (int64_t j = n0; j < n1; j += 128)
-        RowGroups<3>(m, [&]<int MB>(int64_t i0) {
-          KnTile<W, 8, MB>(x, TileAt(w, n, k0, j, tiles), stride, sweep_ahead, s, y, k, n, i0, j,
-                           std::min<int64_t>(128, n1 - j), k0, k1, k0 == r0);
-        });
+        KnTile<W, 8, 1>(x, TileAt(w, n, k0, j, tiles), stride, sweep_ahead, s, y, k, n, 0, j,
+                        std::min<int64_t>(128, n1 - j), k0, k1, k0 == r0);
       continue;
     }
     for (int64_t j = n0; j < n1; j += 64) row_groups(j, k0, k1, sweep_ahead, s, k0 == r0);
