@@ -85,10 +85,30 @@ def test_prompt_lookup_copies_the_prompt():
     tokens = jnp.asarray([[1, 2, 3, 4, 5, 1, 2, 0, 0, 0], [7, 8, 9, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
     end = jnp.asarray([7, 3])
     valid = jnp.arange(10)[None] < end[:, None]
-    drafts, found = sp.lookup(tokens, valid, end, 3, 2)
+    drafts, found, start = sp.lookup(tokens, valid, end, 3, 2)
     # Row 0 ends "1 2", seen at slot 0: its continuation is "3 4 5". Row 1 repeats nothing.
     assert found.tolist() == [True, False]
-    assert drafts[0].tolist() == [3, 4, 5]
+    assert drafts[0].tolist() == [3, 4, 5] and int(start[0]) == 2
+
+
+def test_prompt_lookup_resumes_its_copy_past_a_swapped_token():
+    # A source "10 11 12 13 14 15", then the copy "10 11" and a token of the target's own
+    # (99, in the place of 12), which occurs nowhere before: no n-gram matches, and the
+    # copy resumes after the swapped token, at slot 3 ("13 14 15").
+    tokens = jnp.asarray([[10, 11, 12, 13, 14, 15, 10, 11, 99, 0, 0, 0]], jnp.int32)
+    end = jnp.asarray([9])
+    valid = jnp.arange(12)[None] < end[:, None]
+    drafts, found, _ = sp.lookup(tokens, valid, end, 3, 3)
+    assert found.tolist() == [False]
+    drafts, found, start = sp.lookup(tokens, valid, end, 3, 3, resume=jnp.asarray([3]))
+    assert found.tolist() == [True] and drafts[0].tolist() == [13, 14, 15] and int(start[0]) == 3
+    # A match wins over resuming; a slot past the text resumes nothing.
+    assert sp.lookup(tokens, valid, jnp.asarray([8]), 3, 3, resume=jnp.asarray([4]))[0][0].tolist() == [
+        12,
+        13,
+        14,
+    ]
+    assert not sp.lookup(tokens, valid, end, 3, 3, resume=jnp.asarray([9]))[1][0]
 
 
 def _accept_rows(b, v, seed):
