@@ -498,7 +498,9 @@ void KnRange(const float* x, const W* w, bool tiles, const float* scale, float* 
   // (float32 768 x 3072 at M = 512: 1.43x XLA's dot), and at 2-6 rows (verify passes) the
   // y round trips and 3 + 2 row groups made a 5-row float32 pass of the 6 x 512 edit model
   // 6.5 ms where a 1-row pass is 3.9; in this order 4.6 (a Xeon with AVX-512, RESULTS.md
-  // "Verify passes in a GEMM's order"). Zen 1's AVX2 build keeps its own measured order.
+  // "Verify passes in a GEMM's order"). The 3-row sweep this replaced had been chosen on a
+  // Zen 4 over 64-column sweeps; this order was not measured there. Zen 1's AVX2 build
+  // keeps its own measured order.
   if (m > 1 && (tiles || m * (n1 - n0) * static_cast<int64_t>(sizeof(float)) > kGemmBytes)) {
     for (int64_t j = n0; j < n1; j += 64) row_groups(j, r0, r1, ahead, scale, true);
     return;
