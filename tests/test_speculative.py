@@ -111,6 +111,46 @@ def test_prompt_lookup_resumes_its_copy_past_a_swapped_token():
     assert not sp.lookup(tokens, valid, end, 3, 3, resume=jnp.asarray([9]))[1][0]
 
 
+class _ScriptedModel:
+    """A stand-in target whose greedy next token after slot p is script[p + 1], whatever
+    the cache holds: the rounds of a known text can then be counted."""
+
+    def __init__(self, config, script):
+        self.config = config
+        self.script = jnp.asarray(script + [0] * config.max_len, jnp.int32)
+
+    def apply(self, variables, inputs, positions, segment, cache=None, logits_at=None):
+        if logits_at is not None:
+            positions = jnp.take_along_axis(positions, logits_at[:, None], axis=1)
+        return jax.nn.one_hot(self.script[positions + 1], self.config.vocab_size) * 9.0, cache
+
+
+def _scripted_passes(cfg, prompt, completion, k):
+    model = _ScriptedModel(cfg, prompt + completion)
+    spec = loop.DecodeSpec(buffer=32, stopping=sampling.Stopping(eos_ids=(3,)))
+    b, p = 1, len(prompt)
+    args = (jnp.asarray([prompt], jnp.int32), jnp.asarray([p], jnp.int32), jnp.zeros((b,), jnp.int32), 0, 32)
+    knobs = sampling.knobs(spec.strategy, b)
+    (tokens, num, _, _), (passes, *_) = jax.jit(
+        lambda: sp.generate(model, None, None, *args, knobs, sp.PromptLookup(k, 3), spec)
+    )()
+    assert tokens[0, : int(num[0])].tolist() == completion[:-1]  # the eos ends the text
+    return int(passes)
+
+
+def test_prompt_lookup_rounds_resume_the_copy_after_a_swapped_token(tiny_config):
+    # The target copies its prompt's passage 10 .. 25 but writes 99 in the place of 12.
+    # Prefill: 10. Round 1: "10" drafts 11 12 13 14, keeps 11, then 99. Round 2: nothing
+    # matches "99"; the copy resumes past 12: 13 14 15 16 kept, then 17. Round 3: "15 16
+    # 17" drafts 18 19 20 21, all kept, then 22. Round 4: 23 24 25 and the prompt's 1 are
+    # drafted, 23 24 25 kept, then eos. Without resuming, round 2 is a one-token step (13)
+    # and round 3 copies 14 .. 17: five passes, not four.
+    source = list(range(10, 26))
+    prompt = [2, *source, 1]
+    completion = [10, 11, 99, *source[3:], 3]
+    assert _scripted_passes(tiny_config.model, prompt, completion, 4) == 4
+
+
 def _accept_rows(b, v, seed):
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(b))
     knobs = sampling.knobs(sampling.Sample(1.0), b)
