@@ -103,12 +103,10 @@ def test_prompt_lookup_resumes_its_copy_past_a_swapped_token():
     drafts, found, start = sp.lookup(tokens, valid, end, 3, 3, resume=jnp.asarray([3]))
     assert found.tolist() == [True] and drafts[0].tolist() == [13, 14, 15] and int(start[0]) == 3
     # A match wins over resuming; a slot past the text resumes nothing.
-    assert sp.lookup(tokens, valid, jnp.asarray([8]), 3, 3, resume=jnp.asarray([4]))[0][0].tolist() == [
-        12,
-        13,
-        14,
-    ]
-    assert not sp.lookup(tokens, valid, end, 3, 3, resume=jnp.asarray([9]))[1][0]
+    drafts, _, _ = sp.lookup(tokens, valid, jnp.asarray([8]), 3, 3, resume=jnp.asarray([4]))
+    assert drafts[0].tolist() == [12, 13, 14]
+    _, found, _ = sp.lookup(tokens, valid, end, 3, 3, resume=jnp.asarray([9]))
+    assert found.tolist() == [False]
 
 
 class _ScriptedModel:
@@ -128,9 +126,14 @@ class _ScriptedModel:
 def _scripted_passes(cfg, prompt, completion, k):
     model = _ScriptedModel(cfg, prompt + completion)
     spec = loop.DecodeSpec(buffer=32, stopping=sampling.Stopping(eos_ids=(3,)))
-    b, p = 1, len(prompt)
-    args = (jnp.asarray([prompt], jnp.int32), jnp.asarray([p], jnp.int32), jnp.zeros((b,), jnp.int32), 0, 32)
-    knobs = sampling.knobs(spec.strategy, b)
+    args = (  # prompt, lengths, row ids, seed, max new tokens
+        jnp.asarray([prompt], jnp.int32),
+        jnp.asarray([len(prompt)], jnp.int32),
+        jnp.zeros((1,), jnp.int32),
+        0,
+        32,
+    )
+    knobs = sampling.knobs(spec.strategy, 1)
     (tokens, num, _, _), (passes, *_) = jax.jit(
         lambda: sp.generate(model, None, None, *args, knobs, sp.PromptLookup(k, 3), spec)
     )()

@@ -238,6 +238,7 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
     """One draft + verify + append round."""
     rows = state.rows
     k = speculation.num_tokens
+    running = ~rows.done
     if isinstance(speculation, DraftModel):
         drafts, q, draft_cache = draft_tokens(*draft, state, k, spec)
         tokens, logp, kept, cache = _verify(model, params, rows, drafts, q, spec, k + 1)
@@ -246,7 +247,7 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
         drafts, found, start = lookup(
             rows.tokens, rows.valid, rows.slot, k, speculation.max_ngram, state.resume
         )
-        any_drafts = jnp.any(found & ~rows.done)
+        any_drafts = jnp.any(found & running)
         tokens, logp, kept, cache = jax.lax.cond(
             any_drafts,
             lambda: _verify(model, params, rows, drafts, None, spec, k + 1),
@@ -255,8 +256,7 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
         draft_cache = None
         # The copy went on for `kept` tokens, then the target's own token took the place
         # of the source's next one: the source resumes after that.
-        resume = jnp.where(~rows.done & found & any_drafts, start + kept + 1, state.resume)
-    running = ~rows.done
+        resume = jnp.where(running & found, start + kept + 1, state.resume)
     new_rows = rows.replace(cache=cache)
     for j in range(k + 1):  # the plain loop's stopping rules, token by token
         new_rows = loop.append(new_rows, tokens[:, j], logp[:, j], spec.stopping, active=j <= kept)
