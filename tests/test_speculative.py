@@ -146,8 +146,8 @@ def test_prompt_lookup_rounds_resume_the_copy_after_a_swapped_token(tiny_config)
     # Prefill: 10. Round 1: "10" drafts 11 12 13 14, keeps 11, then 99. Round 2: nothing
     # matches "99"; the copy resumes past 12: 13 14 15 16 kept, then 17. Round 3: "15 16
     # 17" drafts 18 19 20 21, all kept, then 22. Round 4: 23 24 25 and the prompt's 1 are
-    # drafted, 23 24 25 kept, then eos. Without resuming, round 2 is a one-token step (13)
-    # and round 3 copies 14 .. 17: five passes, not four.
+    # drafted, 23 24 25 kept, then eos. Without resuming, round 2 drafts from slot 0 and
+    # keeps only the target's 13, and round 3 copies 14 .. 17: five passes, not four.
     source = list(range(10, 26))
     prompt = [2, *source, 1]
     completion = [10, 11, 99, *source[3:], 3]

@@ -22,10 +22,15 @@ k + 1 tokens reads them once too. Each round here (one iteration of the jitted
    eos, stop sequences and max lengths that fall inside a block stop a row at exactly the
    same token as plain decoding; each row's cache index moves past only what it kept.
 
-Prompt lookup rounds where no row has a draft (no match, nothing copied yet) run a
-one-token step instead of the k + 1 token pass. Processors that read the text
-(repetition penalty, no-repeat n-grams, banned sequences) would need each drafted
-position's history and are refused.
+Every round runs the k + 1 token pass, also where prompt lookup found nothing (a row's
+drafts are then the tokens from slot 0: guesses like any other). A `lax.cond` that ran a
+one-token step in such rounds made XLA copy both halves of the KV cache into and out of
+the cond on every round; since lookup resumes its last copy, nearly every round has
+drafts (1 round in 200 had none on the edit benchmark), and without the cond a round of
+the 6 x 512 edit model takes 2.8-2.9 ms instead of 3.7-3.8 (benchmarks/RESULTS.md).
+
+Processors that read the text (repetition penalty, no-repeat n-grams, banned sequences)
+would need each drafted position's history and are refused.
 """
 
 from __future__ import annotations
@@ -219,19 +224,15 @@ def _accept(scores, drafts, q, rows: ragged.RowState, spec: loop.DecodeSpec):
     return tokens, logp, kept
 
 
-def _verify(model, params, rows: ragged.RowState, drafts, q, spec: loop.DecodeSpec, width: int):
-    """One target pass over [newest token, drafts] -> (tokens, log-probs [B, width], kept, cache).
-
-    `drafts` may be empty ([B, 0]: a plain one-token step); the results are padded to `width`.
-    """
+def _verify(model, params, rows: ragged.RowState, drafts, q, spec: loop.DecodeSpec):
+    """One target pass over [newest token, drafts [B, k]] -> (tokens, log-probs [B, k + 1], kept, cache)."""
     inputs = jnp.concatenate([rows.last_token()[:, None], drafts], axis=1)  # [B, T]
     positions = ragged.positions_at(model.config, rows.slot - 1, inputs.shape[1])
     logits, cache = model.apply(
         {"params": params}, inputs, positions, jnp.ones_like(inputs), cache=rows.cache
     )
     tokens, logp, kept = _accept(logits.astype(jnp.float32), drafts, q, rows, spec)
-    pad = ((0, 0), (0, width - tokens.shape[1]))
-    return jnp.pad(tokens, pad), jnp.pad(logp, pad), kept, cache
+    return tokens, logp, kept, cache
 
 
 def _round(model, params, draft, state: SpecState, speculation: Speculation, spec: loop.DecodeSpec):
@@ -241,19 +242,14 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
     running = ~rows.done
     if isinstance(speculation, DraftModel):
         drafts, q, draft_cache = draft_tokens(*draft, state, k, spec)
-        tokens, logp, kept, cache = _verify(model, params, rows, drafts, q, spec, k + 1)
-        any_drafts, resume = jnp.array(True), state.resume
     else:
         drafts, found, start = lookup(
             rows.tokens, rows.valid, rows.slot, k, speculation.max_ngram, state.resume
         )
-        any_drafts = jnp.any(found & running)
-        tokens, logp, kept, cache = jax.lax.cond(
-            any_drafts,
-            lambda: _verify(model, params, rows, drafts, None, spec, k + 1),
-            lambda: _verify(model, params, rows, drafts[:, :0], None, spec, k + 1),  # one-token step
-        )
-        draft_cache = None
+        q = draft_cache = None
+    tokens, logp, kept, cache = _verify(model, params, rows, drafts, q, spec)
+    resume = state.resume
+    if isinstance(speculation, PromptLookup):
         # The copy went on for `kept` tokens, then the target's own token took the place
         # of the source's next one: the source resumes after that.
         resume = jnp.where(running & found, start + kept + 1, state.resume)
@@ -265,7 +261,7 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
     new_rows = new_rows.replace(cache=new_rows.cache.replace(index=index))
     if draft_cache is not None:
         draft_cache = draft_cache.replace(index=index)
-    offered = jnp.where(any_drafts, k, 0) * jnp.sum(running)
+    offered = k * jnp.sum(running)
     return SpecState(
         rows=new_rows,
         draft_cache=draft_cache,
