@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxgen.decode import loop
-from jaxgen.model.attention import attention_mask, cached_attention, reads_cache_in_place
+from jaxgen.model.attention import KERNEL_QUERIES, attention_mask, cached_attention, reads_cache_in_place
 from jaxgen.model.serving import ServingTransformer, unstack_layers
 from jaxgen.model.transformer import init_params
 from jaxgen.runtime import cpu_kernels
@@ -81,7 +81,7 @@ def test_a_query_that_sees_nothing_gets_xla_s_uniform_mix():
 
 
 def test_decoding_on_cpu_attends_through_the_kernel(tiny_llama_config):
-    # Steps and verify passes up to KERNEL_QUERIES tokens take the kernel; a longer prefill
+    # Steps, verify passes and prefills up to KERNEL_QUERIES tokens take the kernel; a longer prefill
     # and narrower compute dtypes keep XLA's dots.
     cfg = tiny_llama_config.model
     params = unstack_layers(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)), cfg)
@@ -89,6 +89,6 @@ def test_decoding_on_cpu_attends_through_the_kernel(tiny_llama_config):
     step = jax.jit(lambda p, c: loop.decode_step(ServingTransformer(cfg), p, jnp.ones((1,), jnp.int32),
                                                  jnp.zeros((1,), jnp.int32), c))  # fmt: skip
     assert "JaxgenCacheAttention" in step.lower(params, cache).as_text()
-    q = jnp.zeros((1, 17, 4, 8), jnp.float32)
-    assert reads_cache_in_place(q[:, :16], cache.k) and not reads_cache_in_place(q, cache.k)
+    q = jnp.zeros((1, KERNEL_QUERIES + 1, 4, 8), jnp.float32)
+    assert reads_cache_in_place(q[:, :KERNEL_QUERIES], cache.k) and not reads_cache_in_place(q, cache.k)
     assert not reads_cache_in_place(q[:, :1].astype(jnp.bfloat16), cache.k.astype(jnp.bfloat16))

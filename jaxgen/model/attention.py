@@ -56,14 +56,20 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-KERNEL_QUERIES = 16  # new tokens per row up to which CPU decoding attends through the kernel
+# New tokens per row up to which CPU attention over the cache goes through the kernel.
+# Prefills of short prompts too: XLA's path first copies the layer's keys and values out of
+# the stacked cache and masks [B, N, T, S] scores. Prefill of the 6 x 512 edit model (a
+# Xeon with AVX-512, RESULTS.md "Prefill through the cache kernel"): 32 tokens 11.4 -> 9.0
+# ms, 64 tokens 20.5 -> 17.2, 128 tokens 36.2 -> 34.9, but 256 tokens 71.6 -> 77.9, where
+# XLA's dots (GEMMs) win over the kernel's one query at a time.
+KERNEL_QUERIES = 128
 
 
 def reads_cache_in_place(q: jax.Array, cache: jax.Array) -> bool:
     """Whether attention over the cache goes through the CPU kernel (runtime/cache_attention.cc),
     which reads the layer in the stacked cache where it lies: XLA's dots copy each layer's
-    keys and values out of it first, on every decoded token. Decode steps and verify passes
-    (up to KERNEL_QUERIES new tokens), float32; longer prefills keep XLA's dots (GEMMs)."""
+    keys and values out of it first, on every decoded token. Decode steps, verify passes and
+    prefills of up to KERNEL_QUERIES new tokens, float32; longer prefills keep XLA's dots."""
     return q.shape[1] <= KERNEL_QUERIES and q.dtype == cache.dtype == jnp.float32 and cpu_kernels.available()
 
 

@@ -2,7 +2,7 @@
 // softmax(q . keys / sqrt(H), masked) . values, reading one layer of the stacked cache
 // [L, B, K, S, H] (jaxgen/model/kvcache.py) where it lies. Registered with XLA as an FFI
 // custom call by jaxgen/runtime/cpu_kernels.py; used for decode steps and verify passes
-// (T <= 16), float32 only (jaxgen/model/attention.py).
+// and prefills of short prompts (T <= 128), float32 only (jaxgen/model/attention.py).
 //
 // Why: XLA's dots read a layer's keys and values only after copying them out of the stacked
 // cache (a slice is not a dot operand on XLA:CPU): 24 copies per GPT-2 124M step, 1.5 ms of
