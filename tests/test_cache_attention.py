@@ -103,3 +103,8 @@ def test_decoding_on_cpu_attends_through_the_kernel(tiny_llama_config):
     q = jnp.zeros((1, KERNEL_QUERIES + 1, 4, 8), jnp.float32)
     assert reads_cache_in_place(q[:, :KERNEL_QUERIES], cache.k) and not reads_cache_in_place(q, cache.k)
     assert not reads_cache_in_place(q[:, :1].astype(jnp.bfloat16), cache.k.astype(jnp.bfloat16))
+    # Where the kernel takes 16 slots at a time (AVX-512; head sizes 16-128), prefills of
+    # any length take it too.
+    long32 = jnp.zeros((1, 4 * KERNEL_QUERIES, 4, 32), jnp.float32)
+    assert reads_cache_in_place(long32, long32) == cpu_kernels.attends_in_blocks(32)
+    assert not cpu_kernels.attends_in_blocks(24)

@@ -56,12 +56,14 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-# New tokens per row up to which CPU attention over the cache goes through the kernel.
-# Prefills of short prompts too: XLA's path first copies the layer's keys and values out of
-# the stacked cache and masks [B, N, T, S] scores. Prefill of the 6 x 512 edit model (a
-# Xeon with AVX-512, RESULTS.md "Prefill through the cache kernel"): 32 tokens 11.4 -> 9.0
-# ms, 64 tokens 20.5 -> 17.2, 128 tokens 36.2 -> 34.9, but 256 tokens 71.6 -> 77.9, where
-# XLA's dots (GEMMs) win over the kernel's one query at a time.
+# New tokens per row up to which CPU attention over the cache goes through the kernel when
+# it attends one slot at a time; where it takes 16 slots at a time (AVX-512, head sizes
+# 16-128: cpu_kernels.attends_in_blocks) prefills of any length do. XLA's path first copies
+# the layer's keys and values out of the stacked cache and masks [B, N, T, S] scores.
+# Prefill of the 6 x 512 edit model (head size 32) on a Xeon with AVX-512 (RESULTS.md,
+# "Prefill through the cache kernel"), ms, XLA's dots -> the kernel:
+#   one slot at a time:  32 tokens 11.4 -> 9.0, 64: 20.5 -> 17.2, 128: 36.2 -> 34.9, 256: 71.6 -> 77.9
+#   16 slots at a time: 256 tokens 78.4 -> 63.0, 512: 191 -> 139, 1024: 485 -> 360
 KERNEL_QUERIES = 128
 
 
@@ -69,8 +71,10 @@ def reads_cache_in_place(q: jax.Array, cache: jax.Array) -> bool:
     """Whether attention over the cache goes through the CPU kernel (runtime/cache_attention.cc),
     which reads the layer in the stacked cache where it lies: XLA's dots copy each layer's
     keys and values out of it first, on every decoded token. Decode steps, verify passes and
-    prefills of up to KERNEL_QUERIES new tokens, float32; longer prefills keep XLA's dots."""
-    return q.shape[1] <= KERNEL_QUERIES and q.dtype == cache.dtype == jnp.float32 and cpu_kernels.available()
+    prefills (see KERNEL_QUERIES), float32."""
+    if not (q.dtype == cache.dtype == jnp.float32 and cpu_kernels.available()):
+        return False
+    return q.shape[1] <= KERNEL_QUERIES or cpu_kernels.attends_in_blocks(q.shape[-1])
 
 
 def write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array | int, index: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 // softmax(q . keys / sqrt(H), masked) . values, reading one layer of the stacked cache
 // [L, B, K, S, H] (jaxgen/model/kvcache.py) where it lies. Registered with XLA as an FFI
 // custom call by jaxgen/runtime/cpu_kernels.py; used for decode steps and verify passes
-// and prefills of short prompts (T <= 128), float32 only (jaxgen/model/attention.py).
+// and prefills (how long: jaxgen/model/attention.py, KERNEL_QUERIES), float32 only.
 //
 // Why: XLA's dots read a layer's keys and values only after copying them out of the stacked
 // cache (a slice is not a dot operand on XLA:CPU): 24 copies per GPT-2 124M step, 1.5 ms of
@@ -245,3 +245,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenCacheAttention, CacheAttention,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether this build attends in AVX-512 blocks of 16 slots for head size h (1) or one slot
+// at a time (0). jaxgen/model/attention.py sends prefills of any length to the blocks, and
+// only short ones to the slot-at-a-time loop (XLA's dots win there past ~128 tokens).
+extern "C" int JaxgenAttentionBlocks(int h) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  return h == 16 || h == 32 || h == 64 || h == 128;
+#else
+  return 0;
+#endif
+}

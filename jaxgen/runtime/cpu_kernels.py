@@ -158,6 +158,12 @@ def reads_tiles() -> bool:
     return available() and bool(_load()[0].JaxgenTiledKernels())
 
 
+def attends_in_blocks(head_dim: int) -> bool:
+    """Whether `cache_attention` takes 16 slots at a time for this head size (the AVX-512
+    build, head sizes 16, 32, 64 and 128), rather than one slot at a time."""
+    return available() and bool(_load()[0].JaxgenAttentionBlocks(head_dim))
+
+
 def rounds_activations(layout: str) -> bool:
     """Whether int8 weights in `layout` ("kn", "kn_tiles", "nk") multiply activation rows
     rounded to int16, each by its own max|x| / 32767, in this build: the AVX2 build for
