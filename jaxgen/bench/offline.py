@@ -49,12 +49,15 @@ def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: in
         for p in prompts
     ]
 
+    # Both sides pad prompts as `jaxgen generate` would (the run's generate.prompt_buckets).
+    kw = dict(max_new_tokens=new_tokens, buckets=opts.prompt_buckets)
+
     def plain(ids):
-        return loop.generate_ids(model, params, [ids], req.spec, max_new_tokens=new_tokens)[0], None
+        return loop.generate_ids(model, params, [ids], req.spec, **kw)[0], None
 
     def spec(ids):
         rows, stats = speculative.generate_ids(
-            model, params, [ids], req.spec, req.speculation, max_new_tokens=new_tokens, draft_params=draft
+            model, params, [ids], req.spec, req.speculation, draft_params=draft, **kw
         )
         return rows[0], stats
 

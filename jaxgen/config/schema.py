@@ -302,7 +302,7 @@ class GenerateConfig(_Section):
     speculative: Literal["none", "prompt_lookup", "draft"] = pydantic.Field(
         "none", description="draft tokens and verify them in one pass (same text as without)"
     )
-    num_speculative_tokens: int = pydantic.Field(4, ge=1, le=16, description="tokens drafted per pass")
+    num_speculative_tokens: int = pydantic.Field(5, ge=1, le=16, description="tokens drafted per pass")
     max_ngram: int = pydantic.Field(
         3, ge=1, le=8, description="prompt lookup: longest n-gram matched in the text so far"
     )

@@ -58,7 +58,10 @@ MAX_NGRAM = 8
 class PromptLookup:
     """Draft by copying the continuation of the row's last n-gram from earlier text."""
 
-    num_tokens: int = 4  # k: tokens drafted per round
+    # k: tokens drafted per round. 5: a verify pass of k + 1 = 6 rows fills one 6-row register
+    # tile of the CPU kernel (runtime/weight_matmul.cc), and on the edit benchmark k = 5 beat
+    # k = 4 on both CPUs measured (RESULTS.md).
+    num_tokens: int = 5
     max_ngram: int = 3  # longest n-gram looked up (then shorter ones)
 
 
@@ -67,7 +70,7 @@ class DraftModel:
     """Draft with a smaller model of the same tokenizer (its config; params come separately)."""
 
     config: ModelConfig
-    num_tokens: int = 4
+    num_tokens: int = 5
 
 
 Speculation = PromptLookup | DraftModel
