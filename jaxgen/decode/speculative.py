@@ -27,7 +27,7 @@ drafts are then the tokens from slot 0: guesses like any other). A `lax.cond` th
 one-token step in such rounds made XLA copy both halves of the KV cache into and out of
 the cond on every round; since lookup resumes its last copy, nearly every round has
 drafts (1 round in 200 had none on the edit benchmark), and without the cond a round of
-the 6 x 512 edit model takes 2.8-2.9 ms instead of 3.7-3.8 (benchmarks/RESULTS.md).
+the 6 x 512 edit model takes 0.4-0.9 ms less (2.8-3.0 ms against 3.5-3.8; RESULTS.md).
 
 Processors that read the text (repetition penalty, no-repeat n-grams, banned sequences)
 would need each drafted position's history and are refused.
