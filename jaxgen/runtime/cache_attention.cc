@@ -45,16 +45,17 @@ inline void MeanOfValues(const float* vr, int64_t s, int64_t h, float* o) {
 // at a time, each slot's products summed by one fixed tree (Sum16), exp 16 lanes at a time,
 // and a query's output sums held in registers. The scalar loop below spent its time
 // summing each dot product's lanes one by one, storing and reloading its output sums (a
-// heap vector) for every slot, and in std::exp: a verify pass of 5 tokens over ~120 slots
-// of the 6 x 512 edit model took 0.5 ms of attention, a decode step 0.135
-// (benchmarks/RESULTS.md, "Cache attention in AVX-512 blocks of 16 slots").
+// heap vector) for every slot, and in std::exp. One layer of the 6 x 512 edit model (16
+// heads of 32, ~115 slots): 5 queries 0.063 -> 0.026 ms, 64 queries 0.35 -> 0.16
+// (benchmarks/RESULTS.md, "Prompt lookup at 2x").
 //
 // The bits of a query's output do not depend on the other queries or on how many slots the
 // row's last query sees: slots are summed in blocks of 16 from slot 0 in one order, and
 // slots a query does not see add exact zeros.
 
-// Lane l: the sum of v[kOrder[l]]'s 16 lanes (then v[l]'s, as the caller fills v in
-// kOrder): pairs of halves, then quarters, then within 128-bit lanes.
+// Lane l of the result: the sum of the 16 lanes of v[kOrder[l]], by one fixed tree (pairs of
+// halves, then of quarters, then within 128-bit lanes). kOrder is its own inverse, so a
+// caller that puts slot kOrder[l]'s products in v[l] gets slot l's sum in lane l.
 constexpr int kOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
 inline __m512 Sum16(const __m512 v[16]) {
   __m512 a[8], b[4], c[2];
