@@ -14,13 +14,15 @@
 // Each query's scores, softmax and sum run in one fixed order over its slots, whatever the
 // batch, the other rows or the number of new tokens: a row decodes to the same bits alone
 // or in a batch, one token at a time or in a verify pass.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
