@@ -228,3 +228,14 @@ def test_draft_with_another_vocabulary_is_refused(tiny_config):
     other = cfg.model_copy(update={"vocab_size": cfg.vocab_size * 2})
     with pytest.raises(JaxgenError, match=r"^draft_run: the draft model's vocabulary \(1024\) differs"):
         request.resolve(GenerateConfig(), cfg, None, other, speculative="draft")
+
+
+def test_drafted_tokens_default_by_mode(tiny_config):
+    # Prompt lookup drafts 5 (a 6-row verify pass fills the CPU kernel's register tile), a
+    # draft model 4 (what was measured with one); a set value holds for either.
+    cfg = tiny_config.model
+    assert request._speculation(GenerateConfig(speculative="prompt_lookup"), None).num_tokens == 5
+    assert request._speculation(GenerateConfig(speculative="draft"), cfg).num_tokens == 4
+    for mode in ("prompt_lookup", "draft"):
+        opts = GenerateConfig(speculative=mode, num_speculative_tokens=7)
+        assert request._speculation(opts, cfg).num_tokens == 7

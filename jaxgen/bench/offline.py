@@ -35,7 +35,7 @@ def read_prompts(path) -> list[str]:
     return [json.loads(line)["prompt"] for line in lines if line.strip()]
 
 
-def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: int, max_ngram: int,
+def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: int | None, max_ngram: int,
                       draft_run: str | None = None, rounds: int = 3):  # fmt: skip
     """One line per round, then a summary line."""
     options = dict(temperature=0.0, max_new_tokens=new_tokens, speculative=mode,
@@ -85,7 +85,7 @@ def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: in
             "round": r,
             "prompts": len(encoded),
             "new_tokens": new_tokens,
-            "num_speculative_tokens": num_tokens,
+            "num_speculative_tokens": req.speculation.num_tokens,
             "first": "plain" if r % 2 == 0 else "speculative",
             "plain_tokens_per_s": tokens / seconds["plain"],
             "speculative_tokens_per_s": tokens / seconds["speculative"],

@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     q.add_argument("--run", help="a run or HF directory to decode with (default: random weights)")
     q.add_argument("--prompts", help="JSONL of prompts for --speculative (benchmarks/prompts/grounded.jsonl)")
     q.add_argument("--draft-run", help="the draft model for --speculative draft")
-    q.add_argument("--num-speculative-tokens", type=int, default=5)
+    q.add_argument("--num-speculative-tokens", type=int, default=None)
     q.add_argument("--max-ngram", type=int, default=3)
     q.add_argument("--refill", action="store_true", help="time continuous refill against static batching")
     q.add_argument("--count", type=int, default=32, help="--refill: prompts")

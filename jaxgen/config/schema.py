@@ -302,7 +302,9 @@ class GenerateConfig(_Section):
     speculative: Literal["none", "prompt_lookup", "draft"] = pydantic.Field(
         "none", description="draft tokens and verify them in one pass (same text as without)"
     )
-    num_speculative_tokens: int = pydantic.Field(5, ge=1, le=16, description="tokens drafted per pass")
+    num_speculative_tokens: int | None = pydantic.Field(
+        None, ge=1, le=16, description="tokens drafted per pass (default: 5 for prompt_lookup, 4 for draft)"
+    )
     max_ngram: int = pydantic.Field(
         3, ge=1, le=8, description="prompt lookup: longest n-gram matched in the text so far"
     )

@@ -97,12 +97,13 @@ def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, draft=
 
 
 def _speculation(opts: GenerateConfig, draft: ModelConfig | None) -> speculative.Speculation | None:
+    k = {} if opts.num_speculative_tokens is None else {"num_tokens": opts.num_speculative_tokens}
     if opts.speculative == "prompt_lookup":
-        return speculative.PromptLookup(opts.num_speculative_tokens, opts.max_ngram)
+        return speculative.PromptLookup(max_ngram=opts.max_ngram, **k)
     if opts.speculative == "draft":
         if draft is None:
             raise JaxgenError("speculative: draft needs draft_run (a run or HF directory of a smaller model)")
-        return speculative.DraftModel(draft, opts.num_speculative_tokens)
+        return speculative.DraftModel(draft, **k)
     return None
 
 
