@@ -61,7 +61,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
 # 16-128: cpu_kernels.attends_in_blocks) prefills of any length do. XLA's path first copies
 # the layer's keys and values out of the stacked cache and masks [B, N, T, S] scores.
 # Prefill of the 6 x 512 edit model (head size 32) on a Xeon with AVX-512 (RESULTS.md,
-# "Prefill through the cache kernel"), ms, XLA's dots -> the kernel:
+# "Prompt lookup at 2x"), ms, XLA's dots -> the kernel:
 #   one slot at a time:  32 tokens 11.4 -> 9.0, 64: 20.5 -> 17.2, 128: 36.2 -> 34.9, 256: 71.6 -> 77.9
 #   16 slots at a time: 256 tokens 78.4 -> 63.0, 512: 191 -> 139, 1024: 485 -> 360
 KERNEL_QUERIES = 128

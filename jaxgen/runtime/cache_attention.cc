@@ -104,8 +104,8 @@ template <int HC, typename Query, typename Out>
 void AttendBlocks(Query query, Out out, const float* kr, const float* vr, const bool* row_mask, int64_t t, int64_t s,
                   int64_t rows, int64_t end, float scale) {
   constexpr int64_t h = 16 * HC;
-  const int64_t blocks = (end + 15) / 16, stride = blocks * 16;
-  std::vector<float> score(rows * stride);
+  const int64_t blocks = (end + 15) / 16;
+  std::vector<float> score(blocks * 16);  // one query's scores, then its weights
   alignas(64) float zero_row[h] = {};
   for (int64_t r = 0; r < rows; ++r) {
     const float* qr = query(r);
@@ -125,7 +125,7 @@ void AttendBlocks(Query query, Out out, const float* kr, const float* vr, const 
       }
       const __m512 dots = _mm512_mul_ps(Sum16(prod), _mm512_set1_ps(scale));
       const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), Visible(m, s0, s), dots);
-      _mm512_storeu_ps(score.data() + r * stride + s0, sc);
+      _mm512_storeu_ps(score.data() + s0, sc);
       top = _mm512_max_ps(top, sc);
     }
     const float best = _mm512_reduce_max_ps(top);
@@ -135,7 +135,7 @@ void AttendBlocks(Query query, Out out, const float* kr, const float* vr, const 
       continue;
     }
     __m512 total = _mm512_setzero_ps();
-    float* sr = score.data() + r * stride;
+    float* sr = score.data();
     for (int64_t b = 0; b < blocks; ++b) {
       const __m512 e = ExpNonPositive(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * b), _mm512_set1_ps(best)));
       _mm512_storeu_ps(sr + 16 * b, e);
