@@ -71,30 +71,43 @@ def positions_at(config, start: jax.Array, count: int) -> jax.Array:
     return jnp.minimum(start[:, None] + jnp.arange(count), config.max_len - 1)
 
 
-def prefill_rows(model, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache):
+def prefill_rows(model, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache, *, seen=None, at=None):
     """Right-padded prompts [B, P] (lengths [B]) through the model into an empty cache.
 
+    `seen` [B] (default: `lengths`): how many leading slots of each row this pass reads,
+    the prompt and then tokens placed in its padding for the pass to check (speculative
+    drafts); `at` [B, T]: the slots whose logits to return.
+
     Returns:
-        float32 logits of each row's last prompt token [B, V], and the cache with a per-row
-        index at each row's length (padding slots are segment 0 until overwritten).
+        float32 logits of each row's last prompt token [B, V] (or at `at`: [B, T, V]), and
+        the cache with a per-row index at each row's prompt length (slots past it are
+        rolled back; padding slots are segment 0 until overwritten).
     """
     p = prompt.shape[1]
-    segment = (jnp.arange(p)[None] < lengths[:, None]).astype(jnp.int32)
+    seen = lengths if seen is None else seen
+    segment = (jnp.arange(p)[None] < seen[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.minimum(jnp.arange(p), model.config.max_len - 1), prompt.shape)
     last = (lengths - 1).astype(jnp.int32)
-    logits, cache = model.apply({"params": params}, prompt, positions, segment, cache=cache, logits_at=last)
-    return logits[:, 0].astype(jnp.float32), cache.replace(index=lengths.astype(jnp.int32))
+    logits, cache = model.apply(
+        {"params": params}, prompt, positions, segment, cache=cache, logits_at=last if at is None else at
+    )
+    logits = logits.astype(jnp.float32)
+    return logits[:, 0] if at is None else logits, cache.replace(index=lengths.astype(jnp.int32))
 
 
-def start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec, cache_room: int = 0):
-    """Prefill and the first new token: a `RowState` with `spec.buffer` generated slots per
-    row and `cache_room` more cache slots (speculative tokens past a row's end)."""
+def rows_cache(model, prompt: jax.Array, spec, cache_room: int = 0) -> KVCache:
+    """An empty cache for `prompt` [B, P] and `spec.buffer` generated slots per row, and
+    `cache_room` more (speculative tokens past a row's end)."""
+    b, p = prompt.shape
+    return loop.new_cache(model.config, b, p + spec.buffer + cache_room)
+
+
+def new_rows(prompt, lengths, cache: KVCache, row_ids, seed, limit, knobs, spec) -> RowState:
+    """The rows after their prefill (into `cache`), before any new token."""
     b, p = prompt.shape
     width = p + spec.buffer
-    cache = loop.new_cache(model.config, b, width + cache_room)
-    logits, cache = prefill_rows(model, params, prompt, lengths, cache)
     slots = jnp.arange(width)[None]
-    state = RowState(
+    return RowState(
         tokens=jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompt),
         valid=slots < lengths[:, None],
         cache=cache,
@@ -102,6 +115,14 @@ def start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec
         prompt_lengths=lengths,
         **loop.fresh_rows(b, row_ids, seed, limit, knobs, spec),
     )
+
+
+def start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec, cache_room: int = 0):
+    """Prefill and the first new token: a `RowState` with `spec.buffer` generated slots per
+    row and `cache_room` more cache slots (speculative tokens past a row's end)."""
+    cache = rows_cache(model, prompt, spec, cache_room)
+    logits, cache = prefill_rows(model, params, prompt, lengths, cache)
+    state = new_rows(prompt, lengths, cache, row_ids, seed, limit, knobs, spec)
     return loop.append(state, *loop.next_token(state, logits, spec), spec.stopping)
 
 

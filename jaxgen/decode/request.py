@@ -90,16 +90,18 @@ def resolve(defaults: GenerateConfig, model: ModelConfig, tokenizer=None, draft=
         raise JaxgenError(f"max_length: {max_length!r} must be a positive integer")
     most = opts.max_new_tokens if max_length is None else max_length  # an upper bound of new tokens
     spec = loop.DecodeSpec(strategy, processors, stopping, buffer=loop.bucket(most))
-    speculation = _speculation(opts, draft)
+    speculation = _speculation(opts, draft, None if tokenizer is None else tokenizer.bos_id)
     if speculation is not None:
         speculative.check(speculation, spec, model)
     return Request(opts, spec, opts.max_new_tokens, max_length, tuple(opts.stop), speculation)
 
 
-def _speculation(opts: GenerateConfig, draft: ModelConfig | None) -> speculative.Speculation | None:
+def _speculation(
+    opts: GenerateConfig, draft: ModelConfig | None, bos: int | None = None
+) -> speculative.Speculation | None:
     k = {} if opts.num_speculative_tokens is None else {"num_tokens": opts.num_speculative_tokens}
     if opts.speculative == "prompt_lookup":
-        return speculative.PromptLookup(max_ngram=opts.max_ngram, **k)
+        return speculative.PromptLookup(max_ngram=opts.max_ngram, bos_id=bos, **k)
     if opts.speculative == "draft":
         if draft is None:
             raise JaxgenError("speculative: draft needs draft_run (a run or HF directory of a smaller model)")

@@ -111,7 +111,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         *,
         return_hidden: bool = False,
-        logits_at: jax.Array | None = None,  # [B] int32: one position per row (see `head`)
+        logits_at: jax.Array | None = None,  # [B] or [B, T] int32: positions to score (see `head`)
     ) -> tuple[jax.Array, KVCache | None]:
         """Returns logits [B, T, V] in the compute dtype (or final hidden states [B, T, D])."""
         x = self.embed_inputs(tokens, positions)
@@ -139,13 +139,15 @@ class Transformer(nn.Module):
     ) -> jax.Array:
         """The last block's output [B, T, D] -> logits [B, T, V] (or normed hidden states).
 
-        `logits_at` [B] keeps one position per row first ([B, 1, V] out): a prefill needs
-        only each prompt's last logits, and the head over every position was ~20-40% of
-        a prefill's FLOPs (vocab x width per token) and a [B, P, V] buffer.
+        `logits_at` [B] keeps one position per row first ([B, 1, V] out), [B, T] keeps T
+        ([B, T, V]): a prefill needs only each prompt's last logits (and those of drafts
+        placed after it, decode/speculative.py), and the head over every position was
+        ~20-40% of a prefill's FLOPs (vocab x width per token) and a [B, P, V] buffer.
         `serving`: see `project`.
         """
         if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+            at = logits_at if logits_at.ndim == 2 else logits_at[:, None]
+            x = jnp.take_along_axis(x, at[..., None], axis=1)  # [B, T, D]
         x = self.final_norm(x)
         return x if return_hidden else self.project(x, serving)
 
