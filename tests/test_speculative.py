@@ -117,14 +117,17 @@ class _ScriptedModel:
         self.config = config
         self.script = jnp.asarray(script + [0] * config.max_len, jnp.int32)
 
-    def apply(self, variables, inputs, positions, segment, cache=None, logits_at=None):
+    def project(self, variables, hidden):
+        return hidden  # `apply`'s "hidden states" are its logits already
+
+    def apply(self, variables, inputs, positions, segment, cache=None, logits_at=None, return_hidden=False):
         if logits_at is not None:
             at = logits_at if logits_at.ndim == 2 else logits_at[:, None]
             positions = jnp.take_along_axis(positions, at, axis=1)
         return jax.nn.one_hot(self.script[positions + 1], self.config.vocab_size) * 9.0, cache
 
 
-def _scripted_passes(cfg, prompt, completion, k, padding=0, bos_id=None):
+def _scripted_passes(cfg, prompt, completion, k, padding=0, bos_id=None, drafted=False):
     model = _ScriptedModel(cfg, prompt + completion)
     spec = loop.DecodeSpec(buffer=32, stopping=sampling.Stopping(eos_ids=(3,)))
     args = (  # prompt (with `padding` free slots after it), lengths, row ids, seed, max new tokens
@@ -135,11 +138,11 @@ def _scripted_passes(cfg, prompt, completion, k, padding=0, bos_id=None):
         32,
     )
     knobs = sampling.knobs(spec.strategy, 1)
-    (tokens, num, _, _), (passes, *_) = jax.jit(
+    (tokens, num, _, _), (passes, offered, *_) = jax.jit(
         lambda: sp.generate(model, None, None, *args, knobs, sp.PromptLookup(k, 3, bos_id), spec)
     )()
     assert tokens[0, : int(num[0])].tolist() == completion[:-1]  # the eos ends the text
-    return int(passes)
+    return (int(passes), int(offered)) if drafted else int(passes)
 
 
 def test_prompt_lookup_rounds_resume_the_copy_after_a_swapped_token(tiny_config):
@@ -159,13 +162,15 @@ def test_prefill_checks_drafts_of_the_prompts_text_in_its_padding(tiny_config):
     # The same text, the prompt now in a bucket with 16 free slots and starting with bos
     # (2). The prefill drafts the prompt's text from after the bos (10 11 12 ..), keeps 10
     # 11, then 99. Round 1 resumes past 12: 13 .. 16 kept, then 17; round 2: 18 .. 21, then
-    # 22; round 3: 23 24 25, then eos. Drafting from the bos instead, the prefill keeps
-    # nothing and the rounds are those of the test above.
+    # 22; round 3: 23 24 25, then eos. Drafting from the bos instead (no bos_id given), the
+    # prefill keeps nothing and the rounds are those of the test above.
     source = list(range(10, 26))
     prompt = [2, *source, 1]
     completion = [10, 11, 99, *source[3:], 3]
     assert _scripted_passes(tiny_config.model, prompt, completion, 4, padding=16, bos_id=2) == 3
-    assert _scripted_passes(tiny_config.model, prompt, completion, 4, padding=16) == 4
+    # The bos drafted first is not the target's first token: the drafts' logits are never
+    # computed, and none of the 16 that fit counts as offered (4 rounds of 4 drafts).
+    assert _scripted_passes(tiny_config.model, prompt, completion, 4, padding=16, drafted=True) == (4, 16)
 
 
 def test_prefill_drafts_kept_leave_the_cache_as_plain_decoding_does(tiny_config, monkeypatch):
@@ -198,9 +203,14 @@ def _accept_rows(b, v, seed):
     return types.SimpleNamespace(keys=keys, step=jnp.zeros((b,), jnp.int32), knobs=knobs)
 
 
-@pytest.mark.parametrize("point_mass", [False, True], ids=["draft_model", "prompt_lookup"])
-def test_sampled_tokens_follow_the_target_distribution(point_mass):
-    """The first token of a round (draft kept or resampled) is distributed as softmax(target)."""
+@pytest.mark.parametrize(
+    "point_mass, offered",
+    [(False, None), (True, None), (True, 0)],
+    ids=["draft_model", "prompt_lookup", "prompt_lookup_not_offered"],
+)
+def test_sampled_tokens_follow_the_target_distribution(point_mass, offered):
+    """The first token of a round (draft kept or resampled) is distributed as softmax(target),
+    also where the draft was not offered (it did not fit in a prefill's padding)."""
     b, v = 40000, 5
     p_logits = jnp.log(jnp.asarray([0.05, 0.4, 0.3, 0.15, 0.1]))
     q = jnp.asarray([0.5, 0.1, 0.1, 0.2, 0.1])
@@ -214,13 +224,15 @@ def test_sampled_tokens_follow_the_target_distribution(point_mass):
     qs = None if point_mass else jnp.tile(q, (b, 1, 1))
     scores = jnp.tile(p_logits, (b, 2, 1))  # [B, k + 1 = 2, V]
     spec = loop.DecodeSpec(sampling.Sample(1.0))
-    tokens, logp, kept = sp._accept(scores, drafts, qs, rows, spec)
+    tokens, logp, kept = sp._accept(
+        scores, drafts, qs, rows, spec, None if offered is None else jnp.zeros(b, jnp.int32)
+    )
     freq = np.bincount(np.asarray(tokens[:, 0]), minlength=v) / b
     # 40,000 draws: the standard error of each frequency is <= 0.0025; 4.5 sigma.
     np.testing.assert_allclose(freq, np.exp(p_logits), atol=0.0115)
     np.testing.assert_allclose(np.exp(logp[:, 0]), np.exp(p_logits)[np.asarray(tokens[:, 0])], rtol=1e-5)
-    if point_mass:  # token 0 is kept with probability p(0) = 0.05
-        assert abs(float(jnp.mean(kept)) - 0.05) < 0.005
+    if point_mass:  # token 0 is kept with probability p(0) = 0.05, or never if not offered
+        assert abs(float(jnp.mean(kept)) - (0.05 if offered is None else 0.0)) < 0.005
 
 
 def test_sampled_speculative_decoding_runs_and_is_reproducible(llama):

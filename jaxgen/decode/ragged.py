@@ -76,23 +76,31 @@ def prefill_rows(model, params, prompt: jax.Array, lengths: jax.Array, cache: KV
 
     `seen` [B] (default: `lengths`): how many leading slots of each row this pass reads,
     the prompt and then tokens placed in its padding for the pass to check (speculative
-    drafts); `at` [B, T]: the slots whose logits to return.
+    drafts); `at` [B, T]: the slots whose final hidden states to return instead.
 
     Returns:
-        float32 logits of each row's last prompt token [B, V] (or at `at`: [B, T, V]), and
-        the cache with a per-row index at each row's prompt length (slots past it are
-        rolled back; padding slots are segment 0 until overwritten).
+        float32 logits of each row's last prompt token [B, V] (or the hidden states at
+        `at`: [B, T, D], for `model.project`), and the cache with a per-row index at each
+        row's prompt length (slots past it are rolled back; padding slots are segment 0
+        until overwritten).
     """
     p = prompt.shape[1]
     seen = lengths if seen is None else seen
     segment = (jnp.arange(p)[None] < seen[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.minimum(jnp.arange(p), model.config.max_len - 1), prompt.shape)
     last = (lengths - 1).astype(jnp.int32)
-    logits, cache = model.apply(
-        {"params": params}, prompt, positions, segment, cache=cache, logits_at=last if at is None else at
+    out, cache = model.apply(
+        {"params": params},
+        prompt,
+        positions,
+        segment,
+        cache=cache,
+        return_hidden=at is not None,
+        logits_at=last if at is None else at,
     )
-    logits = logits.astype(jnp.float32)
-    return logits[:, 0] if at is None else logits, cache.replace(index=lengths.astype(jnp.int32))
+    return out if at is not None else out[:, 0].astype(jnp.float32), cache.replace(
+        index=lengths.astype(jnp.int32)
+    )
 
 
 def rows_cache(model, prompt: jax.Array, spec, cache_room: int = 0) -> KVCache:

@@ -49,6 +49,7 @@ import numpy as np
 
 from jaxgen.config import ModelConfig
 from jaxgen.decode import loop, ragged, sampling
+from jaxgen.decode.lookup import lookup
 from jaxgen.errors import JaxgenError
 from jaxgen.model.kvcache import KVCache
 from jaxgen.model.serving import ServingTransformer, unstack_layers
@@ -118,54 +119,6 @@ class SpecState:
 # ----------------------------------------------------------------------------- drafters
 
 
-def lookup(
-    tokens: jax.Array,
-    valid: jax.Array,
-    end: jax.Array,
-    k: int,
-    max_ngram: int,
-    resume=None,
-    min_ngram: int = 1,
-):
-    """Prompt-lookup drafts: the k tokens after the latest earlier match of the row's last
-    n tokens, for the longest n in [min_ngram, max_ngram] that matches; where nothing
-    matches, the k tokens from slot `resume` (when it is in the text).
-
-    Why `resume`: in a rewrite of the prompt (an edit, a translation of a few words) the
-    target swaps a token of the source for one of its own, which occurs nowhere before, and
-    then goes on copying. Replaying this lookup on the edit benchmark's greedy outputs
-    (benchmarks/RESULTS.md), a fifth of the rounds found no match, and resuming the last
-    copy one token further on raised the tokens kept per pass from 2.97 to 3.43 (k = 4).
-
-    Args:
-        tokens, valid: [B, W] rows from slot 0; end: [B] text lengths; resume: [B] int32
-            slots (-1 or past the text: none), or None.
-    Returns:
-        drafts [B, k] int32 (slots past the text give whatever is there: they are only
-        guesses), found [B] bool, and the slot of each row's first draft [B] int32.
-    """
-    b, w = tokens.shape
-    found = jnp.zeros((b,), bool)
-    start = jnp.zeros((b,), jnp.int32)
-    for n in range(max_ngram, min_ngram - 1, -1):
-        last, ok = sampling.last_tokens(tokens, valid, end, n)  # [B, n]
-        width = w - n + 1  # n-gram start slots
-        # A match must end before the row's last token, so that a continuation exists.
-        match = ok[:, None] & sampling.before(width, end - n)  # [B, width]
-        for i in range(n):
-            match &= tokens[:, i : i + width] == last[:, i : i + 1]
-        latest = jnp.max(jnp.where(match, jnp.arange(width), -1), axis=1)  # [B]
-        hit = (latest >= 0) & ~found
-        start = jnp.where(hit, latest + n, start)
-        found |= hit
-    if resume is not None:
-        resumed = ~found & (resume >= 0) & (resume < end)
-        start = jnp.where(resumed, resume, start)
-        found |= resumed
-    slots = jnp.minimum(start[:, None] + jnp.arange(k), w - 1)
-    return jnp.take_along_axis(tokens, slots, axis=1), found, start
-
-
 def _warped(scores: jax.Array, spec: loop.DecodeSpec, knobs: sampling.SampleKnobs) -> jax.Array:
     """float32 [B, T, V] scores -> the sampling distribution [B, T, V] (softmax after the warpers)."""
     b, t, v = scores.shape
@@ -232,7 +185,11 @@ def _accept(scores, drafts, q, rows: ragged.RowState, spec: loop.DecodeSpec, off
     q = jnp.where(seen[..., None], q, 0.0)  # no draft where none was offered: the residual is p
     p_draft = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
     q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-    u = jnp.stack([sampling.uniforms(rows.keys, rows.step, salt=2000 + j) for j in range(k)], axis=1)
+    u = (
+        jnp.zeros((b, 0))
+        if k == 0
+        else jnp.stack([sampling.uniforms(rows.keys, rows.step, salt=2000 + j) for j in range(k)], axis=1)
+    )
     kept = jnp.cumprod(seen & (u * q_draft < p_draft), axis=1).sum(axis=1)  # [B]
     # The token after the kept drafts: from the residual max(0, p - q) after a rejection,
     # from p itself when all k were kept (q is zero past the drafts).
@@ -310,14 +267,16 @@ def _start(model, params, prompt, lengths, row_ids, seed, limit, knobs, speculat
 
     Prompts are right-padded to their bucket's width, and the prefill computes every slot
     of it: drafts placed in a row's padding (as many as fit, up to PREFILL_DRAFTS) are
-    checked by that same pass, for the cost of their logits only. They guess how the
+    checked by that same pass, for the cost of their logits only (and only where a first
+    draft is right, below). They guess how the
     completion begins: what followed the latest earlier match of the prompt's last 2 ..
     max_ngram tokens (a prompt that repeats itself), else the prompt's own text from its
     start (after a leading bos), since a rewrite, an edit or a correction restates its
     source. The rounds' 1-token matches are left out here: a prompt usually ends in a
     separator (a newline, a colon), and what followed its latest occurrence says little.
-    On the edit benchmark this took the tokens per target pass from 3.69 to 4.05 (k = 5;
-    RESULTS.md, "Drafts in the prefill's padding").
+    On the edit benchmark this took the tokens per target pass from 3.69 to 4.05 and a
+    prompt's call from 55.8 to 53.0 ms (k = 5; RESULTS.md, "Drafts in the prefill's
+    padding").
 
     Returns:
         (rows, resume [B], drafts offered [], drafts kept []).
@@ -340,9 +299,27 @@ def _start(model, params, prompt, lengths, row_ids, seed, limit, knobs, speculat
     inputs = jnp.where((place >= 0) & (place < offered[:, None]), placed, prompt)
     at = jnp.minimum(lengths[:, None] - 1 + jnp.arange(d + 1), p - 1)  # [B, d + 1]: [last, d_1 .. d_d]
     cache = ragged.rows_cache(model, prompt, spec, k + 1)
-    logits, cache = ragged.prefill_rows(model, params, inputs, lengths, cache, seen=lengths + offered, at=at)
+    hidden, cache = ragged.prefill_rows(model, params, inputs, lengths, cache, seen=lengths + offered, at=at)
+    # The head over the drafts' d slots costs what it costs whether they are kept or not
+    # (GPT-2 124M, 16 drafts: a 40-token prefill 66 -> 77 ms; under this cond 70.4 against
+    # 70.2 without drafts). So it runs only when some row's first draft is the target's
+    # most likely first token; otherwise no draft counts as offered. Which happens depends
+    # on the logits alone, not on any sampled value, so sampling still draws each token
+    # from the target's distribution.
     rows = ragged.new_rows(prompt, lengths, cache, row_ids, seed, limit, knobs, spec)
-    tokens, logp, kept = _accept(logits, drafts, None, rows, spec, offered)
+    first = model.project({"params": params}, hidden[:, :1]).astype(jnp.float32)  # [B, 1, V]
+    hit = jnp.any((offered > 0) & (drafts[:, 0] == jnp.argmax(first[:, 0], axis=-1)))
+
+    def checked():
+        rest = model.project({"params": params}, hidden[:, 1:]).astype(jnp.float32)  # [B, d, V]
+        return _accept(jnp.concatenate([first, rest], axis=1), drafts, None, rows, spec, offered)
+
+    def unchecked():  # the first token alone, padded to the d + 1 of `checked`
+        tokens, logp, kept = _accept(first, drafts[:, :0], None, rows, spec)
+        return jnp.pad(tokens, ((0, 0), (0, d))), jnp.pad(logp, ((0, 0), (0, d))), kept
+
+    tokens, logp, kept = jax.lax.cond(hit, checked, unchecked)
+    offered = jnp.where(hit, offered, 0)
     running = jnp.ones((b,), bool)
     rows = _keep(rows, cache, tokens, logp, kept, running, spec)
     resume = jnp.where(found, _resumed(start, kept), none)

@@ -94,6 +94,12 @@ class ServingTransformer:
             logits_at=logits_at,
         )
 
+    def project(self, variables, hidden: jax.Array) -> jax.Array:
+        """Final (normed) hidden states [B, T, D], as `apply(..., return_hidden=True)` gives
+        them -> logits [B, T, V], as `apply` would give them."""
+        outer = {"params": {k: v for k, v in variables["params"].items() if k != "layers"}}
+        return Transformer(self.config).apply(outer, hidden, True, method=Transformer.project)
+
 
 def apply_unstacked(
     config: ModelConfig,
