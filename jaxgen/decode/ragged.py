@@ -98,9 +98,8 @@ def prefill_rows(model, params, prompt: jax.Array, lengths: jax.Array, cache: KV
         return_hidden=at is not None,
         logits_at=last if at is None else at,
     )
-    return out if at is not None else out[:, 0].astype(jnp.float32), cache.replace(
-        index=lengths.astype(jnp.int32)
-    )
+    cache = cache.replace(index=lengths.astype(jnp.int32))
+    return (out[:, 0].astype(jnp.float32) if at is None else out), cache
 
 
 def rows_cache(model, prompt: jax.Array, spec, cache_room: int = 0) -> KVCache:
