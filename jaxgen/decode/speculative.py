@@ -268,12 +268,12 @@ def _start(model, params, prompt, lengths, row_ids, seed, limit, knobs, speculat
     Prompts are right-padded to their bucket's width, and the prefill computes every slot
     of it: drafts placed in a row's padding (as many as fit, up to PREFILL_DRAFTS) are
     checked by that same pass, for the cost of their logits only (and only where a first
-    draft is right, below). They guess how the
-    completion begins: what followed the latest earlier match of the prompt's last 2 ..
-    max_ngram tokens (a prompt that repeats itself), else the prompt's own text from its
-    start (after a leading bos), since a rewrite, an edit or a correction restates its
-    source. The rounds' 1-token matches are left out here: a prompt usually ends in a
-    separator (a newline, a colon), and what followed its latest occurrence says little.
+    draft is right, below). They guess how the completion begins: what followed the latest
+    earlier match of the prompt's last 2 .. max_ngram tokens (a prompt that repeats
+    itself), else the prompt's own text from its start (after a leading bos), since a
+    rewrite, an edit or a correction restates its source. The rounds' 1-token matches are
+    left out here: a prompt usually ends in a separator (a newline, a colon), and what
+    followed its latest occurrence says little.
     On the edit benchmark this took the tokens per target pass from 3.69 to 4.05 and a
     prompt's call from 55.8 to 53.0 ms (k = 5; RESULTS.md, "Drafts in the prefill's
     padding").

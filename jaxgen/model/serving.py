@@ -97,8 +97,15 @@ class ServingTransformer:
     def project(self, variables, hidden: jax.Array) -> jax.Array:
         """Final (normed) hidden states [B, T, D], as `apply(..., return_hidden=True)` gives
         them -> logits [B, T, V], as `apply` would give them."""
-        outer = {"params": {k: v for k, v in variables["params"].items() if k != "layers"}}
-        return Transformer(self.config).apply(outer, hidden, True, method=Transformer.project)
+        return Transformer(self.config).apply(
+            _outer(variables["params"]), hidden, True, method=Transformer.project
+        )
+
+
+def _outer(params) -> dict:
+    """The model's own variables without the layers: `embed_inputs`, `head` and `project`
+    never touch them."""
+    return {"params": {k: v for k, v in params.items() if k != "layers"}}
 
 
 def apply_unstacked(
@@ -123,8 +130,7 @@ def apply_unstacked(
     """
     params = unstack_layers(params, config)
     model = Transformer(config)
-    # The model's own params without the layers: `embed_inputs` and `head` never touch them.
-    outer = {"params": {k: v for k, v in params.items() if k != "layers"}}
+    outer = _outer(params)
     x = model.apply(outer, tokens, positions, method=Transformer.embed_inputs)  # [B, T, D]
     kv, kv_segment, index, segment_ids = cache_inputs(cache, segment_ids, tokens)
     block = Block(config)
