@@ -69,6 +69,18 @@ def test_greedy_speculative_equals_plain_greedy(family):
             assert stats.acceptance == 1.0, stats
 
 
+def test_prompts_narrower_than_the_longest_ngram(tiny_config):
+    # Alone, a 2-token prompt pads to a bucket of 2: the prefill's lookup for drafts had
+    # no 3-gram start slot there and failed (a max over no slots) before it was bounded.
+    cfg = tiny_config.model
+    params = _params(cfg, 1)
+    spec = loop.DecodeSpec(buffer=32)
+    for prompt in ([44], [44, 7], [44, 7, 44]):
+        plain = loop.generate_ids(cfg, params, [prompt], spec, max_new_tokens=9)
+        rows, _ = sp.generate_ids(cfg, params, [prompt], spec, sp.PromptLookup(4, 3), max_new_tokens=9)
+        assert [r.tokens for r in rows] == [r.tokens for r in plain]
+
+
 def test_self_draft_keeps_every_token_and_saves_passes(tiny_config):
     cfg = tiny_config.model
     params = _params(cfg, 1)

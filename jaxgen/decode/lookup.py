@@ -43,7 +43,7 @@ def lookup(
     b, w = tokens.shape
     found = jnp.zeros((b,), bool)
     start = jnp.zeros((b,), jnp.int32)
-    for n in range(max_ngram, min_ngram - 1, -1):
+    for n in range(min(max_ngram, w), min_ngram - 1, -1):  # no n-gram is longer than the rows
         last, ok = sampling.last_tokens(tokens, valid, end, n)  # [B, n]
         width = w - n + 1  # n-gram start slots
         # A match must end before the row's last token, so that a continuation exists.
