@@ -56,6 +56,26 @@ def test_cli_prints_sampled_sequences_and_no_stream_numbers_one(run_dir, lm, cap
     assert capsys.readouterr().out == _numbered("the cat", one, "logprob")
 
 
+def test_cli_reports_what_speculation_did(run_dir, capsys):  # noqa: F811
+    flags = [
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "9",
+        "--speculative",
+        "draft",
+        "--draft-run",
+        str(run_dir),
+    ]
+    assert cli.main(["generate", "--run", str(run_dir), "--prompt", "the cat", *flags]) == 0
+    # The model drafts for itself, so every draft is kept (k = 4, a draft model's default):
+    # the prefill's token, a pass of 5, then the 3 left of the 9 asked: 9 / 3 passes.
+    err = capsys.readouterr().err
+    assert "speculative: 3.00 tokens per target pass, 100.0% of" in err, err
+    assert cli.main(["generate", "--run", str(run_dir), "--prompt", "the cat", "--temperature", "0"]) == 0
+    assert "speculative" not in capsys.readouterr().err
+
+
 def test_sampled_sequences_are_independent_reproducible_rows(lm):
     prompts = ["the cat", "a bird sang in the tree. the"]
     results = lm.generate(prompts, **SAMPLED)

@@ -1,5 +1,6 @@
 """Python API, CLI generate (streaming and resumable JSONL) and eval, on a tiny run directory."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -15,6 +16,7 @@ from jaxgen.cli.app import build_parser
 from jaxgen.cli.options import from_args
 from jaxgen.config import load_config
 from jaxgen.data.tokenizer_training import train_tokenizer
+from jaxgen.decode import speculative
 from jaxgen.errors import JaxgenError
 from jaxgen.evaluate import perplexity as evaluate
 from jaxgen.inference import jsonl as generate_jsonl
@@ -348,9 +350,26 @@ def test_generate_each_refills_and_matches_generate(lm, tmp_path):
 def test_speculative_generate_equals_plain_and_checks_the_draft(lm, run_dir, tmp_path):
     prompts = ["the cat sat on the mat. the cat", "a bird", "the dog ate the bone. the dog ate"]
     want = lm.generate(prompts, temperature=0.0, max_new_tokens=10)
+
+    def delta(rows, **options):  # what one call adds to the model's totals
+        before = lm.speculation_stats
+        got = lm.generate(rows, temperature=0.0, max_new_tokens=10, num_speculative_tokens=3, **options)
+        after = lm.speculation_stats
+        fields = zip(dataclasses.astuple(before), dataclasses.astuple(after), strict=True)
+        return got, speculative.Stats(*(b - a for a, b in fields))
+
     for options in (dict(speculative="prompt_lookup"), dict(speculative="draft", draft_run=str(run_dir))):
-        got = lm.generate(prompts, temperature=0.0, max_new_tokens=10, num_speculative_tokens=3, **options)
+        got, stats = delta(prompts, **options)
         assert [g.tokens for g in got] == [w.tokens for w in want]
+        assert stats.tokens == sum(len(g.tokens) for g in got) == 30
+        # Each row's counts are its own: the batch adds up what each prompt does alone,
+        # but for the batch's passes (as many as its slowest row's).
+        alone = [delta([p], **options)[1] for p in prompts]
+        assert dataclasses.replace(sum(alone, speculative.Stats()), passes=stats.passes) == stats
+        assert stats.passes == max(s.passes for s in alone)
+    # The model as its own draft keeps every draft (k = 3): 1 + 4 + 4 + 1 tokens, 3 passes after
+    # the prefill for each of the 3 rows.
+    assert (stats.passes, stats.row_passes, stats.accepted, stats.drafted) == (3, 12, 27, 27)
     # A draft whose tokenizer splits text differently is refused before anything runs.
     corpus = run_dir.parent / "corpus.txt"
     overrides = ["model.preset=tiny", f"data.train_files=[{corpus}]", f"data.data_dir={tmp_path}"]

@@ -154,7 +154,7 @@ def _scripted_passes(cfg, prompt, completion, k, padding=0, bos_id=None, drafted
         lambda: sp.generate(model, None, None, *args, knobs, sp.PromptLookup(k, 3, bos_id), spec)
     )()
     assert tokens[0, : int(num[0])].tolist() == completion[:-1]  # the eos ends the text
-    return (int(passes), int(offered)) if drafted else int(passes)
+    return (int(passes), int(offered[0])) if drafted else int(passes)  # one row
 
 
 def test_prompt_lookup_rounds_resume_the_copy_after_a_swapped_token(tiny_config):
@@ -301,3 +301,12 @@ def test_drafted_tokens_default_by_mode(tiny_config):
     for mode in ("prompt_lookup", "draft"):
         opts = GenerateConfig(speculative=mode, num_speculative_tokens=7)
         assert request._speculation(opts, cfg).num_tokens == 7
+
+
+def test_stats_add_up_over_calls():
+    # Two calls of one row: 9 tokens in 2 passes + the prefill, 7 in 3 + the prefill.
+    total = sp.Stats(2, drafted=8, accepted=6, tokens=9, row_passes=3) + sp.Stats(3, 8, 4, 7, 4)
+    assert total == sp.Stats(passes=5, drafted=16, accepted=10, tokens=16, row_passes=7)
+    assert total.tokens_per_pass == 16 / 7 and total.acceptance == 10 / 16
+    assert total.summary() == "2.29 tokens per target pass, 62.5% of 16 drafts kept"
+    assert sp.Stats().summary() == "0.00 tokens per target pass, 0.0% of 0 drafts kept"

@@ -62,6 +62,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     lm = load(args.run, step=args.checkpoint, dtype=args.dtype)
     if args.prompt is not None:
         complete(lm, args.prompt, opts, chat=args.chat, chunk=args.chunk, stream=not args.no_stream)
+        _report_speculation(lm)
         return 0
     if args.interactive:
         from jaxgen.cli import interactive
@@ -82,6 +83,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"{rate:.0f} tokens/s) to {args.output}",
         file=sys.stderr,
     )
+    _report_speculation(lm)
     if not summary.failures:
         return 0
     for failure in summary.failures[:_SHOWN]:
@@ -93,3 +95,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0 if args.allow_bad_lines else 1
+
+
+def _report_speculation(lm) -> None:
+    """One line on stderr saying whether speculative decoding paid: tokens per target pass
+    (1 would be plain decoding's) and the share of drafts kept."""
+    stats = lm.speculation_stats
+    if stats.row_passes:
+        print(f"speculative: {stats.summary()}", file=sys.stderr)

@@ -181,9 +181,10 @@ def run_batch(
     request: Request,
     mesh,
     draft_params=None,
-) -> tuple[list[list[int]], list[list[loop.Completion]]]:
-    """Fits and decodes one batch (beam search or sampling): the prompts as run, and each
-    prompt's `num_return_sequences` completions (beams best first, samples in key order).
+) -> tuple[list[list[int]], list[list[loop.Completion]], speculative.Stats | None]:
+    """Fits and decodes one batch (beam search or sampling): the prompts as run, each
+    prompt's `num_return_sequences` completions (beams best first, samples in key order),
+    and what speculation did (None without it).
 
     Samples of one prompt are rows of their own, each keyed by `sequence_key`: a sample
     depends only on (seed, prompt key, its index), not on the batch or on how many are asked.
@@ -196,12 +197,13 @@ def run_batch(
     ]
     kw = dict(max_new_tokens=new, mesh=mesh, buckets=request.options.prompt_buckets)
     if isinstance(request.spec.strategy, sampling.BeamSearch):
-        return prompts, beam.beam_ids(model, params, prompts, request.spec, **kw)
+        return prompts, beam.beam_ids(model, params, prompts, request.spec, **kw), None
     n = request.options.num_return_sequences
     ids = [row_id(sequence_key(r, j)) for r in row_ids for j in range(n)]
     rows_in = [p for p in prompts for _ in range(n)]
+    stats = None
     if request.speculation is not None:
-        rows, _ = speculative.generate_ids(
+        rows, stats = speculative.generate_ids(
             model, params, rows_in, request.spec, request.speculation, draft_params=draft_params,
             seed=request.options.seed, row_ids=ids, **kw,
         )  # fmt: skip
@@ -209,7 +211,7 @@ def run_batch(
         rows = loop.generate_ids(
             model, params, rows_in, request.spec, seed=request.options.seed, row_ids=ids, **kw
         )
-    return prompts, [rows[i : i + n] for i in range(0, len(rows), n)]
+    return prompts, [rows[i : i + n] for i in range(0, len(rows), n)], stats
 
 
 def complete_text(
@@ -219,5 +221,5 @@ def complete_text(
     raw params (the training loop's samples): the first completion, stop strings cut."""
     req = resolve(defaults, model, tokenizer, **options)
     ids = encode_prompt(tokenizer, model, prompt, req.options, "prompt 0")
-    prompts, rows = run_batch(model, params, [ids], [0], req, mesh)
+    prompts, rows, _ = run_batch(model, params, [ids], [0], req, mesh)
     return cut_at_stop(continuation(tokenizer, prompts[0], rows[0][0].tokens), req.stop_texts)[0]

@@ -9,7 +9,7 @@ k + 1 tokens reads them once too. Each round here (one iteration of the jitted
    its text so far, and where none occurs, resumes the span it copied last one token
    further on (the target kept a token of its own there: an edit that swapped one token
    for another, after which the text follows its source again); `DraftModel` runs a
-   small model k steps;
+   small model k passes (decode/draft_model.py);
 2. the target model runs once over [newest token, d_1 .. d_k] (decode/ragged.py: rows at
    their own cache slots) and gives distributions p_0 .. p_k;
 3. greedy keeps the drafts that equal the target's argmax and then the target's own next
@@ -49,6 +49,7 @@ import numpy as np
 
 from jaxgen.config import ModelConfig
 from jaxgen.decode import loop, ragged, sampling
+from jaxgen.decode.draft_model import draft_tokens, warped
 from jaxgen.decode.lookup import lookup
 from jaxgen.errors import JaxgenError
 from jaxgen.model.kvcache import KVCache
@@ -112,70 +113,11 @@ class SpecState:
     draft_cache: KVCache | None  # the draft model's, at the same per-row slots
     resume: jax.Array  # [B] int32: where prompt lookup resumes its last copy (-1: none yet)
     passes: jax.Array  # [] target forward passes after the prefill
-    drafted: jax.Array  # [] draft tokens offered to running rows
-    accepted: jax.Array  # [] of them kept
-
-
-# ----------------------------------------------------------------------------- drafters
-
-
-def _warped(scores: jax.Array, spec: loop.DecodeSpec, knobs: sampling.SampleKnobs) -> jax.Array:
-    """float32 [B, T, V] scores -> the sampling distribution [B, T, V] (softmax after the warpers)."""
-    b, t, v = scores.shape
-    flat = sampling.limit_vocab(scores, spec.processors.vocab_limit).reshape(b * t, v)
-    row_knobs = jax.tree.map(lambda x: jnp.repeat(x, t), knobs)
-    return jax.nn.softmax(sampling.warp(flat, spec.strategy, row_knobs), axis=-1).reshape(b, t, v)
-
-
-def draft_tokens(model, params, state: SpecState, k: int, spec: loop.DecodeSpec):
-    """k tokens per row from the draft model, in k passes.
-
-    A row's draft cache lacks at most its second-newest token: the last draft, where the
-    target kept all k (no pass has fed it yet). So the first pass feeds the row's two
-    newest tokens at their slots, rewriting the second-newest where it is already cached
-    (the same token at the same position over the same cache: the same entry), and the
-    other k - 1 passes one token each. The alternative, a (k + 1)-th one-token step after
-    the last draft just to cache it, costs a whole draft step per round; a two-token pass
-    costs little more than a one-token one (RESULTS.md, "A draft model in k passes").
-
-    Returns:
-        drafts [B, k], q [B, k, V] float32 (the draft's sampling distributions; None when
-        greedy), the draft cache after the k passes.
-    """
-    rows = state.rows
-    greedy = isinstance(spec.strategy, sampling.Greedy)
-
-    def sample(logits, j):  # float32 [B, V] -> (next token [B], q [B, V] or None)
-        scores = sampling.limit_vocab(logits, spec.processors.vocab_limit)
-        if greedy:
-            return jnp.argmax(scores, axis=-1).astype(jnp.int32), None
-        q = _warped(scores[:, None], spec, rows.knobs)[:, 0]
-        return sampling.inverse_cdf(q, sampling.uniforms(rows.keys, rows.step, salt=1000 + j)), q
-
-    # A row's slot is at least 2 here: its prompt and the prefill's token.
-    newest = jnp.take_along_axis(rows.tokens, (rows.slot - 2)[:, None] + jnp.arange(2), axis=1)  # [B, 2]
-    cache = state.draft_cache.replace(index=rows.slot - 2)
-    logits, cache = model.apply(
-        {"params": params},
-        newest,
-        ragged.positions_at(model.config, rows.slot - 2, 2),
-        jnp.ones_like(newest),
-        cache=cache,
-        logits_at=jnp.ones_like(rows.slot),
-    )
-    first = sample(logits[:, 0].astype(jnp.float32), 0)
-
-    def one(carry, j):
-        token, cache = carry
-        positions = jnp.minimum(rows.slot - 1 + j, model.config.max_len - 1)
-        logits, cache = loop.decode_step(model, params, token, positions, cache)
-        nxt, q = sample(logits, j)
-        return (nxt, cache), (nxt, q)
-
-    (_, cache), (rest, q_rest) = jax.lax.scan(one, (first[0], cache), jnp.arange(1, k))
-    drafts = jnp.concatenate([first[0][:, None], rest.T], axis=1)  # [B, k]
-    q = None if greedy else jnp.concatenate([first[1][:, None], jnp.swapaxes(q_rest, 0, 1)], axis=1)
-    return drafts, q, cache
+    # Per row (padding rows are left out of `Stats`): drafts offered while it ran, the
+    # ones it kept, and the passes after the prefill that it ran in.
+    drafted: jax.Array  # [B] int32
+    accepted: jax.Array  # [B] int32
+    row_passes: jax.Array  # [B] int32
 
 
 # ----------------------------------------------------------------------------- verification
@@ -202,7 +144,7 @@ def _accept(scores, drafts, q, rows: ragged.RowState, spec: loop.DecodeSpec, off
         kept = jnp.cumprod(seen & (drafts == target[:, :k]), axis=1).sum(axis=1)  # leading agreements
         logp = jax.nn.log_softmax(scores, axis=-1)
         return target, jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0], kept
-    p = _warped(scores, spec, rows.knobs)  # [B, T, V]
+    p = warped(scores, spec, rows.knobs)  # [B, T, V]
     if q is None:
         q = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype)
     q = jnp.where(seen[..., None], q, 0.0)  # no draft where none was offered: the residual is p
@@ -244,7 +186,7 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
     k = speculation.num_tokens
     running = ~rows.done
     if isinstance(speculation, DraftModel):
-        drafts, q, draft_cache = draft_tokens(*draft, state, k, spec)
+        drafts, q, draft_cache = draft_tokens(*draft, rows, state.draft_cache, k, spec)
     else:
         drafts, found, start = lookup(
             rows.tokens, rows.valid, rows.slot, k, speculation.max_ngram, state.resume
@@ -255,14 +197,14 @@ def _round(model, params, draft, state: SpecState, speculation: Speculation, spe
     if isinstance(speculation, PromptLookup):
         resume = jnp.where(running & found, _resumed(start, kept), state.resume)
     new_rows = _keep(rows, cache, tokens, logp, kept, running, spec)
-    offered = k * jnp.sum(running)
     return SpecState(
         rows=new_rows,
         draft_cache=draft_cache,
         resume=resume,
         passes=state.passes + 1,
-        drafted=state.drafted + offered,
-        accepted=state.accepted + jnp.sum(jnp.where(running, kept, 0)),
+        drafted=state.drafted + jnp.where(running, k, 0),
+        accepted=state.accepted + jnp.where(running, kept, 0),
+        row_passes=state.row_passes + running,
     )
 
 
@@ -300,7 +242,7 @@ def _start(model, params, prompt, lengths, row_ids, seed, limit, knobs, speculat
     padding").
 
     Returns:
-        (rows, resume [B], drafts offered [], drafts kept []).
+        (rows, resume [B], drafts offered [B], drafts kept [B]).
     """
     k = speculation.num_tokens
     b, p = prompt.shape
@@ -308,7 +250,7 @@ def _start(model, params, prompt, lengths, row_ids, seed, limit, knobs, speculat
     d = min(PREFILL_DRAFTS, p - 1)  # drafts a row could fit; a row holds at least one prompt token
     if not isinstance(speculation, PromptLookup) or d == 0:
         rows = ragged.start_rows(model, params, prompt, lengths, row_ids, seed, limit, knobs, spec, k + 1)
-        return rows, none, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+        return rows, none, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32)
     valid = jnp.arange(p)[None] < lengths[:, None]
     bos = speculation.bos_id
     text = jnp.zeros((b,), jnp.int32) if bos is None else (prompt[:, 0] == bos).astype(jnp.int32)
@@ -344,7 +286,7 @@ def _start(model, params, prompt, lengths, row_ids, seed, limit, knobs, speculat
     running = jnp.ones((b,), bool)
     rows = _keep(rows, cache, tokens, logp, kept, running, spec)
     resume = jnp.where(found, _resumed(start, kept), none)
-    return rows, resume, jnp.sum(offered), jnp.sum(kept)
+    return rows, resume, offered, kept
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -358,7 +300,7 @@ def generate(model, params, draft, prompt, lengths, row_ids, seed, limit, knobs,
         prompt: [B, P] right-padded (ragged.right_pad); the rest as `loop.compiled`'s generate.
     Returns:
         (tokens [B, buffer], num_tokens, finish, logprob) as the plain loop, and
-        (passes, drafted, accepted, steps [B]): round statistics.
+        (passes, drafted [B], accepted [B], row_passes [B], steps [B]): round statistics.
     """
     rows, resume, offered, kept = _start(
         model, params, prompt, lengths, row_ids, seed, limit, knobs, speculation, spec
@@ -368,13 +310,15 @@ def generate(model, params, draft, prompt, lengths, row_ids, seed, limit, knobs,
         draft_model, draft_params = draft
         empty = loop.new_cache(draft_model.config, *rows.cache.segment.shape)
         draft_cache = ragged.prefill_rows(draft_model, draft_params, prompt, lengths, empty)[1]
-    state = SpecState(rows, draft_cache, resume, jnp.zeros((), jnp.int32), offered, kept)
+    state = SpecState(
+        rows, draft_cache, resume, jnp.zeros((), jnp.int32), offered, kept, jnp.zeros_like(kept)
+    )
     state = jax.lax.while_loop(
         lambda s: ~jnp.all(s.rows.done),
         lambda s: _round(model, params, draft, s, speculation, spec),
         state,
     )
-    counts = (state.passes, state.drafted, state.accepted, state.rows.step)
+    counts = (state.passes, state.drafted, state.accepted, state.row_passes, state.rows.step)
     return ragged.completions_of(state.rows, spec.buffer), counts
 
 
@@ -395,14 +339,23 @@ def compiled(config: ModelConfig, spec: loop.DecodeSpec, speculation: Speculatio
     return loop.loop_jit(run)  # one while-loop: a single GPU graph, like plain decoding
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Stats:
-    """What a speculative call did: target passes after the prefill, drafts offered and kept."""
+    """What speculative calls did; `a + b` adds up two calls' (or totals').
 
-    passes: int
-    drafted: int
-    accepted: int
-    tokens: int  # tokens generated by the real rows (eos and stop sequences included)
+    Counts are over the prompts' rows (a batch's padding rows are left out), but for
+    `passes`, the batch's target passes after the prefill."""
+
+    passes: int = 0
+    drafted: int = 0  # drafts offered to running rows
+    accepted: int = 0  # of them kept
+    tokens: int = 0  # tokens generated (eos and stop sequences included)
+    row_passes: int = 0  # target passes each row ran in, its prefill included
+
+    def __add__(self, other: Stats) -> Stats:
+        return Stats(
+            *(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True))
+        )
 
     @property
     def acceptance(self) -> float:
@@ -410,7 +363,14 @@ class Stats:
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.tokens / max(self.passes + 1, 1)  # + the prefill's first token
+        return self.tokens / max(self.row_passes, 1)
+
+    def summary(self) -> str:
+        """One line for people: how much the speculation saved."""
+        return (
+            f"{self.tokens_per_pass:.2f} tokens per target pass, {self.acceptance:.1%} of"
+            f" {self.drafted:,} drafts kept"
+        )
 
 
 def generate_ids(
@@ -426,8 +386,10 @@ def generate_ids(
     batch = dataclasses.replace(batch, prompt=prompt, lengths=lengths)
     run = compiled(config, spec.program(), speculation)
     with mesh_context(mesh):
-        out, (passes, drafted, accepted, steps) = run(
+        out, counts = run(
             params, draft_params, *loop.device_args(batch, seed, max_new_tokens, mesh, spec.strategy)
         )
-    stats = Stats(int(passes), int(drafted), int(accepted), int(np.sum(np.asarray(steps)[: batch.count])))
+    passes, *per_row = counts
+    drafted, accepted, row_passes, tokens = (int(np.sum(np.asarray(x)[: batch.count])) for x in per_row)
+    stats = Stats(int(passes), drafted, accepted, tokens, row_passes + batch.count)
     return loop.completions(*out, batch.count), stats

@@ -90,6 +90,9 @@ class LanguageModel:
                 self.serving_params, self.weights or "float32", self._tiles
             )
         self._other_weights: dict[str, object] = {}
+        # What speculative decoding has done since this model was loaded (`jaxgen generate`
+        # reports it: whether the drafts pay is the user's question).
+        self.speculation_stats = speculative.Stats()
 
     def params_for(self, weights: str | None):
         """The serving params stored as `weights` (None: as loaded), converted once from the
@@ -256,7 +259,9 @@ class LanguageModel:
         if isinstance(req.speculation, speculative.DraftModel):
             draft = self.draft(req.options.draft_run).serving_params
         params = self.params_for(req.options.weights)
-        prompts, rows = request.run_batch(model, params, prompts, row_ids, req, self.mesh, draft)
+        prompts, rows, stats = request.run_batch(model, params, prompts, row_ids, req, self.mesh, draft)
+        if stats is not None:
+            self.speculation_stats += stats
         return [self._result(p, cs, req) for p, cs in zip(prompts, rows, strict=True)]
 
     def _result(
