@@ -58,7 +58,7 @@ def draft_tokens(model, params, rows: ragged.RowState, cache: KVCache, k: int, s
         cache=cache,
         logits_at=jnp.ones_like(rows.slot),
     )
-    first = sample(logits[:, 0].astype(jnp.float32), 0)
+    first, q_first = sample(logits[:, 0].astype(jnp.float32), 0)
 
     def one(carry, j):
         token, cache = carry
@@ -67,7 +67,7 @@ def draft_tokens(model, params, rows: ragged.RowState, cache: KVCache, k: int, s
         nxt, q = sample(logits, j)
         return (nxt, cache), (nxt, q)
 
-    (_, cache), (rest, q_rest) = jax.lax.scan(one, (first[0], cache), jnp.arange(1, k))
-    drafts = jnp.concatenate([first[0][:, None], rest.T], axis=1)  # [B, k]
-    q = None if greedy else jnp.concatenate([first[1][:, None], jnp.swapaxes(q_rest, 0, 1)], axis=1)
+    (_, cache), (rest, q_rest) = jax.lax.scan(one, (first, cache), jnp.arange(1, k))
+    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, k]
+    q = None if greedy else jnp.concatenate([q_first[:, None], jnp.swapaxes(q_rest, 0, 1)], axis=1)
     return drafts, q, cache
