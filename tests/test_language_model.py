@@ -281,6 +281,48 @@ def test_bench_generate_times_each_requested_sampler(capsys):
     assert all(line["decode_tokens_per_s"] > 0 for line in lines)
 
 
+def test_the_draft_decodes_in_the_weight_format_asked(lm, run_dir, monkeypatch):
+    drafted_with = []  # the dtypes of the draft's weights in each speculative call
+    run = speculative.generate_ids
+
+    def spy(*a, draft_params=None, **kw):
+        drafted_with.append({str(x.dtype) for x in jax.tree.leaves(draft_params)})
+        return run(*a, draft_params=draft_params, **kw)
+
+    monkeypatch.setattr(speculative, "generate_ids", spy)
+    options = dict(temperature=0.0, max_new_tokens=4, speculative="draft", draft_run=str(run_dir))
+    lm.generate(["the cat"], **options)
+    lm.generate(["the cat"], weights="int8", **options)
+    assert "int8" not in drafted_with[0] and "int8" in drafted_with[1]
+
+
+def test_bench_generate_speculative_times_the_draft_in_the_targets_format(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the cat sat on the mat. the cat"}\n{"prompt": "a bird"}\n')
+    args = ["bench", "generate", "--speculative", "draft", "--run", str(run_dir), "--draft-run", str(run_dir)]
+    args += ["--prompts", str(prompts), "--new-tokens", "6", "--rounds", "1", "--num-speculative-tokens", "2"]
+    drafted_with = set()  # the dtypes of the draft's weights in each speculative call
+    run = speculative.generate_ids
+
+    def spy(*a, draft_params=None, **kw):
+        drafted_with.update(str(x.dtype) for x in jax.tree.leaves(draft_params))
+        return run(*a, draft_params=draft_params, **kw)
+
+    monkeypatch.setattr(speculative, "generate_ids", spy)
+    assert cli.main([*args, "--weights", "int8"]) == 0
+    timed, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summary["ids_identical"] and timed["weights"] == "int8" and "int8" in drafted_with
+    # The model drafts for itself, so it keeps every draft: 1 + 3 + 2 tokens, 3 passes a prompt.
+    assert timed["acceptance"] == 1.0 and timed["tokens_per_pass"] == 2.0
+    assert cli.main([*args, "--weights", "int8,float32"]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --weights: --speculative times one format (got int8,float32)"
+    )
+
+
 @pytest.mark.parametrize(
     ("spec", "named"),
     [("top_q=0.9", "'top_q=0.9'"), ("top_p=high", "top_p='high'"), ("top_p=1.5", "top_p: 1.5"),

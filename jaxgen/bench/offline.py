@@ -42,7 +42,8 @@ def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: in
                    num_speculative_tokens=num_tokens, max_ngram=max_ngram, draft_run=draft_run)  # fmt: skip
     req = lm.resolve(**options)
     model, params = lm.config.model, lm.serving_params
-    draft = None if draft_run is None else lm.draft(draft_run).serving_params
+    # The draft decodes in the target's weight format, as `jaxgen generate` runs it.
+    draft = None if draft_run is None else lm.draft(draft_run).params_for(lm.weights)
     opts = req.options
     encoded = [
         request.fit_prompt(model, lm.encode_prompt(p, opts, "prompt"), new_tokens, opts, "prompt")
@@ -66,7 +67,7 @@ def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: in
     speedups, identical = [], True
     for r in range(rounds):
         seconds = {"plain": 0.0, "speculative": 0.0}
-        tokens = passes = drafted = accepted = 0
+        total = speculative.Stats()
         for ids in encoded:
             sides = [("plain", plain), ("speculative", spec)]
             outs = {}
@@ -75,10 +76,7 @@ def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: in
                 seconds[name] += dt
                 outs[name] = (row, stats)
             identical &= outs["plain"][0].tokens == outs["speculative"][0].tokens
-            stats = outs["speculative"][1]
-            tokens += stats.tokens
-            passes += stats.passes + 1
-            drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+            total += outs["speculative"][1]
         speedups.append(seconds["plain"] / seconds["speculative"])
         yield {
             "setting": f"speculative {mode}",
@@ -86,12 +84,13 @@ def speculative_lines(lm, prompts, *, mode: str, new_tokens: int, num_tokens: in
             "prompts": len(encoded),
             "new_tokens": new_tokens,
             "num_speculative_tokens": req.speculation.num_tokens,
+            "weights": lm.weights or "as stored",
             "first": "plain" if r % 2 == 0 else "speculative",
-            "plain_tokens_per_s": tokens / seconds["plain"],
-            "speculative_tokens_per_s": tokens / seconds["speculative"],
+            "plain_tokens_per_s": total.tokens / seconds["plain"],
+            "speculative_tokens_per_s": total.tokens / seconds["speculative"],
             "speedup": speedups[-1],
-            "acceptance": accepted / max(drafted, 1),
-            "tokens_per_pass": tokens / passes,
+            "acceptance": total.acceptance,
+            "tokens_per_pass": total.tokens_per_pass,
         }
     yield {
         "setting": f"speculative {mode} summary",

@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     q.add_argument(
         "--weights",
         default="",
-        help="also time batch-1 greedy decoding with these weight formats, e.g. float32,int8",
+        help="also time batch-1 greedy decoding with these weight formats, e.g. float32,int8"
+        " (--speculative: one format, for the target and the draft)",
     )
     q.add_argument("--rounds", type=int, default=3, help="--speculative / --refill: timed rounds")
     q.add_argument(
@@ -122,7 +123,10 @@ def _offline_lines(args: argparse.Namespace, path, overrides):
     if args.speculative:
         if not (args.run and args.prompts):
             raise JaxgenError("--speculative: give --run (a trained model) and --prompts (a JSONL file)")
-        lm = jaxgen.load(args.run)
+        weights = [w for w in args.weights.split(",") if w]
+        if len(weights) > 1:
+            raise JaxgenError(f"--weights: --speculative times one format (got {args.weights})")
+        lm = jaxgen.load(args.run, weights=weights[0] if weights else None)
         yield from offline.speculative_lines(
             lm, offline.read_prompts(args.prompts), mode=args.speculative, new_tokens=args.new_tokens,
             num_tokens=args.num_speculative_tokens, max_ngram=args.max_ngram, draft_run=args.draft_run,
