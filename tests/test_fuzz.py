@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -107,6 +107,8 @@ _OVERRIDE = st.one_of(
 
 @FUZZ
 @given(overrides=st.lists(_OVERRIDE, max_size=4))
+@example(overrides=["\n="])  # found by this test in CI: a key with a newline made a two-line message
+@example(overrides=["\n=\x1f"])
 def test_overrides_apply_or_fail_with_one_line(reliability, overrides):
     _valid_or_one_line(lambda: load_config(None, overrides), reliability)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import pathlib
+import re
 import types
 import typing
 
@@ -85,6 +86,9 @@ def _parse_value(key: str, raw: str):
     return safe_yaml.safe_load(raw, f"override {key}", numbered=False) if raw else ""
 
 
+_KEY = re.compile(r"[^\W\d]\w*(\.[^\W\d]\w*)*")  # section.field names (Python identifiers)
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Applies `a.b.c=value` overrides, each value as its field takes it (`_parse_value`)."""
     data = _deep_merge({}, data)
@@ -92,6 +96,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise JaxgenError(f"override {item!r}: expected key=value, e.g. train.steps=100")
+        if not _KEY.fullmatch(key):  # the key goes into every message below, so one line
+            raise JaxgenError(f"override {item!r}: the key is not a dotted name, e.g. train.steps=100")
         try:
             value = _parse_value(key, raw)
         except yaml.YAMLError:
