@@ -56,7 +56,7 @@ def test_cli_prints_sampled_sequences_and_no_stream_numbers_one(run_dir, lm, cap
     assert capsys.readouterr().out == _numbered("the cat", one, "logprob")
 
 
-def test_cli_reports_what_speculation_did(run_dir, capsys):  # noqa: F811
+def test_cli_reports_what_speculation_did(run_dir, capsys, monkeypatch):  # noqa: F811
     flags = [
         "--temperature",
         "0",
@@ -74,6 +74,10 @@ def test_cli_reports_what_speculation_did(run_dir, capsys):  # noqa: F811
     assert "speculative: 3.00 tokens per target pass, 100.0% of" in err, err
     assert cli.main(["generate", "--run", str(run_dir), "--prompt", "the cat", "--temperature", "0"]) == 0
     assert "speculative" not in capsys.readouterr().err
+    # An interactive session reports its totals as it ends: two prompts, 18 tokens, 6 passes.
+    monkeypatch.setattr("sys.stdin", _Piped(["the cat", "the cat", ":quit"], lambda: None))
+    assert cli.main(["generate", "--run", str(run_dir), "--interactive", *flags]) == 0
+    assert "speculative: 3.00 tokens per target pass, 100.0% of" in capsys.readouterr().err
 
 
 def test_sampled_sequences_are_independent_reproducible_rows(lm):

@@ -68,10 +68,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from jaxgen.cli import interactive
 
         lines = interactive.terminal_lines(sys.stdin)
-        return interactive.run(
+        code = interactive.run(
             lm, opts, lines, chat=args.chat, chunk=args.chunk, stream=not args.no_stream,
             echo=not sys.stdin.isatty(),
         )  # fmt: skip
+        _report_speculation(lm)  # the session's totals, as it ends
+        return code
     from jaxgen.inference.jsonl import errors_path, run
 
     summary = run(
