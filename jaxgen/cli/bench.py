@@ -105,10 +105,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             load_config(path, overrides), batches=tuple(args.batch or (1, 8)), prompt_len=args.prompt_len,
             new_tokens=args.new_tokens, num_beams=args.num_beams, baseline=not args.no_baseline,
             samplers=tuple(generate.parse_sample(spec) for spec in args.sample),
-            weights=tuple(w for w in args.weights.split(",") if w),
+            weights=_weights(args),
         ),
         args.profile,
     )  # fmt: skip
+
+
+def _weights(args: argparse.Namespace) -> tuple[str, ...]:
+    """--weights as formats: "float32,int8" -> ("float32", "int8")."""
+    return tuple(w for w in args.weights.split(",") if w)
 
 
 def _offline_lines(args: argparse.Namespace, path, overrides):
@@ -123,7 +128,7 @@ def _offline_lines(args: argparse.Namespace, path, overrides):
     if args.speculative:
         if not (args.run and args.prompts):
             raise JaxgenError("--speculative: give --run (a trained model) and --prompts (a JSONL file)")
-        weights = [w for w in args.weights.split(",") if w]
+        weights = _weights(args)
         if len(weights) > 1:
             raise JaxgenError(f"--weights: --speculative times one format (got {args.weights})")
         lm = jaxgen.load(args.run, weights=weights[0] if weights else None)

@@ -41,22 +41,17 @@ def draft_tokens(model, params, rows: ragged.RowState, cache: KVCache, k: int, s
     greedy = isinstance(spec.strategy, sampling.Greedy)
 
     def sample(logits, j):  # float32 [B, V] -> (next token [B], q [B, V] or None)
-        scores = sampling.limit_vocab(logits, spec.processors.vocab_limit)
         if greedy:
+            scores = sampling.limit_vocab(logits, spec.processors.vocab_limit)
             return jnp.argmax(scores, axis=-1).astype(jnp.int32), None
-        q = warped(scores[:, None], spec, rows.knobs)[:, 0]
+        q = warped(logits[:, None], spec, rows.knobs)[:, 0]  # the vocabulary limit included
         return sampling.inverse_cdf(q, sampling.uniforms(rows.keys, rows.step, salt=1000 + j)), q
 
     # A row's slot is at least 2 here: its prompt and the prefill's token.
     newest = jnp.take_along_axis(rows.tokens, (rows.slot - 2)[:, None] + jnp.arange(2), axis=1)  # [B, 2]
     cache = cache.replace(index=rows.slot - 2)
-    logits, cache = model.apply(
-        {"params": params},
-        newest,
-        ragged.positions_at(model.config, rows.slot - 2, 2),
-        jnp.ones_like(newest),
-        cache=cache,
-        logits_at=jnp.ones_like(rows.slot),
+    logits, cache = ragged.forward_rows(
+        model, params, newest, rows.slot - 2, cache, logits_at=jnp.ones_like(rows.slot)
     )
     first, q_first = sample(logits[:, 0].astype(jnp.float32), 0)
 

@@ -71,6 +71,15 @@ def positions_at(config, start: jax.Array, count: int) -> jax.Array:
     return jnp.minimum(start[:, None] + jnp.arange(count), config.max_len - 1)
 
 
+def forward_rows(model, params, inputs: jax.Array, start: jax.Array, cache: KVCache, logits_at=None):
+    """Tokens [B, T] through the model at each row's slots `start` [B] onward (positions
+    equal slots), written into `cache` from its index -> (logits, cache)."""
+    positions = positions_at(model.config, start, inputs.shape[1])
+    return model.apply(
+        {"params": params}, inputs, positions, jnp.ones_like(inputs), cache=cache, logits_at=logits_at
+    )
+
+
 def prefill_rows(model, params, prompt: jax.Array, lengths: jax.Array, cache: KVCache, *, seen=None, at=None):
     """Right-padded prompts [B, P] (lengths [B]) through the model into an empty cache.
 

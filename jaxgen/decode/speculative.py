@@ -172,10 +172,7 @@ def _accept(scores, drafts, q, rows: ragged.RowState, spec: loop.DecodeSpec, off
 def _verify(model, params, rows: ragged.RowState, drafts, q, spec: loop.DecodeSpec):
     """One target pass over [newest token, drafts [B, k]] -> (tokens, log-probs [B, k + 1], kept, cache)."""
     inputs = jnp.concatenate([rows.last_token()[:, None], drafts], axis=1)  # [B, T]
-    positions = ragged.positions_at(model.config, rows.slot - 1, inputs.shape[1])
-    logits, cache = model.apply(
-        {"params": params}, inputs, positions, jnp.ones_like(inputs), cache=rows.cache
-    )
+    logits, cache = ragged.forward_rows(model, params, inputs, rows.slot - 1, rows.cache)
     tokens, logp, kept = _accept(logits.astype(jnp.float32), drafts, q, rows, spec)
     return tokens, logp, kept, cache
 
